@@ -1,0 +1,162 @@
+"""The Engine: broker (publish, subscribe, history) and registry (sessions, nodes).
+
+Two implementations sit in ``relay.engines``: ``memory`` (one process, no Redis) and
+``redis``. Engines never import the hub, the node or aiohttp; they report upward through
+an :class:`EngineHandler` the node passes to :meth:`Engine.start`. One contract suite
+(tests/engines/test_contract.py) runs against every implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from relay.wire import Event, History, PublishResult, StreamId
+
+__all__ = [
+    "ClientStatus",
+    "Control",
+    "Engine",
+    "EngineHandler",
+    "EngineOptions",
+    "NodeInfo",
+    "SessionRecord",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """Settings every engine honours (see docs/configuration.md)."""
+
+    history_size: int = 100  # entries kept per BizId (Redis: MAXLEN ~, so a little more)
+    history_ttl: int = 3600  # seconds history lives after the last publish
+    dedupe_window: int = 600  # seconds a publish `mid` is remembered
+    max_payload: int = 64 * 1024  # bytes of one encoded publish payload
+    node_ttl: float = 10.0  # seconds a node counts as alive after its last heartbeat
+    key_prefix: str = "relay"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """Who holds a client_id: written on connect, fenced by ``session`` on release."""
+
+    client_id: str
+    node: str
+    session: str
+    since: str | None
+    connected_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatus:
+    """What the registry knows about a client_id (``GET /api/clients/{id}``)."""
+
+    client_id: str
+    online: bool
+    node: str | None
+    session: str | None
+    since: str | None
+    last_ack: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One node's liveness and load (``GET /api/nodes``)."""
+
+    node: str
+    connections: int
+    started_at: float
+    last_seen: float
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A command sent to one node through its control channel.
+
+    ``action`` is ``kick`` (close ``session`` of ``client_id`` with ``code``) or
+    ``canary`` (the node's own liveness probe; ``token`` identifies it).
+    """
+
+    action: str
+    client_id: str = ""
+    session: str = ""
+    code: int = 4000
+    reason: str = ""
+    token: str = ""
+
+
+class EngineHandler(Protocol):
+    """What an engine calls back. All callbacks run on the event loop and must not block."""
+
+    def on_event(self, event: Event) -> None:
+        """A live event for a subscribed BizId, in publish order per BizId."""
+
+    def on_control(self, control: Control) -> None:
+        """A control message addressed to this node."""
+
+    def on_resubscribed(self) -> None:
+        """The live subscription was re-established: events may have been missed.
+
+        The node replays each subscribed BizId's gap from history.
+        """
+
+    def on_health(self, healthy: bool) -> None:
+        """The engine gained or lost its proof that the live subscription works."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Broker and registry. ``ready`` is False while live delivery cannot be proven."""
+
+    name: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self, node_id: str, handler: EngineHandler) -> None:
+        """Connect, subscribe the node's control channel, register the node."""
+
+    async def close(self) -> None:
+        """Deregister the node and release every connection. Idempotent."""
+
+    # -- broker ----------------------------------------------------------------------
+
+    async def publish(
+        self, biz_id: str, event: str, data: Any, *, mid: str | None = None
+    ) -> PublishResult:
+        """Append to history and deliver live, atomically; dedupe on ``mid``."""
+
+    async def subscribe(self, biz_id: str) -> None:
+        """Start live delivery of ``biz_id``; returns once the subscription is live.
+
+        Called once per BizId (the hub counts references); must be idempotent.
+        """
+
+    async def unsubscribe(self, biz_id: str) -> None:
+        """Stop live delivery of ``biz_id``. Idempotent."""
+
+    async def history(self, biz_id: str, since: StreamId | None, limit: int) -> History:
+        """Read history: the stream's bounds and, given ``since``, the entries after it."""
+
+    # -- registry --------------------------------------------------------------------
+
+    async def claim_session(self, record: SessionRecord) -> SessionRecord | None:
+        """Record ``record`` as the holder of its client_id; return the one it replaced."""
+
+    async def release_session(self, client_id: str, session: str) -> bool:
+        """Remove the record only if ``session`` still holds it (fencing). True if removed."""
+
+    async def record_ack(self, client_id: str, session: str, message_id: str) -> None:
+        """Store the last id the session acknowledged (only if it still holds the record)."""
+
+    async def client_status(self, client_id: str) -> ClientStatus:
+        """What is known of ``client_id``; online only if its node is alive."""
+
+    async def send_control(self, node_id: str, control: Control) -> None:
+        """Send a control message to ``node_id`` (possibly this node)."""
+
+    async def heartbeat(self, connections: int) -> None:
+        """Refresh this node's liveness and load."""
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live nodes."""

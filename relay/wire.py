@@ -1,0 +1,355 @@
+"""The wire contract shared by relay nodes and publishers: ids, keys, envelopes, Lua.
+
+Pure: no I/O beyond reading the packaged Lua files once, no asyncio, no Redis client. A
+Java or C# backend follows docs/wire.md, which describes exactly what this module does.
+
+Stream ids are ``<ms>-<seq>`` as Redis makes them, compared as integer pairs. Every
+history entry and every live message carries the id of the entry before it (``prev``),
+so a receiver can tell a gap from a duplicate without asking anyone.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import msgpack
+import orjson
+
+from relay.errors import InvalidClientId, InvalidEnvelope, InvalidId, InvalidInput, PayloadTooLarge
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "HISTORY_LUA",
+    "ID_ZERO",
+    "MAX_CLIENT_ID_LEN",
+    "PUBLISH_LUA",
+    "Event",
+    "History",
+    "KeySpace",
+    "PublishResult",
+    "StreamId",
+    "decode_live",
+    "decode_payload",
+    "encode_live",
+    "encode_payload",
+    "format_id",
+    "parse_history_reply",
+    "parse_id",
+    "parse_publish_reply",
+    "publish_call",
+    "prove_recovery",
+    "validate_client_id",
+    "validate_event_name",
+    "validate_mid",
+]
+
+StreamId = tuple[int, int]
+"""A parsed stream id: (milliseconds, sequence)."""
+
+ID_ZERO: Final[StreamId] = (0, 0)
+ENVELOPE_VERSION: Final = 1
+MAX_CLIENT_ID_LEN: Final = 128
+MAX_EVENT_LEN: Final = 128
+MAX_MID_LEN: Final = 200
+DEFAULT_MAX_PAYLOAD: Final = 64 * 1024
+
+_CLIENT_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+_ID_RE: Final = re.compile(r"(\d{1,20})-(\d{1,20})")
+_U64: Final = 2**64
+
+
+def _lua(name: str) -> str:
+    return resources.files("relay").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+PUBLISH_LUA: Final = _lua("publish.lua")
+"""Atomic publish: dedupe on ``mid``, XADD with trim, EXPIRE, PUBLISH, online lookup."""
+
+HISTORY_LUA: Final = _lua("history.lua")
+"""Consistent history read: bounds of the stream, entries after ``since``, server time."""
+
+
+# -- ids ---------------------------------------------------------------------------------
+
+
+def parse_id(text: str | bytes) -> StreamId:
+    """Parse ``<ms>-<seq>``; a bare ``<ms>`` means ``<ms>-0``. Raises InvalidId."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidId("stream id must be ASCII '<ms>-<seq>'") from None
+    if text.isdigit() and len(text) <= 20:
+        ms, seq = int(text), 0
+    else:
+        match = _ID_RE.fullmatch(text)
+        if match is None:
+            raise InvalidId("stream id must look like '<ms>-<seq>'")
+        ms, seq = int(match[1]), int(match[2])
+    if ms >= _U64 or seq >= _U64:
+        raise InvalidId("stream id out of range")
+    return ms, seq
+
+
+def format_id(sid: StreamId) -> str:
+    return f"{sid[0]}-{sid[1]}"
+
+
+# -- names ------------------------------------------------------------------------------
+
+
+def validate_client_id(client_id: str) -> str:
+    """Return ``client_id`` if it is 1-128 chars of ``A-Z a-z 0-9 _ . : @ -``."""
+    if not isinstance(client_id, str) or _CLIENT_ID_RE.fullmatch(client_id) is None:
+        raise InvalidClientId(
+            "client_id must be 1-128 characters of A-Z a-z 0-9 _ . : @ -"
+        )
+    return client_id
+
+
+def validate_event_name(event: str) -> str:
+    if not isinstance(event, str) or not 1 <= len(event) <= MAX_EVENT_LEN:
+        raise InvalidInput(f"event must be a string of 1-{MAX_EVENT_LEN} characters")
+    return event
+
+
+def validate_mid(mid: str | None) -> str | None:
+    if mid is None:
+        return None
+    if not isinstance(mid, str) or not 1 <= len(mid) <= MAX_MID_LEN:
+        raise InvalidInput(f"mid must be a string of 1-{MAX_MID_LEN} characters")
+    return mid
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Redis key names. Every key of one BizId shares the hash tag ``{B}``."""
+
+    prefix: str = "relay"
+
+    def log(self, biz_id: str) -> str:
+        return f"{self.prefix}:{{{biz_id}}}:log"
+
+    def channel(self, biz_id: str) -> str:
+        return f"{self.prefix}:{{{biz_id}}}:ch"
+
+    def session(self, biz_id: str) -> str:
+        return f"{self.prefix}:{{{biz_id}}}:session"
+
+    def mid(self, biz_id: str, mid: str) -> str:
+        return f"{self.prefix}:{{{biz_id}}}:mid:{mid}"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}"
+
+    def nodes(self) -> str:
+        return f"{self.prefix}:nodes"
+
+    def control(self, node_id: str) -> str:
+        return f"{self.prefix}:ctl:{node_id}"
+
+    def biz_of_channel(self, channel: str) -> str:
+        """Inverse of :meth:`channel`."""
+        head = f"{self.prefix}:{{"
+        if not (channel.startswith(head) and channel.endswith("}:ch")):
+            raise InvalidEnvelope("not a relay channel")
+        return channel[len(head) : -len("}:ch")]
+
+
+# -- envelopes --------------------------------------------------------------------------
+
+
+def encode_payload(
+    biz_id: str,
+    event: str,
+    data: Any,
+    *,
+    mid: str | None = None,
+    ts: float | None = None,
+    max_size: int = DEFAULT_MAX_PAYLOAD,
+) -> bytes:
+    """Validate a publish and encode its payload: a MessagePack map ``v mid biz ev data ts``.
+
+    ``data`` must be JSON-compatible, because JSON clients receive it as JSON.
+    """
+    validate_client_id(biz_id)
+    validate_event_name(event)
+    validate_mid(mid)
+    try:
+        orjson.dumps(data)
+    except TypeError as exc:
+        raise InvalidInput(f"data must be JSON-serialisable: {exc}") from None
+    payload = msgpack.packb(
+        {
+            "v": ENVELOPE_VERSION,
+            "mid": mid,
+            "biz": biz_id,
+            "ev": event,
+            "data": data,
+            "ts": time.time() if ts is None else ts,
+        },
+        use_bin_type=True,
+    )
+    if len(payload) > max_size:
+        raise PayloadTooLarge(f"payload is {len(payload)} bytes; the limit is {max_size}")
+    return payload
+
+
+@dataclass(slots=True)
+class Event:
+    """One published event as a node sees it: from history or from the live channel."""
+
+    id: str
+    key: StreamId
+    prev: StreamId
+    biz_id: str
+    event: str
+    data: Any
+    ts: float
+    mid: str | None = None
+
+
+def decode_payload(sid: str | bytes, prev: str | bytes, payload: bytes) -> Event:
+    """Decode one entry; anything malformed raises InvalidEnvelope, never anything else."""
+    key = parse_id(sid)
+    prev_key = parse_id(prev)
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types on junk
+        raise InvalidEnvelope(f"payload is not MessagePack ({type(exc).__name__})") from None
+    if not isinstance(body, dict) or body.get("v") != ENVELOPE_VERSION:
+        raise InvalidEnvelope("payload is not a version-1 relay envelope")
+    biz, ev, ts, mid = body.get("biz"), body.get("ev"), body.get("ts"), body.get("mid")
+    if not (
+        isinstance(biz, str)
+        and isinstance(ev, str)
+        and isinstance(ts, int | float)
+        and (mid is None or isinstance(mid, str))
+    ):
+        raise InvalidEnvelope("envelope fields biz, ev, ts have the wrong types")
+    return Event(format_id(key), key, prev_key, biz, ev, body.get("data"), float(ts), mid)
+
+
+def encode_live(sid: str, prev: str, payload: bytes) -> bytes:
+    """The pub/sub message: ``<id> <prev> <payload>`` (ids are ASCII, payload binary)."""
+    return b"%s %s %s" % (sid.encode(), prev.encode(), payload)
+
+
+def decode_live(message: bytes) -> Event:
+    """Inverse of :func:`encode_live`, followed by :func:`decode_payload`."""
+    parts = message.split(b" ", 2)
+    if len(parts) != 3:
+        raise InvalidEnvelope("live message is not '<id> <prev> <payload>'")
+    try:
+        return decode_payload(parts[0], parts[1], parts[2])
+    except InvalidId as exc:
+        raise InvalidEnvelope(str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What a publish did: the stream id, how many nodes received it, and more."""
+
+    id: str
+    online: bool
+    receivers: int
+    duplicate: bool = False
+
+
+# -- history and recovery ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A consistent read of one BizId's history.
+
+    ``first``/``first_prev``/``last`` describe the stream (None when it does not exist),
+    ``entries`` are those after ``since`` (all of them unless ``truncated``), and
+    ``now_ms`` is the broker's clock at the read.
+    """
+
+    entries: list[Event]
+    first: StreamId | None
+    first_prev: StreamId | None
+    last: StreamId | None
+    now_ms: int
+    truncated: bool = False
+
+    def head(self) -> StreamId:
+        """The id a client can resume from: newest entry, or "now" if there is none."""
+        return self.last if self.last is not None else (self.now_ms, 0)
+
+
+def prove_recovery(since: StreamId, history: History, ttl_ms: int) -> bool:
+    """True only if every entry published after ``since`` is in ``history.entries``.
+
+    Trimming leaves no trace in a Redis Stream, so the proof rests on three facts:
+    entries are contiguous (trimming only removes the oldest), each entry names its
+    predecessor (``prev``), and a stream lives at least ``ttl_ms`` after its last
+    publish (publishers must use a TTL at least the node's).
+    """
+    if history.truncated:
+        return False
+    if history.first is None or history.last is None:
+        # No stream. An incarnation born after `since` that already expired must have
+        # lived ttl_ms, so if less than that has passed, nothing was lost.
+        return since[0] <= history.now_ms < since[0] + ttl_ms
+    if since > history.last:
+        return False  # the client claims an id this stream never had
+    if since >= history.first:
+        return True
+    if history.first_prev == since and since != ID_ZERO:
+        return True  # the oldest retained entry directly follows `since`
+    # The oldest retained entry began a fresh incarnation: nothing of it was trimmed,
+    # and an older incarnation after `since` would have needed ttl_ms to expire.
+    return history.first_prev == ID_ZERO and history.first[0] < since[0] + ttl_ms
+
+
+# -- the Lua calls, shared by the Redis engine and backend_adapter -----------------------
+
+
+def publish_call(
+    keys: KeySpace,
+    biz_id: str,
+    payload: bytes,
+    *,
+    mid: str | None,
+    history_size: int,
+    history_ttl: int,
+    dedupe_window: int,
+) -> tuple[list[str], list[bytes | str | int]]:
+    """KEYS and ARGV of :data:`PUBLISH_LUA` (docs/wire.md shows the same)."""
+    return (
+        [
+            keys.log(biz_id),
+            keys.channel(biz_id),
+            keys.session(biz_id),
+            keys.mid(biz_id, mid) if mid is not None else keys.log(biz_id),
+        ],
+        [payload, history_size, history_ttl, mid or "", dedupe_window],
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_publish_reply(reply: Any) -> PublishResult:
+    """Turn the script's ``{id, receivers, online, duplicate}`` into a PublishResult."""
+    sid, receivers, online, duplicate = reply
+    return PublishResult(_text(sid), bool(int(online)), int(receivers), bool(int(duplicate)))
+
+
+def parse_history_reply(reply: list[Any]) -> History:
+    """Turn :data:`HISTORY_LUA`'s flat reply into a History; junk entries raise."""
+    now_ms = int(reply[0])
+    if len(reply) == 1:
+        return History([], None, None, None, now_ms)
+    first, first_prev, last = parse_id(reply[1]), parse_id(reply[2]), parse_id(reply[3])
+    rest = reply[5:]
+    entries = [decode_payload(rest[i], rest[i + 1], rest[i + 2]) for i in range(0, len(rest), 3)]
+    return History(entries, first, first_prev, last, now_ms, bool(int(reply[4])))

@@ -1,0 +1,35 @@
+"""Shared fixtures: a private Redis per test session (flushed per test), time units."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.redis_server import RedisServer
+
+MS = float(os.environ.get("RELAY_TEST_TIMEOUT_FACTOR", "1")) / 1000
+"""One millisecond, scaled by RELAY_TEST_TIMEOUT_FACTOR on slow machines."""
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_server(shared_redis: RedisServer) -> RedisServer:
+    """The session's private Redis, empty at the start of each test."""
+    shared_redis.flush()
+    return shared_redis
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, to kill, stop and restart."""
+    server = RedisServer().start()
+    yield server
+    server.close()

@@ -1,0 +1,1 @@
+"""Test support: real servers on private loopback ports, named doubles, time units."""
