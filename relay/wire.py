@@ -40,8 +40,8 @@ __all__ = [
     "parse_history_reply",
     "parse_id",
     "parse_publish_reply",
-    "publish_call",
     "prove_recovery",
+    "publish_call",
     "validate_client_id",
     "validate_event_name",
     "validate_mid",
@@ -105,9 +105,7 @@ def format_id(sid: StreamId) -> str:
 def validate_client_id(client_id: str) -> str:
     """Return ``client_id`` if it is 1-128 chars of ``A-Z a-z 0-9 _ . : @ -``."""
     if not isinstance(client_id, str) or _CLIENT_ID_RE.fullmatch(client_id) is None:
-        raise InvalidClientId(
-            "client_id must be 1-128 characters of A-Z a-z 0-9 _ . : @ -"
-        )
+        raise InvalidClientId("client_id must be 1-128 characters of A-Z a-z 0-9 _ . : @ -")
     return client_id
 
 
@@ -280,8 +278,12 @@ class History:
     truncated: bool = False
 
     def head(self) -> StreamId:
-        """The id a client can resume from: newest entry, or "now" if there is none."""
-        return self.last if self.last is not None else (self.now_ms, 0)
+        """The id a client can resume from: the newest entry, or just before "now".
+
+        Any entry added after this read gets an id of at least ``(now_ms, 0)``, so
+        ``(now_ms - 1, 0)`` sorts before all of them and after nothing that exists.
+        """
+        return self.last if self.last is not None else (max(self.now_ms - 1, 0), 0)
 
 
 def prove_recovery(since: StreamId, history: History, ttl_ms: int) -> bool:

@@ -1,0 +1,153 @@
+"""HTTP API, health and metrics.
+
+Every ``/api/*`` route needs ``Authorization: Bearer <api key>``; without a configured
+key the API answers 404 (off). Errors are ``{"error": {"code", "message"}}`` with 400,
+401, 404, 413 or 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from relay.auth import api_key_matches
+from relay.errors import EngineUnavailable, InvalidInput, PayloadTooLarge, RelayError
+from relay.wire import validate_client_id
+from relay.ws import NODE_KEY
+
+__all__ = ["add_routes", "error_middleware"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """API errors as JSON; never a traceback."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    node = request.app[NODE_KEY]
+    api_key = node.settings.api_key
+    if not api_key:
+        return _error(404, "api_disabled", "the HTTP API is off: start the node with --api-key")
+    if not api_key_matches(request.headers.get("Authorization"), api_key):
+        return _error(401, "unauthorized", "missing or wrong API key")
+    try:
+        return await handler(request)
+    except PayloadTooLarge as exc:
+        return _error(413, exc.code, str(exc))
+    except InvalidInput as exc:
+        return _error(400, exc.code, str(exc))
+    except EngineUnavailable:
+        return _error(503, "unavailable", "the broker is unavailable; retry later")
+    except RelayError as exc:
+        return _error(503, "engine_error", str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, "too_large", "request body too large")
+    except web.HTTPException as exc:
+        return _error(exc.status, "http_error", exc.reason)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("body must be a JSON object")
+    return body
+
+
+async def publish(request: web.Request) -> web.Response:
+    body = await _body(request)
+    node = request.app[NODE_KEY]
+    biz_id, event = body.get("biz_id"), body.get("event")
+    if not isinstance(biz_id, str) or not isinstance(event, str):
+        raise InvalidInput("'biz_id' and 'event' are required strings")
+    result = await node.publish(biz_id, event, body.get("data"), mid=body.get("mid"))
+    return _json(
+        {
+            "id": result.id,
+            "online": result.online,
+            "receivers": result.receivers,
+            "duplicate": result.duplicate,
+        }
+    )
+
+
+async def client_status(request: web.Request) -> web.Response:
+    client_id = validate_client_id(request.match_info["client_id"])
+    status = await request.app[NODE_KEY].engine.client_status(client_id)
+    return _json(
+        {
+            "client_id": status.client_id,
+            "online": status.online,
+            "node": status.node,
+            "session": status.session,
+            "since": status.since,
+            "last_ack": status.last_ack,
+        }
+    )
+
+
+async def kick_client(request: web.Request) -> web.Response:
+    client_id = validate_client_id(request.match_info["client_id"])
+    found = await request.app[NODE_KEY].kick(client_id)
+    if not found:
+        return _error(404, "not_found", "no session of this client_id is known")
+    return _json({"client_id": client_id, "kicked": True})
+
+
+async def nodes(request: web.Request) -> web.Response:
+    infos = await request.app[NODE_KEY].engine.nodes()
+    return _json(
+        {
+            "nodes": [
+                {
+                    "node": n.node,
+                    "connections": n.connections,
+                    "started_at": n.started_at,
+                    "last_seen": n.last_seen,
+                }
+                for n in infos
+            ]
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok", "node": request.app[NODE_KEY].id})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    if node.ready:
+        return _json({"status": "ready", "node": node.id})
+    reason = "draining" if node.draining else "engine not ready" if node.accepting else "starting"
+    return _json({"status": "unavailable", "reason": reason, "node": node.id}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[NODE_KEY].metrics.render()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/publish", publish)
+    app.router.add_get("/api/clients/{client_id}", client_status)
+    app.router.add_delete("/api/clients/{client_id}", kick_client)
+    app.router.add_get("/api/nodes", nodes)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,88 @@
+"""The aiohttp application and the process lifecycle: start, serve, drain on SIGTERM.
+
+The Application owns the node through ``cleanup_ctx``: the engine connects and the node
+registers before the first connection is accepted, and stops after the last one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from relay.api import add_routes, error_middleware
+from relay.config import Settings
+from relay.engine import Engine
+from relay.engines import create_engine
+from relay.metrics import Metrics
+from relay.node import Node
+from relay.ws import NODE_KEY, websocket_handler
+
+__all__ = ["NODE_KEY", "create_app", "serve"]
+
+log = structlog.get_logger("relay.app")
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
+    """An Application serving one node. ``engine`` overrides the one settings ask for."""
+    engine = engine or create_engine(settings.redis_url, settings.engine_options)
+    node = Node(settings, engine, Metrics())
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=2 * settings.max_payload + 4096,
+    )
+    app[NODE_KEY] = node
+    app.router.add_get("/ws/{client_id}", websocket_handler)
+    add_routes(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await node.start()
+        yield
+        if not node.draining:
+            await node.drain(min(settings.drain_grace, 2.0))
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Run one node until SIGTERM/SIGINT, then drain: readiness 503, 1012s, deregister."""
+    app = create_app(settings)
+    node = app[NODE_KEY]
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    sock = _listening_socket(settings.host, settings.port, reuse_port)
+    site = web.SockSite(runner, sock)
+    await site.start()
+    log.info(
+        "node.listening",
+        node=node.id,
+        host=settings.host,
+        port=settings.port,
+        engine=node.engine.name,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Readiness turns 503 at once; the listener stays open for health checks while
+    # sessions are closed in batches, then everything stops.
+    await node.drain()
+    await runner.cleanup()

@@ -1,0 +1,241 @@
+"""``relay serve | publish | tail | clients | nodes``.
+
+Every ``serve`` flag also reads ``RELAY_<FLAG>``. The other commands talk to Redis
+(``--redis-url``) or to a node's HTTP API (``--http URL --api-key K``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from relay.config import Settings, add_arguments, settings_from_args
+from relay.errors import ConfigError, RelayError
+
+__all__ = ["main"]
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from relay.log import configure_logging
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
+    import structlog
+
+    log = structlog.get_logger("relay.cli")
+    settings.check_auth()
+    if settings.allow_anonymous:
+        log.warning(
+            "auth.anonymous_enabled",
+            message="--allow-anonymous: ANY client may connect as ANY client_id. Demo use only.",
+        )
+    if settings.workers > 1:
+        return _serve_workers(settings, sys.argv[1:])
+    from relay.app import serve
+
+    _install_uvloop()
+    log.info("node.configured", settings=settings.redacted())
+    asyncio.run(serve(settings, reuse_port=bool(os.environ.get("RELAY_REUSE_PORT"))))
+    return 0
+
+
+def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` minus ``--flag value`` and ``--flag=value`` for each of ``flags``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in flags)):
+            out.append(arg)
+    return out
+
+
+def _serve_workers(settings: Settings, argv: list[str]) -> int:
+    """N node processes on one port (SO_REUSEPORT), each with its own node id."""
+    children = []
+    base = _without_flags(argv, ("--workers", "--node-id"))
+    env = dict(os.environ, RELAY_REUSE_PORT="1", RELAY_WORKERS="1")
+    for i in range(settings.workers):
+        child_argv = [*base, "--workers", "1", "--node-id", f"{settings.node_id}-w{i}"]
+        children.append(subprocess.Popen([sys.executable, "-m", "relay", *child_argv], env=env))
+
+    def forward(signum: int, _: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+# -- publish, clients, nodes ---------------------------------------------------------------
+
+
+async def _http(method: str, url: str, api_key: str | None, body: Any = None) -> Any:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, url, json=body, headers=headers) as response,
+    ):
+        payload = await response.json(content_type=None)
+        if response.status >= 400:
+            error = payload.get("error", {}) if isinstance(payload, dict) else {}
+            raise RelayError(f"HTTP {response.status}: {error.get('message', payload)}")
+        return payload
+
+
+def _need_target(args: argparse.Namespace) -> None:
+    if not args.redis_url and not args.http:
+        raise ConfigError("give --redis-url URL or --http URL (with --api-key)")
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    _need_target(args)
+    data = orjson.loads(args.data) if args.data else None
+    if args.http:
+        body = {"biz_id": args.biz_id, "event": args.event, "data": data}
+        if args.mid:
+            body["mid"] = args.mid
+        result = await _http("POST", args.http.rstrip("/") + "/api/publish", args.api_key, body)
+    else:
+        from backend_adapter import AsyncPublisher
+
+        async with AsyncPublisher(args.redis_url, key_prefix=args.key_prefix) as publisher:
+            res = await publisher.publish(args.biz_id, args.event, data, mid=args.mid)
+        result = {
+            "id": res.id,
+            "online": res.online,
+            "receivers": res.receivers,
+            "duplicate": res.duplicate,
+        }
+    print(orjson.dumps(result).decode())
+    return 0
+
+
+async def _clients(args: argparse.Namespace) -> int:
+    _need_target(args)
+    for client_id in args.client_ids:
+        if args.http:
+            result = await _http(
+                "GET", f"{args.http.rstrip('/')}/api/clients/{client_id}", args.api_key
+            )
+        else:
+            result = await _with_redis_engine(args, "client_status", client_id)
+        print(orjson.dumps(result).decode())
+    return 0
+
+
+async def _nodes(args: argparse.Namespace) -> int:
+    _need_target(args)
+    if args.http:
+        result = await _http("GET", args.http.rstrip("/") + "/api/nodes", args.api_key)
+    else:
+        result = {"nodes": await _with_redis_engine(args, "nodes")}
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+async def _with_redis_engine(args: argparse.Namespace, method: str, *call_args: Any) -> Any:
+    """Read the registry directly, without registering as a node."""
+    from dataclasses import asdict, is_dataclass
+
+    from relay.engine import EngineOptions
+    from relay.engines.redis import RedisEngine
+
+    engine = RedisEngine(args.redis_url, EngineOptions(key_prefix=args.key_prefix))
+    try:
+        result = await getattr(engine, method)(*call_args)
+    finally:
+        await engine.close()
+    if isinstance(result, list):
+        return [asdict(r) for r in result]
+    return asdict(result) if is_dataclass(result) and not isinstance(result, type) else result
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from relay.client import tail
+
+    await tail(args.url, args.client_id, since=args.since, token=args.token, fmt=args.format)
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def _target_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default=os.environ.get("RELAY_REDIS_URL"))
+    parser.add_argument("--http", default=os.environ.get("RELAY_HTTP"), help="node base URL")
+    parser.add_argument("--api-key", default=os.environ.get("RELAY_API_KEY"))
+    parser.add_argument("--key-prefix", default=os.environ.get("RELAY_KEY_PREFIX", "relay"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a relay node")
+    add_arguments(serve)
+    serve.set_defaults(run=_serve)
+
+    publish = sub.add_parser("publish", help="publish an event to a BizId")
+    publish.add_argument("biz_id")
+    publish.add_argument("event")
+    publish.add_argument("data", nargs="?", help="JSON data")
+    publish.add_argument("--mid", help="message id for idempotent publish")
+    _target_flags(publish)
+    publish.set_defaults(run=lambda a: asyncio.run(_publish(a)))
+
+    tail = sub.add_parser("tail", help="connect as CLIENT_ID and print its events")
+    tail.add_argument("client_id")
+    tail.add_argument("--url", default=os.environ.get("RELAY_URL", "ws://127.0.0.1:8080"))
+    tail.add_argument("--since")
+    tail.add_argument("--token", default=os.environ.get("RELAY_TOKEN"))
+    tail.add_argument("--format", choices=("json", "msgpack"), default="json")
+    tail.set_defaults(run=lambda a: asyncio.run(_tail(a)))
+
+    clients = sub.add_parser("clients", help="show where client ids are connected")
+    clients.add_argument("client_ids", nargs="+", metavar="CLIENT_ID")
+    _target_flags(clients)
+    clients.set_defaults(run=lambda a: asyncio.run(_clients(a)))
+
+    nodes = sub.add_parser("nodes", help="list live nodes")
+    _target_flags(nodes)
+    nodes.set_defaults(run=lambda a: asyncio.run(_nodes(a)))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+    except RelayError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,211 @@
+"""Settings: one frozen object, built once from flags and ``RELAY_*`` environment variables.
+
+Every setting has a flag ``--some-name`` and an env var ``RELAY_SOME_NAME``; the flag wins.
+docs/configuration.md is generated from the same table (``relay serve --help`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from relay.engine import EngineOptions
+from relay.errors import ConfigError
+
+__all__ = ["Settings", "add_arguments", "settings_from_args"]
+
+
+def _secret_list(text: str) -> tuple[str, ...]:
+    return tuple(part for part in (p.strip() for p in text.split(",")) if part)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a node needs to know. Built once; never mutated."""
+
+    host: str = field(default="0.0.0.0", metadata={"help": "address to listen on"})
+    port: int = field(default=8080, metadata={"help": "port to listen on"})
+    redis_url: str | None = field(
+        default=None, metadata={"help": "Redis URL; none means the single-node memory engine"}
+    )
+    node_id: str = field(default="", metadata={"help": "this node's id (default: host-random)"})
+    auth_secret: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "HS256 secret(s) for connection tokens, comma-separated (rotation)",
+            "parse": _secret_list,
+            "secret": True,
+        },
+    )
+    allow_anonymous: bool = field(
+        default=False, metadata={"help": "accept connections without a token (demo only)"}
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": "Bearer key for /api/*; without one the API is off", "secret": True},
+    )
+    workers: int = field(default=1, metadata={"help": "node processes sharing the port"})
+    log_format: str = field(
+        default="console", metadata={"help": "json or console", "choices": ("json", "console")}
+    )
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    duplicates: str = field(
+        default="replace",
+        metadata={
+            "help": "one session per client_id (replace) or fan-out to all (allow)",
+            "choices": ("replace", "allow"),
+        },
+    )
+    heartbeat: float = field(default=25.0, metadata={"help": "seconds between server pings"})
+    history_size: int = field(default=100, metadata={"help": "history entries per BizId"})
+    history_ttl: int = field(default=3600, metadata={"help": "seconds history lives"})
+    dedupe_window: int = field(default=600, metadata={"help": "seconds a publish mid is kept"})
+    key_prefix: str = field(default="relay", metadata={"help": "Redis key prefix"})
+    max_payload: int = field(default=65536, metadata={"help": "bytes per published payload"})
+    max_message_size: int = field(
+        default=65536, metadata={"help": "bytes per inbound WebSocket message (1009 beyond)"}
+    )
+    replay_limit: int = field(default=1000, metadata={"help": "entries replayed on resume at most"})
+    send_queue_max: int = field(
+        default=2000, metadata={"help": "frames queued per session before 4508"}
+    )
+    send_queue_max_bytes: int = field(
+        default=8 * 1024 * 1024, metadata={"help": "bytes queued per session before 4508"}
+    )
+    send_timeout: float = field(
+        default=10.0, metadata={"help": "seconds one socket write may block before abort"}
+    )
+    max_connections: int = field(
+        default=20000, metadata={"help": "connections per node (1013 beyond)"}
+    )
+    client_rate: float = field(
+        default=20.0, metadata={"help": "inbound frames per second per session"}
+    )
+    client_burst: int = field(default=60, metadata={"help": "inbound frame burst per session"})
+    max_errors: int = field(
+        default=10, metadata={"help": "error frames sent to a session before 1008"}
+    )
+    drain_grace: float = field(
+        default=10.0, metadata={"help": "seconds to close all sessions on SIGTERM"}
+    )
+    close_flush_timeout: float = field(
+        default=1.0, metadata={"help": "seconds to flush a session's queue before closing"}
+    )
+    close_linger: float = field(
+        default=0.25, metadata={"help": "pause after the last frame before a close frame"}
+    )
+    compress: bool = field(
+        default=False, metadata={"help": "allow permessage-deflate (costly; off by default)"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            object.__setattr__(self, "node_id", f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+        for name in ("port", "history_size", "history_ttl", "max_payload", "send_queue_max"):
+            if getattr(self, name) <= 0 and name != "port":
+                raise ConfigError(f"{name} must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port must be 0-65535")
+        if self.heartbeat <= 0:
+            raise ConfigError("heartbeat must be positive")
+        if self.duplicates not in ("replace", "allow"):
+            raise ConfigError("duplicates must be 'replace' or 'allow'")
+
+    @property
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
+            history_size=self.history_size,
+            history_ttl=self.history_ttl,
+            dedupe_window=self.dedupe_window,
+            max_payload=self.max_payload,
+            node_ttl=max(3.0, 2 * self.heartbeat / 5),
+            key_prefix=self.key_prefix,
+        )
+
+    def check_auth(self) -> None:
+        """Refuse to run open by accident: a secret or an explicit anonymous mode."""
+        if not self.auth_secret and not self.allow_anonymous:
+            raise ConfigError(
+                "no connection-token secret: pass --auth-secret SECRET (or RELAY_AUTH_SECRET),"
+                " or --allow-anonymous to accept anyone (demo only)"
+            )
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings safe to log: secrets replaced by '***'."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "***"
+            out[f.name] = value
+        return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return "RELAY_" + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, defaulting to its env var."""
+    for f in fields(Settings):
+        help_text = f"{f.metadata.get('help', '')} [env {_env(f.name)}]"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _convert(f: Any, raw: Any) -> Any:
+    if "parse" in f.metadata and isinstance(raw, str):
+        return f.metadata["parse"](raw)
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+    except ValueError:
+        raise ConfigError(f"{_flag(f.name)}: {raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def settings_from_args(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Flags win over ``RELAY_*`` env vars, which win over defaults."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None and _env(f.name) in env:
+            raw = env[_env(f.name)]
+        if raw is not None:
+            values[f.name] = _convert(f, raw)
+    values.update(overrides)
+    return Settings(**values)
+
+
+def setting_rows() -> Sequence[tuple[str, str, str, str]]:
+    """(flag, env, default, help) for docs and --help."""
+    rows = []
+    for f in fields(Settings):
+        default = "" if f.metadata.get("secret") else repr(f.default)
+        rows.append((_flag(f.name), _env(f.name), default, str(f.metadata.get("help", ""))))
+    return rows

@@ -1,0 +1,443 @@
+"""The node: wires hub, sessions and engine. Connect, recover, fan out, kick, drain.
+
+Connecting is the delicate part, done in this order so nothing falls between history
+and the live feed: claim the client_id (kick the older session) → subscribe the BizId
+and hold its live events → read history after ``since`` → queue welcome and replay →
+release the held events newer than the replay → live.
+
+Fan-out happens here and only here: each event is encoded once per format and appended
+to every local session's queue without awaiting any socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+import structlog
+
+from relay.config import Settings
+from relay.engine import Control, Engine, SessionRecord
+from relay.errors import EngineError, RelayError
+from relay.hub import Hub, Subscription, Verdict
+from relay.metrics import Metrics
+from relay.protocol import CloseCode, Format, encode_message, encode_welcome
+from relay.session import Session, SessionLimits, Transport
+from relay.wire import Event, PublishResult, StreamId, format_id, prove_recovery
+
+__all__ = ["Node", "NodeUnavailable"]
+
+log = structlog.get_logger("relay.node")
+
+
+class NodeUnavailable(RelayError):
+    """The node does not take new sessions now (draining, or at its connection limit)."""
+
+    def __init__(self, message: str, close_code: int) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+def _new_session_id() -> str:
+    return "s-" + secrets.token_urlsafe(9)
+
+
+class Node:
+    """One relay process's sessions and their routing to the engine."""
+
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.id = settings.node_id
+        self.hub: Hub[Session] = Hub()
+        self.sessions: dict[str, Session] = {}
+        self.by_client: dict[str, list[Session]] = {}
+        self.limits = SessionLimits(
+            max_frames=settings.send_queue_max,
+            max_bytes=settings.send_queue_max_bytes,
+            close_flush_timeout=settings.close_flush_timeout,
+            close_linger=settings.close_linger,
+        )
+        self.accepting = False
+        self.draining = False
+        self.started_at = 0.0
+        self._ttl_ms = settings.history_ttl * 1000
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
+        self._repair_again: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self.log = log.bind(node=self.id)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True when the node takes sessions and can prove live delivery works."""
+        return self.accepting and not self.draining and self.engine.ready
+
+    async def start(self) -> None:
+        """Connect the engine and register, then accept sessions."""
+        self.started_at = time.time()
+        await self.engine.start(self.id, self)
+        self.accepting = True
+        self._loops = [
+            self._spawn_loop(self._heartbeat_loop(), "heartbeat"),
+            self._spawn_loop(self._watchdog_loop(), "watchdog"),
+        ]
+        self.log.info("node.started", engine=self.engine.name)
+
+    def _spawn_loop(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(coro, name=f"relay-{name}-{self.id}")
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Run a background task the node keeps a reference to and cancels on close."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting, close every session with 1012 in staggered batches, deregister."""
+        grace = self.settings.drain_grace if grace is None else grace
+        self.accepting = False
+        self.draining = True
+        sessions = list(self.sessions.values())
+        self.log.info("node.draining", sessions=len(sessions), grace=grace)
+        if sessions:
+            # Spread the closes over most of the grace period so the clients' reconnects
+            # do not arrive at the other nodes as one herd.
+            batches = max(1, min(len(sessions), int(grace / 0.05) or 1))
+            size = -(-len(sessions) // batches)
+            pause = max(0.0, grace * 0.6) / batches
+            for start in range(0, len(sessions), size):
+                for session in sessions[start : start + size]:
+                    self.spawn(session.close(CloseCode.SERVICE_RESTART, "node draining"))
+                await asyncio.sleep(pause)
+            deadline = time.monotonic() + max(1.0, grace * 0.4)
+            while self.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close what is left (1001), stop the loops, deregister. Idempotent."""
+        self.accepting = False
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loops = []
+        left = list(self.sessions.values())
+        if left:
+            await asyncio.gather(
+                *(s.close(CloseCode.GOING_AWAY, "node stopping", flush=False) for s in left),
+                return_exceptions=True,
+            )
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.engine.close()
+        self.log.info("node.stopped")
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(0.5, self.settings.engine_options.node_ttl / 3)
+        while True:
+            try:
+                await self.engine.heartbeat(len(self.sessions))
+            except EngineError as exc:
+                self.log.warning("node.heartbeat_failed", error=str(exc))
+            await asyncio.sleep(interval)
+
+    async def _watchdog_loop(self) -> None:
+        """Abort sockets whose write is stuck; close sessions whose token expired."""
+        timeout = self.settings.send_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 2))
+            mono, now = time.monotonic(), time.time()
+            for session in list(self.sessions.values()):
+                if session.closing:
+                    continue
+                if session.sending_since and mono - session.sending_since > timeout:
+                    self.metrics.overflows.inc()
+                    self.log.info("session.send_timed_out", session=session.id)
+                    session.overflow()
+                elif session.expires_at is not None and now >= session.expires_at:
+                    self.spawn(session.close(CloseCode.TOKEN_EXPIRED, "token expired"))
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def connect(
+        self,
+        client_id: str,
+        fmt: Format,
+        transport: Transport,
+        *,
+        since: StreamId | None = None,
+        expires_at: float | None = None,
+    ) -> Session:
+        """Open a session: claim, subscribe, replay, go live. Raises NodeUnavailable."""
+        if not self.accepting:
+            raise NodeUnavailable("node is draining", CloseCode.SERVICE_RESTART)
+        if len(self.sessions) >= self.settings.max_connections:
+            raise NodeUnavailable("connection limit reached", CloseCode.TRY_AGAIN_LATER)
+        session = Session(client_id, _new_session_id(), fmt, transport, self.limits, since)
+        session.expires_at = expires_at
+        self.sessions[session.id] = session
+        self.by_client.setdefault(client_id, []).append(session)
+        try:
+            await self._claim(session)
+            sub = await self._attach(session)
+            history = await self.engine.history(client_id, since, self.settings.replay_limit)
+        except BaseException:
+            await self.disconnect(session)
+            raise
+        if session.closing:  # replaced while it was connecting
+            return session
+        # From here to live nothing awaits: no event can slip between replay and live.
+        entries = history.entries if since is not None else []
+        recovered = None if since is None else prove_recovery(since, history, self._ttl_ms)
+        head = entries[-1].key if entries else history.head()
+        session.send(
+            encode_welcome(
+                fmt,
+                client_id=client_id,
+                node=self.id,
+                session=session.id,
+                heartbeat=self.settings.heartbeat,
+                last_id=head,
+                recovered=recovered,
+                replayed=len(entries),
+            )
+        )
+        for entry in entries:
+            session.send(encode_message(entry, fmt))
+        session.last = head
+        if sub.last is None:
+            sub.advance(history.head())
+        self._go_live(session)
+        session.start()
+        self.metrics.connections.set(len(self.sessions))
+        self.metrics.sessions_opened.inc()
+        self.metrics.replayed.inc(len(entries))
+        self.log.info(
+            "session.opened",
+            client_id=client_id,
+            session=session.id,
+            format=fmt.value,
+            since=format_id(since) if since else None,
+            recovered=recovered,
+            replayed=len(entries),
+        )
+        return session
+
+    def _go_live(self, session: Session) -> None:
+        held, session.held = session.held, []
+        session.recovering = False
+        for event in held:
+            if event.key > session.last:
+                session.last = event.key
+                session.send(encode_message(event, session.format))
+
+    async def _claim(self, session: Session) -> None:
+        """Record this session as the client_id's holder; with ``replace``, kick the old."""
+        record = SessionRecord(
+            session.client_id,
+            self.id,
+            session.id,
+            format_id(session.since) if session.since else None,
+            session.connected_at,
+        )
+        old = await self.engine.claim_session(record)
+        if self.settings.duplicates != "replace" or old is None or old.session == session.id:
+            return
+        self.log.info(
+            "session.replaced", client_id=session.client_id, old=old.session, old_node=old.node
+        )
+        control = Control(
+            "kick",
+            session.client_id,
+            old.session,
+            CloseCode.REPLACED,
+            "replaced by a newer session",
+        )
+        if old.node == self.id:
+            self.on_control(control)
+        else:
+            try:
+                await self.engine.send_control(old.node, control)
+            except EngineError as exc:
+                self.log.warning("session.kick_failed", old_node=old.node, error=str(exc))
+
+    async def _attach(self, session: Session) -> Subscription[Session]:
+        biz_id = session.client_id
+        sub, first = self.hub.add(biz_id, session)
+        if first:
+            future = asyncio.get_running_loop().create_future()
+            self._subscribing[biz_id] = future
+            try:
+                await self.engine.subscribe(biz_id)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved here; waiters still get it
+                raise
+            else:
+                future.set_result(None)
+            finally:
+                self._subscribing.pop(biz_id, None)
+        else:
+            pending = self._subscribing.get(biz_id)
+            if pending is not None:
+                await asyncio.shield(pending)
+        return sub
+
+    async def disconnect(self, session: Session) -> None:
+        """Forget a session whose socket is gone: unsubscribe if last, release the record."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        peers = self.by_client.get(session.client_id)
+        if peers is not None:
+            peers.remove(session)
+            if not peers:
+                del self.by_client[session.client_id]
+        session.closing = True
+        await session.stop_writer()
+        self.metrics.connections.set(len(self.sessions))
+        self.metrics.sessions_closed.labels(str(session.close_code or "peer")).inc()
+        self.log.info(
+            "session.closed",
+            client_id=session.client_id,
+            session=session.id,
+            code=session.close_code,
+        )
+        try:
+            if self.hub.remove(session.client_id, session):
+                await self.engine.unsubscribe(session.client_id)
+            released = await self.engine.release_session(session.client_id, session.id)
+            if released and self.settings.duplicates == "allow":
+                await self._reclaim_for_peers(session.client_id)
+        except EngineError as exc:
+            self.log.warning("session.release_failed", session=session.id, error=str(exc))
+
+    async def _reclaim_for_peers(self, client_id: str) -> None:
+        """With duplicates allowed, keep the record while another local session remains."""
+        peers = self.by_client.get(client_id)
+        if peers:
+            await self._claim(peers[-1])
+
+    async def acknowledge(self, session: Session, message_id: StreamId) -> None:
+        try:
+            await self.engine.record_ack(session.client_id, session.id, format_id(message_id))
+        except EngineError as exc:
+            self.log.debug("session.ack_failed", session=session.id, error=str(exc))
+
+    async def kick(self, client_id: str, code: int = CloseCode.REPLACED, reason: str = "") -> bool:
+        """Close ``client_id``'s session wherever it is. True if one was found."""
+        reason = reason or "closed by the operator"
+        found = bool(self.by_client.get(client_id))
+        self.on_control(Control("kick", client_id, "", code, reason))
+        status = await self.engine.client_status(client_id)
+        if status.node is not None and status.node != self.id:
+            await self.engine.send_control(
+                status.node, Control("kick", client_id, status.session or "", code, reason)
+            )
+            found = found or status.online
+        return found
+
+    async def publish(
+        self, biz_id: str, event: str, data: Any, *, mid: str | None = None
+    ) -> PublishResult:
+        result = await self.engine.publish(biz_id, event, data, mid=mid)
+        self.metrics.publishes.inc()
+        return result
+
+    # -- engine callbacks --------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        sub = self.hub.get(event.biz_id)
+        if sub is None:
+            return
+        self.metrics.events_in.inc()
+        verdict = sub.offer(event)
+        if verdict is Verdict.DELIVER:
+            self._fan_out(sub, event)
+        elif verdict is Verdict.GAP:
+            self.spawn(self._repair(sub))
+
+    def _fan_out(self, sub: Subscription[Session], event: Event) -> None:
+        sessions = sub.sessions
+        if not sessions:
+            return
+        if len(sessions) == 1:
+            session = sessions[0]
+            session.push(event, encode_message(event, session.format))
+        else:
+            frames: dict[Format, bytes] = {}
+            for session in sessions:
+                frame = frames.get(session.format)
+                if frame is None:
+                    frame = frames[session.format] = encode_message(event, session.format)
+                session.push(event, frame)
+        self.metrics.messages_out.inc(len(sessions))
+        self.metrics.latency.observe(max(0.0, time.time() - event.ts))
+
+    async def _repair(self, sub: Subscription[Session]) -> None:
+        """Fill a live-feed gap from history, then release what was held meanwhile."""
+        biz_id = sub.biz_id
+        while True:
+            since = sub.last
+            assert since is not None
+            history = None
+            for attempt in range(5):
+                try:
+                    history = await self.engine.history(biz_id, since, self.settings.replay_limit)
+                    break
+                except EngineError as exc:
+                    self.log.warning("gap.repair_failed", biz_id=biz_id, error=str(exc))
+                    await asyncio.sleep(0.2 * 2**attempt)
+            if history is not None:
+                replayed = 0
+                for entry in history.entries:
+                    if sub.last is None or entry.key > sub.last:
+                        sub.advance(entry.key)
+                        self._fan_out(sub, entry)
+                        replayed += 1
+                self.metrics.gaps.inc()
+                if prove_recovery(since, history, self._ttl_ms):
+                    self.log.info("gap.repaired", biz_id=biz_id, replayed=replayed)
+                else:
+                    self.log.warning("gap.unrecoverable", biz_id=biz_id, since=format_id(since))
+            if biz_id in self._repair_again:
+                self._repair_again.discard(biz_id)
+                continue
+            for event in sub.end_repair():
+                self._fan_out(sub, event)
+            return
+
+    def on_resubscribed(self) -> None:
+        """The live feed was re-established: every BizId may have a gap."""
+        self.metrics.engine_reconnects.inc()
+        self.log.info("engine.resubscribed", subscriptions=len(self.hub))
+        for sub in self.hub:
+            if not sub.sessions:
+                continue
+            if sub.repairing:
+                self._repair_again.add(sub.biz_id)
+                continue
+            since = sub.last if sub.last is not None else min(s.last for s in sub.sessions)
+            sub.begin_repair(since)
+            self.spawn(self._repair(sub))
+
+    def on_control(self, control: Control) -> None:
+        if control.action != "kick":
+            return
+        for session in list(self.by_client.get(control.client_id, ())):
+            if control.session and session.id != control.session:
+                continue
+            self.spawn(session.close(control.code, control.reason))
+
+    def on_health(self, healthy: bool) -> None:
+        self.log.warning("engine.health_changed", healthy=healthy)

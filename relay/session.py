@@ -1,0 +1,249 @@
+"""One client connection as the node sees it: a bounded send queue with a single writer.
+
+Broadcast never waits on a client: the fan-out only appends pre-encoded frames to the
+queue; one writer task per session moves them to the socket. A queue past its frame or
+byte limit closes the session with 4508 (too slow), and the node's watchdog aborts a
+socket whose write has blocked longer than the send timeout.
+
+The socket is behind :class:`Transport`, so this module knows nothing of aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Protocol
+
+import structlog
+
+from relay.protocol import CloseCode, Format
+from relay.wire import ID_ZERO, Event, StreamId
+
+__all__ = ["RateLimiter", "Session", "SessionLimits", "Transport"]
+
+log = structlog.get_logger("relay.session")
+
+
+class Transport(Protocol):
+    """The socket under a session (an aiohttp WebSocketResponse in production)."""
+
+    async def send(self, frame: bytes) -> None:
+        """Send one encoded frame (text for JSON, binary for MessagePack)."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send a close frame and wait for the peer's answer."""
+
+    def abort(self) -> None:
+        """Drop the TCP connection now."""
+
+
+class SessionLimits:
+    """The per-session limits a node applies (from Settings)."""
+
+    __slots__ = ("close_flush_timeout", "close_linger", "max_bytes", "max_frames")
+
+    def __init__(
+        self,
+        max_frames: int = 2000,
+        max_bytes: int = 8 * 1024 * 1024,
+        close_flush_timeout: float = 1.0,
+        close_linger: float = 0.25,
+    ) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.close_flush_timeout = close_flush_timeout
+        self.close_linger = close_linger
+
+
+class RateLimiter:
+    """Token bucket for inbound frames: ``rate`` per second, bursts of ``burst``."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def allow(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Session:
+    """A client's live connection: position, recovery buffer, send queue, writer."""
+
+    __slots__ = (
+        "_queue",
+        "_queued_bytes",
+        "_wake",
+        "_writer",
+        "client_id",
+        "close_code",
+        "closed",
+        "closing",
+        "connected_at",
+        "errors",
+        "expires_at",
+        "format",
+        "held",
+        "id",
+        "last",
+        "limits",
+        "on_overflow",
+        "recovering",
+        "sending_since",
+        "since",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        client_id: str,
+        session_id: str,
+        fmt: Format,
+        transport: Transport,
+        limits: SessionLimits,
+        since: StreamId | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.id = session_id
+        self.format = fmt
+        self.transport = transport
+        self.limits = limits
+        self.since = since
+        self.last: StreamId = since or ID_ZERO
+        self.recovering = True  # live events are held until the replay is queued
+        self.held: list[Event] = []
+        self.connected_at = time.time()
+        self.expires_at: float | None = None
+        self.errors = 0
+        self.closing = False
+        self.closed = False
+        self.close_code: int | None = None
+        self.sending_since = 0.0  # monotonic start of the write in progress, 0 if none
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} client={self.client_id}>"
+
+    # -- fan-out side (never awaits) -------------------------------------------------
+
+    def push(self, event: Event, frame: bytes) -> None:
+        """Queue a live event's pre-encoded frame, unless it is behind our position."""
+        if event.key <= self.last:
+            return
+        if self.recovering:
+            self.held.append(event)
+            return
+        self.last = event.key
+        self.send(frame)
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame for the writer; past the limits the session is closed 4508."""
+        if self.closing:
+            return
+        queue = self._queue
+        if len(queue) >= self.limits.max_frames or (
+            self._queued_bytes + len(frame) > self.limits.max_bytes
+        ):
+            self.overflow()
+            return
+        queue.append(frame)
+        self._queued_bytes += len(frame)
+        if len(queue) == 1:
+            self._wake.set()
+
+    def overflow(self) -> None:
+        """The client does not keep up: drop what is queued and close with 4508."""
+        log.info(
+            "session.overflowed",
+            client_id=self.client_id,
+            session=self.id,
+            queued=len(self._queue),
+            queued_bytes=self._queued_bytes,
+        )
+        self._queue.clear()
+        self._queued_bytes = 0
+        asyncio.get_running_loop().create_task(
+            self.close(CloseCode.TOO_SLOW, "send queue overflow", flush=False)
+        )
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- writer ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write_loop(), name=f"relay-writer-{self.id}"
+        )
+
+    async def _write_loop(self) -> None:
+        queue, send = self._queue, self.transport.send
+        try:
+            while True:
+                if not queue:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                frame = queue.popleft()
+                self._queued_bytes -= len(frame)
+                self.sending_since = time.monotonic()
+                await send(frame)
+                self.sending_since = 0.0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the socket died under us
+            log.debug("session.write_failed", session=self.id, error=type(exc).__name__)
+            self.closing = True
+            self._queue.clear()
+
+    async def _drained(self) -> None:
+        while self._queue or self.sending_since:
+            await asyncio.sleep(0.01)
+
+    async def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
+        """Close from the server side: flush the queue briefly, linger, send the code.
+
+        WebSocketSharp may discard frames that arrive right before a close frame, hence
+        the linger after the last data; resume-by-id covers whatever is still lost.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        self.close_code = code
+        if flush and self._writer is not None and not self._writer.done():
+            try:
+                await asyncio.wait_for(self._drained(), self.limits.close_flush_timeout)
+            except TimeoutError:
+                pass
+            if self.limits.close_linger > 0:
+                await asyncio.sleep(self.limits.close_linger)
+        await self.stop_writer()
+        try:
+            await asyncio.wait_for(self.transport.close(code, reason), 2.0)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            self.transport.abort()
+
+    async def stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done():
+            writer.cancel()
+            try:
+                await writer
+            except asyncio.CancelledError:
+                pass
+        self._queue.clear()
+        self._queued_bytes = 0

@@ -1,0 +1,153 @@
+"""The WebSocket endpoint ``GET /ws/{client_id}``: validate, upgrade, authenticate, relay.
+
+What can be refused before the upgrade (a bad client_id, ``since`` or ``format``) gets
+HTTP 400. Everything after it is a close code with a reason, because WebSocketSharp and
+browsers cannot read an HTTP status (DESIGN.md, close-code table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from relay.auth import bearer_token, verify_token
+from relay.errors import AuthError, InvalidInput, ProtocolViolation, RelayError
+from relay.node import Node, NodeUnavailable
+from relay.protocol import (
+    CloseCode,
+    Format,
+    encode_error,
+    encode_pong,
+    parse_client_frame,
+    select_format,
+)
+from relay.session import RateLimiter, Session
+from relay.wire import parse_id, validate_client_id
+
+__all__ = ["NODE_KEY", "websocket_handler"]
+
+log = structlog.get_logger("relay.ws")
+
+NODE_KEY = web.AppKey("relay_node", Node)
+
+
+class AiohttpTransport:
+    """Adapts a WebSocketResponse to the session's Transport."""
+
+    __slots__ = ("_opcode", "_request", "_ws")
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, fmt: Format) -> None:
+        self._ws = ws
+        self._request = request
+        self._opcode = WSMsgType.BINARY if fmt.binary else WSMsgType.TEXT
+
+    async def send(self, frame: bytes) -> None:
+        await self._ws.send_frame(frame, self._opcode)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._ws.close(code=code, message=reason.encode()[:120])
+
+    def abort(self) -> None:
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+
+
+def _bad_request(code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=400)
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE_KEY]
+    settings = node.settings
+    client_id = request.match_info["client_id"]
+    try:
+        validate_client_id(client_id)
+        raw_since = request.query.get("since")
+        since = parse_id(raw_since) if raw_since else None
+    except InvalidInput as exc:
+        return _bad_request(exc.code, str(exc))
+    offered = [
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+    ]
+    format_error: str | None = None
+    try:
+        fmt, subprotocol = select_format(offered, request.query.get("format"))
+    except ProtocolViolation as exc:
+        if not offered:
+            return _bad_request(exc.code, str(exc))
+        fmt, subprotocol, format_error = Format.JSON, None, str(exc)
+
+    ws = web.WebSocketResponse(
+        protocols=(subprotocol,) if subprotocol else (),
+        heartbeat=settings.heartbeat,
+        max_msg_size=settings.max_message_size,
+        compress=settings.compress,
+        timeout=2.0,
+    )
+    await ws.prepare(request)
+    if format_error is not None:
+        await ws.close(code=CloseCode.PROTOCOL_ERROR, message=format_error.encode()[:120])
+        return ws
+
+    expires_at: float | None = None
+    token = request.query.get("token") or bearer_token(request.headers.get("Authorization"))
+    if settings.auth_secret and (token or not settings.allow_anonymous):
+        try:
+            expires_at = verify_token(token, settings.auth_secret, client_id)
+        except AuthError as exc:
+            log.info("session.refused", client_id=client_id, code=exc.close_code, reason=str(exc))
+            await ws.close(code=exc.close_code, message=str(exc).encode())
+            return ws
+
+    transport = AiohttpTransport(ws, request, fmt)
+    try:
+        session = await node.connect(client_id, fmt, transport, since=since, expires_at=expires_at)
+    except NodeUnavailable as exc:
+        await ws.close(code=exc.close_code, message=str(exc).encode())
+        return ws
+    except RelayError as exc:
+        log.warning("session.connect_failed", client_id=client_id, error=str(exc))
+        await ws.close(code=CloseCode.INTERNAL_ERROR, message=b"internal error")
+        return ws
+    try:
+        await _read_loop(ws, node, session)
+    finally:
+        await node.disconnect(session)
+    return ws
+
+
+async def _read_loop(ws: web.WebSocketResponse, node: Node, session: Session) -> None:
+    """Answer client frames: ping, ack, and errors for anything else; police the rate."""
+    settings = node.settings
+    limiter = RateLimiter(settings.client_rate, settings.client_burst)
+    over_limit = 0
+    fmt = session.format
+    async for msg in ws:
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            continue  # ERROR / CLOSE end the iteration by themselves
+        if session.closing:
+            continue
+        if not limiter.allow():
+            over_limit += 1
+            if over_limit > settings.client_burst:
+                node.metrics.bad_frames.inc()
+                node.spawn(session.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded"))
+            continue
+        data: Any = msg.data
+        try:
+            frame = parse_client_frame(data, fmt)
+        except ProtocolViolation as exc:
+            session.errors += 1
+            node.metrics.bad_frames.inc()
+            if session.errors > settings.max_errors:
+                node.spawn(session.close(CloseCode.POLICY_VIOLATION, "too many invalid frames"))
+            else:
+                session.send(encode_error(fmt, exc.code, str(exc)))
+            continue
+        if frame.type == "ping":
+            session.send(encode_pong(fmt))
+        elif frame.type == "ack" and frame.id is not None:
+            await node.acknowledge(session, frame.id)
