@@ -106,7 +106,8 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 def _encode(frame: dict[str, Any], fmt: Format) -> bytes:
     if fmt is Format.JSON:
         return orjson.dumps(frame)
-    return _packb(frame)
+    packed: bytes = _packb(frame)
+    return packed
 
 
 def encode_welcome(

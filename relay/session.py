@@ -11,6 +11,7 @@ The socket is behind :class:`Transport`, so this module knows nothing of aiohttp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import Protocol
@@ -225,10 +226,8 @@ class Session:
         self.closing = True
         self.close_code = code
         if flush and self._writer is not None and not self._writer.done():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained(), self.limits.close_flush_timeout)
-            except TimeoutError:
-                pass
             if self.limits.close_linger > 0:
                 await asyncio.sleep(self.limits.close_linger)
         await self.stop_writer()
@@ -241,9 +240,7 @@ class Session:
         writer, self._writer = self._writer, None
         if writer is not None and not writer.done():
             writer.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await writer
-            except asyncio.CancelledError:
-                pass
         self._queue.clear()
         self._queued_bytes = 0

@@ -181,7 +181,7 @@ def encode_payload(
         orjson.dumps(data)
     except TypeError as exc:
         raise InvalidInput(f"data must be JSON-serialisable: {exc}") from None
-    payload = msgpack.packb(
+    payload: bytes = msgpack.packb(
         {
             "v": ENVELOPE_VERSION,
             "mid": mid,

@@ -17,5 +17,6 @@ def create_engine(redis_url: str | None, options: EngineOptions) -> Engine:
     if redis_url.startswith(("redis://", "rediss://", "unix://")):
         from relay.engines.redis import RedisEngine
 
-        return RedisEngine(redis_url, options)
+        engine: Engine = RedisEngine(redis_url, options)
+        return engine
     raise ConfigError("redis URL must start with redis://, rediss:// or unix://")
