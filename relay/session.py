@@ -224,7 +224,7 @@ class Session:
         if self.closing:
             return
         self.closing = True
-        self.close_code = code
+        self.close_code = int(code)
         if flush and self._writer is not None and not self._writer.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained(), self.limits.close_flush_timeout)

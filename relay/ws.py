@@ -47,7 +47,13 @@ class AiohttpTransport:
         await self._ws.send_frame(frame, self._opcode)
 
     async def close(self, code: int, reason: str) -> None:
-        await self._ws.close(code=code, message=reason.encode()[:120])
+        try:
+            await self._ws.close(code=code, message=reason.encode()[:120])
+        finally:
+            # A peer that stopped reading keeps a graceful close pending forever.
+            transport = self._request.transport
+            if transport is not None and transport.get_write_buffer_size() > 0:
+                transport.abort()
 
     def abort(self) -> None:
         transport = self._request.transport

@@ -1,0 +1,154 @@
+"""A real node in the test's event loop on a free port, and a recording WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import msgpack
+import orjson
+from aiohttp import web
+
+from relay.app import NODE_KEY, create_app
+from relay.config import Settings
+from relay.engine import Engine
+from relay.node import Node
+from tests.support.ports import free_port
+
+API_KEY = "test-api-key"
+
+
+def node_settings(**overrides: Any) -> Settings:
+    """Settings for a node under test: anonymous, fast closes, short grace."""
+    base = Settings(
+        host="127.0.0.1",
+        port=free_port(),
+        allow_anonymous=True,
+        api_key=API_KEY,
+        close_linger=0.0,
+        close_flush_timeout=0.5,
+        drain_grace=0.5,
+        heartbeat=5.0,
+        node_id=f"test-{free_port()}",
+    )
+    return replace(base, **overrides)
+
+
+class NodeUnderTest:
+    """One node served by aiohttp on 127.0.0.1 in the current loop."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.app = create_app(settings, engine)
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def node(self) -> Node:
+        return self.app[NODE_KEY]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def ws_url(self, client_id: str, **query: str) -> str:
+        qs = f"?{urlencode(query)}" if query else ""
+        return f"ws://127.0.0.1:{self.settings.port}/ws/{client_id}{qs}"
+
+    async def start(self) -> NodeUnderTest:
+        self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1.0)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.settings.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def publish(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> Any:
+        return await self.node.publish(biz_id, event, data, mid=mid)
+
+
+class Listener:
+    """A WebSocket client that records every frame and the close code."""
+
+    def __init__(self, url: str, *, fmt: str = "json", protocols: tuple[str, ...] = ()) -> None:
+        self.url = url
+        self.fmt = fmt
+        self.protocols = protocols
+        self.frames: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.http: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("type") == "message"]
+
+    @property
+    def welcome(self) -> dict[str, Any]:
+        return self.frames[0]
+
+    async def connect(self, wait_welcome: bool = True) -> Listener:
+        self.http = aiohttp.ClientSession()
+        self.ws = await self.http.ws_connect(self.url, protocols=self.protocols, autoping=True)
+        self._task = asyncio.get_running_loop().create_task(self._read())
+        if wait_welcome:
+            await self.wait_for(lambda: bool(self.frames) or self.close_code is not None)
+        return self
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.frames.append(orjson.loads(msg.data))
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                self.frames.append(msgpack.unpackb(msg.data, raw=False))
+            self._changed.set()
+        self.close_code = self.ws.close_code
+        self.close_reason = str(self.ws.extra) if self.ws.extra else ""
+        self._changed.set()
+
+    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"condition not met; frames={len(self.frames)} close={self.close_code}"
+                )
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def wait_messages(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        await self.wait_for(lambda: len(self.messages) >= count, timeout)
+        return self.messages
+
+    async def wait_closed(self, timeout: float = 5.0) -> int | None:
+        await self.wait_for(lambda: self.close_code is not None, timeout)
+        return self.close_code
+
+    async def send(self, data: Any) -> None:
+        assert self.ws is not None
+        if self.fmt == "msgpack":
+            await self.ws.send_bytes(msgpack.packb(data))
+        else:
+            await self.ws.send_str(orjson.dumps(data).decode())
+
+    async def close(self) -> None:
+        if self.ws is not None and not self.ws.closed:
+            await self.ws.close()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.http is not None:
+            await self.http.close()
