@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import replace
 from typing import Any
@@ -98,7 +99,9 @@ class Listener:
 
     async def connect(self, wait_welcome: bool = True) -> Listener:
         self.http = aiohttp.ClientSession()
-        self.ws = await self.http.ws_connect(self.url, protocols=self.protocols, autoping=True)
+        self.ws = await self.http.ws_connect(
+            self.url, protocols=self.protocols, autoping=True, autoclose=False
+        )
         self._task = asyncio.get_running_loop().create_task(self._read())
         if wait_welcome:
             await self.wait_for(lambda: bool(self.frames) or self.close_code is not None)
@@ -111,24 +114,28 @@ class Listener:
                 self.frames.append(orjson.loads(msg.data))
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 self.frames.append(msgpack.unpackb(msg.data, raw=False))
+            elif msg.type == aiohttp.WSMsgType.CLOSE:
+                self.close_code, self.close_reason = msg.data, msg.extra or ""
+                break
             self._changed.set()
-        self.close_code = self.ws.close_code
-        self.close_reason = str(self.ws.extra) if self.ws.extra else ""
+        await self.ws.close()
+        if self.close_code is None:
+            self.close_code = self.ws.close_code
         self._changed.set()
 
     async def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        while not predicate():
+        while True:
+            self._changed.clear()
+            if predicate():
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
                     f"condition not met; frames={len(self.frames)} close={self.close_code}"
                 )
-            self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
 
     async def wait_messages(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
         await self.wait_for(lambda: len(self.messages) >= count, timeout)
