@@ -1,0 +1,43 @@
+# Relay. `make run` and `make test` set themselves up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+
+.PHONY: run test lint typecheck bench cluster clean setup
+
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null || { echo "redis-server is missing: run .ci/setup-system (as root) or apt-get install redis-server"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	@echo ""
+	@echo "Relay: one node, memory engine, http://$(HOST):$(PORT) — ANONYMOUS (demo only), API key 'dev-key'"
+	@echo ""
+	@echo "  watch a client:   $(VENV)/bin/relay tail demo --url ws://$(HOST):$(PORT)"
+	@echo "  publish (CLI):    $(VENV)/bin/relay publish demo label.created '{\"id\": 1}' --http http://$(HOST):$(PORT) --api-key dev-key"
+	@echo "  publish (curl):   curl -s -H 'Authorization: Bearer dev-key' -d '{\"biz_id\":\"demo\",\"event\":\"label.created\",\"data\":{\"id\":1}}' http://$(HOST):$(PORT)/api/publish"
+	@echo "  health:           curl -s http://$(HOST):$(PORT)/readyz"
+	@echo ""
+	$(VENV)/bin/relay serve --host $(HOST) --port $(PORT) --allow-anonymous --api-key dev-key
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check relay backend_adapter tests
+	$(VENV)/bin/ruff format --check relay backend_adapter tests
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) -m relay.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
