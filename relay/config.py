@@ -17,7 +17,13 @@ from typing import Any
 from relay.engine import EngineOptions
 from relay.errors import ConfigError
 
-__all__ = ["Settings", "add_arguments", "settings_from_args"]
+__all__ = [
+    "Settings",
+    "add_arguments",
+    "configuration_markdown",
+    "setting_rows",
+    "settings_from_args",
+]
 
 
 def _secret_list(text: str) -> tuple[str, ...]:
@@ -209,3 +215,37 @@ def setting_rows() -> Sequence[tuple[str, str, str, str]]:
         default = "" if f.metadata.get("secret") else repr(f.default)
         rows.append((_flag(f.name), _env(f.name), default, str(f.metadata.get("help", ""))))
     return rows
+
+
+_CONFIG_NOTES = """
+Notes:
+
+- Boolean flags also have a `--no-…` form; env values `1 true yes on` mean true.
+- `--auth-secret` takes several secrets, comma-separated: a token signed with any of them
+  is accepted, so a secret can be rotated (add the new one, re-issue tokens, drop the old).
+- `relay serve` refuses to start with neither `--auth-secret` nor `--allow-anonymous`.
+- `--history-ttl` must be no longer on the nodes than on the publishers (both default to
+  3600 s): the node's proof of `recovered` assumes a stream lives at least that long.
+- Memory per BizId in Redis: the Stream keeps about `history_size` entries (`MAXLEN ~`
+  trims whole radix nodes, so up to ~`history_size + 100`); each entry costs its payload
+  plus ~40 bytes (id, `prev`, field names). With 200-byte payloads and the default 100
+  entries that is ~25-50 KB per active BizId, released `history_ttl` after its last
+  publish. A `mid` costs one small key for `dedupe_window` seconds.
+"""
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md, generated so the docs cannot drift from the code."""
+    out = [
+        "# Configuration",
+        "",
+        "Every `relay serve` setting is a flag and an environment variable; the flag wins.",
+        "This table is generated from `relay/config.py` (`Settings`) by",
+        "`python -c 'import relay.config as c; print(c.configuration_markdown(), end=\"\")'`;",
+        "a test fails when it drifts.",
+        "",
+        "| flag | env | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| `{f}` | `{e}` | `{d}` | {h} |" for f, e, d, h in setting_rows()]
+    return "\n".join(out) + "\n" + _CONFIG_NOTES
