@@ -1,0 +1,195 @@
+"""What both publishers share: the packed EVALSHA command, retry policy, error translation.
+
+Pure: no sockets, no asyncio, no Redis client. :class:`PublishCodec` turns one publish into
+the exact bytes of ``EVALSHA <publish.lua> 4 KEYS... ARGV...`` that relay.wire defines
+(``publish_call``), because redis-py's generic command packer costs more CPU than the
+rest of a batched publish put together. A contract test checks that the bytes equal
+what redis-py would send for ``wire.publish_call``'s KEYS and ARGV.
+
+Retries: only failures that say nothing about the command itself are retried (the
+connection broke, timed out, Redis is loading its dataset or was demoted to a replica).
+Anything else is a bug or a misconfiguration and fails at once. After the last attempt
+every error becomes a :class:`~relay.errors.PublishFailed` naming the BizId and the cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.exceptions as rex
+
+from relay.errors import ConfigError, EngineError, EngineUnavailable, InvalidInput, PublishFailed
+from relay.wire import (
+    DEFAULT_MAX_PAYLOAD,
+    PUBLISH_LUA,
+    KeySpace,
+    PublishResult,
+    encode_payload,
+    parse_publish_reply,
+)
+
+__all__ = [
+    "PUBLISH_SHA",
+    "SCRIPT_LOAD",
+    "Call",
+    "Item",
+    "PublishCodec",
+    "RetryPolicy",
+    "is_transient",
+    "lookup_failed",
+    "publish_failed",
+]
+
+PUBLISH_SHA: Final = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
+"""EVALSHA digest of publish.lua; Redis computes the same on SCRIPT LOAD."""
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+SCRIPT_LOAD: Final = b"*3\r\n" + b"".join(map(_bulk, (b"SCRIPT", b"LOAD", PUBLISH_LUA.encode())))
+"""The packed ``SCRIPT LOAD <publish.lua>``, sent after a NOSCRIPT reply."""
+
+
+Item = tuple[str, str, Any] | tuple[str, str, Any, str | None]
+"""One entry of ``publish_many``: ``(biz_id, event, data)`` or ``(biz_id, event, data, mid)``."""
+
+_TRANSIENT: Final = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, TimeoutError)
+# A wrong password or missing ACL permission does not heal by waiting.
+_PERMANENT: Final = (rex.AuthenticationError, rex.AuthorizationError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: connection lost, timeout, LOADING, READONLY."""
+    return isinstance(exc, _TRANSIENT) and not isinstance(exc, _PERMANENT)
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def publish_failed(biz_id: str, attempts: int | None, exc: BaseException) -> PublishFailed:
+    """The error a caller sees when a publish gave up; ``__cause__`` is the Redis error.
+
+    ``attempts`` is None for a failure that was not worth retrying.
+    """
+    tries = "" if attempts is None else f" after {attempts} attempt{'s' if attempts != 1 else ''}"
+    error = PublishFailed(f"publish to BizId {biz_id!r} failed{tries}: {_cause(exc)}")
+    error.__cause__ = exc
+    return error
+
+
+def lookup_failed(what: str, attempts: int, exc: BaseException) -> EngineError:
+    """The error of a failed registry read such as ``is_online``."""
+    kind = EngineUnavailable if is_transient(exc) else EngineError
+    tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}"
+    error = kind(f"{what} failed{tries}: {_cause(exc)}")
+    error.__cause__ = exc
+    return error
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """``retries`` more attempts after the first, sleeping with full-jitter backoff.
+
+    The n-th sleep (n from 0) is uniform in ``[0, min(max_backoff, backoff * 2**n)]``:
+    full jitter, so a fleet of backends that lost Redis together does not return in step.
+    """
+
+    retries: int = 3
+    backoff: float = 0.05
+    max_backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ConfigError("retries, backoff and max_backoff must not be negative")
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.max_backoff, self.backoff * 2.0**attempt))
+
+
+class Call:
+    """One publish on its way: the packed command and, once known, its outcome."""
+
+    __slots__ = ("biz_id", "command", "outcome")
+
+    def __init__(self, biz_id: str, command: bytes) -> None:
+        self.biz_id = biz_id
+        self.command = command
+        self.outcome: PublishResult | PublishFailed | None = None
+
+
+class PublishCodec:
+    """Builds the EVALSHA command of one publish and reads its reply.
+
+    Everything that does not depend on the event (the script digest, the numbers in
+    ARGV, the key prefix) is packed once here.
+    """
+
+    __slots__ = ("_head", "_limits", "_max_payload", "_no_mid", "_window", "keys")
+
+    def __init__(
+        self,
+        *,
+        key_prefix: str = "relay",
+        history_size: int = 100,
+        history_ttl: int = 3600,
+        dedupe_window: int = 600,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        for name, value in (
+            ("history_size", history_size),
+            ("history_ttl", history_ttl),
+            ("dedupe_window", dedupe_window),
+            ("max_payload", max_payload),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+        if not key_prefix or any(c in key_prefix for c in "{} \r\n"):
+            raise ConfigError("key_prefix must be non-empty, without braces or whitespace")
+        self.keys = KeySpace(key_prefix)
+        self._max_payload = max_payload
+        # ARGV order and KEYS order follow relay.wire.publish_call exactly.
+        self._head = b"*12\r\n" + b"".join(map(_bulk, (b"EVALSHA", PUBLISH_SHA.encode(), b"4")))
+        self._limits = _bulk(b"%d" % history_size) + _bulk(b"%d" % history_ttl)
+        self._no_mid = _bulk(b"")
+        self._window = _bulk(b"%d" % dedupe_window)
+
+    def command(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> bytes:
+        """Validate and encode a publish; raises InvalidInput or PayloadTooLarge."""
+        payload = encode_payload(biz_id, event, data, mid=mid, max_size=self._max_payload)
+        keys = self.keys
+        log = _bulk(keys.log(biz_id).encode())
+        return b"".join(
+            (
+                self._head,
+                log,
+                _bulk(keys.channel(biz_id).encode()),
+                _bulk(keys.session(biz_id).encode()),
+                log if mid is None else _bulk(keys.mid(biz_id, mid).encode()),
+                _bulk(payload),
+                self._limits,
+                self._no_mid if mid is None else _bulk(mid.encode()),
+                self._window,
+            )
+        )
+
+    def calls(self, items: Iterable[Item]) -> list[Call]:
+        """Encode every item of a batch before anything is sent: all valid, or nothing."""
+        command = self.command
+        calls = []
+        for item in items:
+            if not 3 <= len(item) <= 4:
+                raise InvalidInput("publish_many items are (biz_id, event, data[, mid]) tuples")
+            calls.append(Call(item[0], command(*item)))
+        return calls
+
+    @staticmethod
+    def result(reply: Any) -> PublishResult:
+        return parse_publish_reply(reply)

@@ -1,0 +1,123 @@
+"""The pure parts: the packed command equals relay.wire's contract; retry policy; errors."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import redis.exceptions as rex
+from redis.connection import Connection
+
+from backend_adapter._core import (
+    PUBLISH_SHA,
+    SCRIPT_LOAD,
+    PublishCodec,
+    RetryPolicy,
+    is_transient,
+    publish_failed,
+)
+from relay import wire
+from relay.errors import ConfigError, PublishFailed
+
+
+def redis_py_packing(*args: object) -> bytes:
+    """What redis-py itself would send for ``args``."""
+    return b"".join(Connection().pack_command(*args))
+
+
+@pytest.mark.parametrize("prefix", ["relay", "app:prod"])
+@pytest.mark.parametrize("mid", [None, "outbox-17", "ünïcode-mid"])
+def test_codec_command_matches_wire_publish_call(prefix: str, mid: str | None) -> None:
+    """The hand-packed EVALSHA is byte for byte what redis-py sends for publish_call."""
+    codec = PublishCodec(key_prefix=prefix, history_size=50, history_ttl=120, dedupe_window=30)
+    command = codec.command("cml:42", "label.created", {"a": [1, 2]}, mid)
+    # The payload carries a timestamp: recover it from the command to rebuild the rest.
+    payload_start = command.index(b"\x86")  # a 6-entry MessagePack map
+    payload = wire.decode_payload("1-0", "0-0", command[payload_start:].split(b"\r\n$", 1)[0])
+    expected_payload = wire.encode_payload(
+        "cml:42", "label.created", {"a": [1, 2]}, mid=mid, ts=payload.ts
+    )
+    keys, argv = wire.publish_call(
+        wire.KeySpace(prefix),
+        "cml:42",
+        expected_payload,
+        mid=mid,
+        history_size=50,
+        history_ttl=120,
+        dedupe_window=30,
+    )
+    assert command == redis_py_packing("EVALSHA", PUBLISH_SHA, len(keys), *keys, *argv)
+
+
+def test_codec_script_digest_and_load_command() -> None:
+    """The digest is publish.lua's SHA-1, and SCRIPT LOAD carries the same text."""
+    assert hashlib.sha1(wire.PUBLISH_LUA.encode()).hexdigest() == PUBLISH_SHA
+    assert redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_LUA) == SCRIPT_LOAD
+
+
+def test_codec_calls_validate_every_item_first() -> None:
+    """One bad item in a batch raises before any command exists."""
+    codec = PublishCodec()
+    calls = codec.calls([("a", "e", 1), ("b", "e", 2, "m")])
+    assert [c.biz_id for c in calls] == ["a", "b"]
+    assert all(c.outcome is None for c in calls)
+    with pytest.raises(wire.InvalidClientId):
+        codec.calls([("a", "e", 1), ("b b", "e", 2)])
+
+
+def test_codec_result_parses_script_reply() -> None:
+    """The script's reply becomes a PublishResult."""
+    reply = [b"5-1", 2, 1, 0]
+    assert PublishCodec.result(reply) == wire.PublishResult("5-1", True, 2, False)
+
+
+@pytest.mark.parametrize("attempt", range(8))
+def test_retry_policy_delay_is_full_jitter_capped(attempt: int) -> None:
+    """Delays are in [0, min(cap, base * 2**n)]."""
+    policy = RetryPolicy(retries=8, backoff=0.05, max_backoff=1.0)
+    bound = min(1.0, 0.05 * 2**attempt)
+    delays = [policy.delay(attempt) for _ in range(200)]
+    assert all(0 <= d <= bound for d in delays)
+    assert max(delays) > bound / 2  # really spread over the range
+
+
+def test_retry_policy_rejects_negative_settings() -> None:
+    """A negative retry count or backoff is a ConfigError."""
+    with pytest.raises(ConfigError):
+        RetryPolicy(retries=-1)
+    with pytest.raises(ConfigError):
+        RetryPolicy(backoff=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (rex.ConnectionError("refused"), True),
+        (rex.TimeoutError("slow"), True),
+        (rex.BusyLoadingError("LOADING"), True),
+        (rex.ReadOnlyError("READONLY"), True),
+        (TimeoutError(), True),
+        (rex.AuthenticationError("bad password"), False),
+        (rex.ResponseError("WRONGTYPE"), False),
+        (rex.NoScriptError("NOSCRIPT"), False),
+        (ValueError("bug"), False),
+    ],
+)
+def test_is_transient_classifies_redis_errors(exc: Exception, transient: bool) -> None:
+    """Only errors that say nothing about the command are worth retrying."""
+    assert is_transient(exc) is transient
+
+
+def test_publish_failed_names_biz_id_attempts_and_cause() -> None:
+    """The message says which BizId, how many attempts, and why; __cause__ is kept."""
+    cause = rex.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+    error = publish_failed("cml", 4, cause)
+    assert isinstance(error, PublishFailed)
+    assert str(error) == (
+        "publish to BizId 'cml' failed after 4 attempts: "
+        "ConnectionError: Error 111 connecting to 127.0.0.1:6379. Connection refused."
+    )
+    assert error.__cause__ is cause
+    assert str(publish_failed("x", None, rex.ResponseError("boom"))).endswith(
+        "'x' failed: ResponseError: boom"
+    )
