@@ -22,7 +22,7 @@ import structlog
 
 from relay.config import Settings
 from relay.engine import Control, Engine, SessionRecord
-from relay.errors import EngineError, RelayError
+from relay.errors import EngineError, InvalidEnvelope, RelayError
 from relay.hub import Hub, Subscription, Verdict
 from relay.metrics import Metrics
 from relay.protocol import CloseCode, Format, encode_message, encode_welcome
@@ -214,7 +214,9 @@ class Node:
             )
         )
         for entry in entries:
-            session.send(encode_message(entry, fmt))
+            frame = self._encode(entry, fmt)
+            if frame is not None:
+                session.send(frame)
         session.last = head
         if sub.last is None:
             sub.advance(history.head())
@@ -238,9 +240,10 @@ class Node:
         held, session.held = session.held, []
         session.recovering = False
         for event in held:
-            if event.key > session.last:
+            frame = self._encode(event, session.format)
+            if event.key > session.last and frame is not None:
                 session.last = event.key
-                session.send(encode_message(event, session.format))
+                session.send(frame)
 
     async def _claim(self, session: Session) -> None:
         """Record this session as the client_id's holder; with ``replace``, kick the old."""
@@ -371,18 +374,23 @@ class Node:
         sessions = sub.sessions
         if not sessions:
             return
-        if len(sessions) == 1:
-            session = sessions[0]
-            session.push(event, encode_message(event, session.format))
-        else:
-            frames: dict[Format, bytes] = {}
-            for session in sessions:
-                frame = frames.get(session.format)
-                if frame is None:
-                    frame = frames[session.format] = encode_message(event, session.format)
+        frames: dict[Format, bytes | None] = {}
+        for session in sessions:
+            fmt = session.format
+            frame = (
+                frames[fmt] if fmt in frames else frames.setdefault(fmt, self._encode(event, fmt))
+            )
+            if frame is not None:
                 session.push(event, frame)
         self.metrics.messages_out.inc(len(sessions))
         self.metrics.latency.observe(max(0.0, time.time() - event.ts))
+
+    def _encode(self, event: Event, fmt: Format) -> bytes | None:
+        try:
+            return encode_message(event, fmt)
+        except InvalidEnvelope as exc:
+            self.log.warning("event.unsendable", biz_id=event.biz_id, id=event.id, error=str(exc))
+            return None
 
     async def _repair(self, sub: Subscription[Session]) -> None:
         """Fill a live-feed gap from history, then release what was held meanwhile."""

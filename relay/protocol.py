@@ -6,6 +6,7 @@ functions return. docs/protocol.md is the same contract in prose.
 
 from __future__ import annotations
 
+import base64
 import enum
 from dataclasses import dataclass
 from typing import Any, Final
@@ -13,7 +14,7 @@ from typing import Any, Final
 import msgpack
 import orjson
 
-from relay.errors import InvalidId, ProtocolViolation
+from relay.errors import InvalidEnvelope, InvalidId, ProtocolViolation
 from relay.wire import Event, StreamId, format_id, parse_id
 
 __all__ = [
@@ -135,19 +136,33 @@ def encode_welcome(
     return _encode(frame, fmt)
 
 
+def _json_fallback(value: Any) -> Any:
+    """Types MessagePack carries and JSON lacks, from a publisher in another language."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} has no JSON form")
+
+
 def encode_message(event: Event, fmt: Format) -> bytes:
-    """One event as a ``message`` frame. Called once per event and format, not per client."""
-    return _encode(
-        {
-            "type": "message",
-            "id": event.id,
-            "biz_id": event.biz_id,
-            "event": event.event,
-            "data": event.data,
-            "ts": event.ts,
-        },
-        fmt,
-    )
+    """One event as a ``message`` frame. Called once per event and format, not per client.
+
+    Raises InvalidEnvelope when the event's data has no encoding in ``fmt``.
+    """
+    frame = {
+        "type": "message",
+        "id": event.id,
+        "biz_id": event.biz_id,
+        "event": event.event,
+        "data": event.data,
+        "ts": event.ts,
+    }
+    try:
+        if fmt is Format.JSON:
+            return orjson.dumps(frame, default=_json_fallback, option=orjson.OPT_NON_STR_KEYS)
+        packed: bytes = _packb(frame)
+        return packed
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidEnvelope(f"event {event.id} cannot be sent as {fmt.value}: {exc}") from None
 
 
 _PONG = {fmt: _encode({"type": "pong"}, fmt) for fmt in Format}
@@ -174,7 +189,10 @@ _MAX_CLIENT_FRAME = 4096
 
 def parse_client_frame(data: bytes | str, fmt: Format) -> ClientFrame:
     """Parse one client frame. Anything but a well-formed ping or ack is a violation."""
-    if len(data) > _MAX_CLIENT_FRAME:
+    size = len(data)
+    if isinstance(data, str) and size * 4 > _MAX_CLIENT_FRAME:
+        size = len(data.encode("utf-8", "surrogatepass"))
+    if size > _MAX_CLIENT_FRAME:
         raise ProtocolViolation("client frames are at most 4096 bytes")
     body: Any
     try:

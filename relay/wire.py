@@ -58,8 +58,13 @@ MAX_MID_LEN: Final = 200
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024
 
 _CLIENT_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
-_ID_RE: Final = re.compile(r"(\d{1,20})-(\d{1,20})")
+_ID_RE: Final = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _U64: Final = 2**64
+_STRICT_JSON: Final = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
 
 
 def _lua(name: str) -> str:
@@ -83,7 +88,7 @@ def parse_id(text: str | bytes) -> StreamId:
             text = text.decode("ascii")
         except UnicodeDecodeError:
             raise InvalidId("stream id must be ASCII '<ms>-<seq>'") from None
-    if text.isdigit() and len(text) <= 20:
+    if text.isascii() and text.isdigit() and len(text) <= 20:
         ms, seq = int(text), 0
     else:
         match = _ID_RE.fullmatch(text)
@@ -178,20 +183,22 @@ def encode_payload(
     validate_event_name(event)
     validate_mid(mid)
     try:
-        orjson.dumps(data)
-    except TypeError as exc:
-        raise InvalidInput(f"data must be JSON-serialisable: {exc}") from None
-    payload: bytes = msgpack.packb(
-        {
-            "v": ENVELOPE_VERSION,
-            "mid": mid,
-            "biz": biz_id,
-            "ev": event,
-            "data": data,
-            "ts": time.time() if ts is None else ts,
-        },
-        use_bin_type=True,
-    )
+        # JSON clients receive `data` as JSON: refuse what JSON has no type for, even
+        # where orjson or msgpack would invent an encoding (datetime, UUID, bytes).
+        orjson.dumps(data, option=_STRICT_JSON)
+        payload: bytes = msgpack.packb(
+            {
+                "v": ENVELOPE_VERSION,
+                "mid": mid,
+                "biz": biz_id,
+                "ev": event,
+                "data": data,
+                "ts": time.time() if ts is None else ts,
+            },
+            use_bin_type=True,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInput(f"data must be JSON-compatible: {exc}") from None
     if len(payload) > max_size:
         raise PayloadTooLarge(f"payload is {len(payload)} bytes; the limit is {max_size}")
     return payload
@@ -276,6 +283,9 @@ class History:
     last: StreamId | None
     now_ms: int
     truncated: bool = False
+    epoch_ms: int = 0
+    """When the store's data began (engine start, Redis dataset created); nothing earlier
+    can be vouched for, because a restart without persistence leaves no trace."""
 
     def head(self) -> StreamId:
         """The id a client can resume from: the newest entry, or just before "now".
@@ -289,17 +299,20 @@ class History:
 def prove_recovery(since: StreamId, history: History, ttl_ms: int) -> bool:
     """True only if every entry published after ``since`` is in ``history.entries``.
 
-    Trimming leaves no trace in a Redis Stream, so the proof rests on three facts:
-    entries are contiguous (trimming only removes the oldest), each entry names its
-    predecessor (``prev``), and a stream lives at least ``ttl_ms`` after its last
-    publish (publishers must use a TTL at least the node's).
+    Trimming leaves no trace in a Redis Stream, so the proof rests on four facts:
+    entries are contiguous (trimming only removes the oldest); each entry names its
+    predecessor (``prev``); a stream lives at least ``ttl_ms`` after its last publish
+    (publishers must use a TTL at least the node's); and the store's data is known to
+    go back to ``history.epoch_ms`` (a Redis restart without persistence, a FLUSHALL or
+    a memory-engine restart moves it).
     """
     if history.truncated:
         return False
     if history.first is None or history.last is None:
         # No stream. An incarnation born after `since` that already expired must have
-        # lived ttl_ms, so if less than that has passed, nothing was lost.
-        return since[0] <= history.now_ms < since[0] + ttl_ms
+        # lived ttl_ms, so if less than that has passed, nothing was lost -- provided
+        # the store itself did not lose its data since then.
+        return history.epoch_ms <= since[0] <= history.now_ms < since[0] + ttl_ms
     if since > history.last:
         return False  # the client claims an id this stream never had
     if since >= history.first:
@@ -308,7 +321,11 @@ def prove_recovery(since: StreamId, history: History, ttl_ms: int) -> bool:
         return True  # the oldest retained entry directly follows `since`
     # The oldest retained entry began a fresh incarnation: nothing of it was trimmed,
     # and an older incarnation after `since` would have needed ttl_ms to expire.
-    return history.first_prev == ID_ZERO and history.first[0] < since[0] + ttl_ms
+    return (
+        history.first_prev == ID_ZERO
+        and history.epoch_ms <= since[0]
+        and history.first[0] < since[0] + ttl_ms
+    )
 
 
 # -- the Lua calls, shared by the Redis engine and backend_adapter -----------------------

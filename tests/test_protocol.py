@@ -264,12 +264,6 @@ def test_parse_client_frame_ack_bad_id(fmt: Format, body: Any, message: str) -> 
         parse_client_frame(client(body, fmt), fmt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG: relay/protocol.py:204 only catches InvalidId, and relay/wire.py:86 "
-    "parse_id('²') raises ValueError: the error escapes the read loop",
-)
 @pytest.mark.parametrize("fmt", list(Format))
 def test_parse_client_frame_ack_unicode_digit_id(fmt: Format) -> None:
     """An ack id of non-ASCII 'digits' raises ProtocolViolation, not ValueError."""
@@ -326,11 +320,6 @@ def test_parse_client_frame_at_limit_accepted() -> None:
     assert parse_client_frame(data, Format.JSON) == ClientFrame("ping")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: relay/protocol.py:177 compares len(str) (code points) with the 4096-byte "
-    "limit, so a text frame of 2,049 'é' (4,098 UTF-8 bytes) is accepted",
-)
 def test_parse_client_frame_oversize_counts_utf8_bytes() -> None:
     """The 4096-byte limit counts UTF-8 bytes of a text frame, not characters."""
     data = '{"type":"ping","pad":"' + "é" * 2049 + '"}'

@@ -60,6 +60,7 @@ class MemoryEngine:
         self._connections = 0
         self._last_seen = 0.0
         self._publishes = 0
+        self._epoch_ms = int(time.time() * 1000)  # history before this process is unknown
 
     @property
     def ready(self) -> bool:
@@ -140,7 +141,7 @@ class MemoryEngine:
         now_ms = int(now * 1000)
         stream = self._live_stream(biz_id, now)
         if stream is None or not stream.entries:
-            return History([], None, None, None, now_ms)
+            return History([], None, None, None, now_ms, epoch_ms=self._epoch_ms)
         first = stream.entries[0]
         entries: list[Event] = []
         truncated = False
@@ -148,7 +149,9 @@ class MemoryEngine:
             entries = [e for e in stream.entries if e.key > since]
             if len(entries) > limit:
                 entries, truncated = entries[-limit:], True
-        return History(entries, first.key, first.prev, stream.last, now_ms, truncated)
+        return History(
+            entries, first.key, first.prev, stream.last, now_ms, truncated, self._epoch_ms
+        )
 
     # -- registry --------------------------------------------------------------------
 
