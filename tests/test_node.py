@@ -393,3 +393,22 @@ async def test_restarted_redis_resumes_live_delivery(
         assert [m["data"]["seq"] for m in messages] == [0, 1]
     finally:
         await relay.stop()
+
+
+async def test_resume_on_restarted_memory_node_is_not_recovered(
+    listeners: list[Listener],
+) -> None:
+    """A memory node that restarted lost its history: a resume cannot be proven complete."""
+    settings = node_settings()
+    relay = await NodeUnderTest(settings).start()
+    first = await listen(listeners, relay.ws_url("otto"))
+    head = first.welcome["last_id"]
+    await first.close()
+    await relay.stop()
+    await asyncio.sleep(0.01)
+    relay = await NodeUnderTest(settings).start()
+    try:
+        again = await listen(listeners, relay.ws_url("otto", since=head))
+        assert again.welcome["recovered"] is False
+    finally:
+        await relay.stop()

@@ -561,11 +561,7 @@ def test_prove_recovery_since_after_last() -> None:
 
 
 def test_prove_recovery_missing_stream_within_ttl() -> None:
-    """No stream, and less than ttl since `since`: nothing after it can have expired yet.
-
-    Rests on "no data loss": a Redis restarted without AOF, or a restarted memory
-    engine, also shows a missing stream (see the report on the FIELD-NOTES conflict).
-    """
+    """No stream, and less than ttl since `since`: nothing after it can have expired yet."""
     assert prove_recovery(SINCE, missing(SINCE[0] + TTL_MS - 1), TTL_MS) is True
     assert prove_recovery(SINCE, missing(SINCE[0]), TTL_MS) is True
 
@@ -581,12 +577,18 @@ def test_prove_recovery_missing_stream_since_in_future() -> None:
 
 
 def test_prove_recovery_fresh_incarnation_within_ttl() -> None:
-    """Stream restarted (first_prev 0-0) less than ttl after `since`: no older one expired.
-
-    Same "no data loss" premise as the missing-stream rule.
-    """
+    """Stream restarted (first_prev 0-0) less than ttl after `since`: no older one expired."""
     history = stream((SINCE[0] + TTL_MS - 1, 0), ID_ZERO, (SINCE[0] + TTL_MS + 5, 0))
     assert prove_recovery(SINCE, history, TTL_MS) is True
+
+
+def test_prove_recovery_store_restarted_after_since_proves_nothing() -> None:
+    """A store whose data began after `since` (Redis restart without AOF) cannot vouch."""
+    gone = dataclasses.replace(missing(SINCE[0] + 10), epoch_ms=SINCE[0] + 5)
+    assert prove_recovery(SINCE, gone, TTL_MS) is False
+    fresh = stream((SINCE[0] + 20, 0), ID_ZERO, (SINCE[0] + 30, 0))
+    assert prove_recovery(SINCE, dataclasses.replace(fresh, epoch_ms=SINCE[0] + 5), TTL_MS) is False
+    assert prove_recovery(SINCE, dataclasses.replace(fresh, epoch_ms=SINCE[0]), TTL_MS) is True
 
 
 def test_prove_recovery_fresh_incarnation_beyond_ttl() -> None:
