@@ -65,7 +65,15 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run one node until SIGTERM/SIGINT, then drain: readiness 503, 1012s, deregister."""
     app = create_app(settings)
     node = app[NODE_KEY]
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    # keepalive_timeout is aiohttp's only deadline on reading a request head: it runs
+    # from accept (or the last response) until a whole head has arrived.
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=5.0,
+        keepalive_timeout=settings.handshake_timeout,
+    )
     await runner.setup()
     sock = _listening_socket(settings.host, settings.port, reuse_port)
     site = web.SockSite(runner, sock)

@@ -30,14 +30,15 @@ def verify_token(
 ) -> float:
     """Check ``token`` grants ``client_id``; return its expiry (epoch seconds).
 
-    Raises AuthError whose ``close_code`` is 4001 (missing/invalid), 4003 (another
-    client_id) or 4500 (expired).
+    Raises AuthError whose ``close_code`` is 4001 (missing, invalid, or ``nbf`` still
+    in the future), 4003 (another client_id) or 4500 (expired). ``leeway`` is the
+    clock skew tolerated on ``exp``, ``nbf`` and ``iat`` (``--token-leeway``).
     """
     if not token:
         raise AuthError("missing token", CloseCode.UNAUTHORIZED)
     if len(token) > 4096:
         raise AuthError("invalid token", CloseCode.UNAUTHORIZED)
-    expired = False
+    expired = immature = False
     for secret in secrets:
         try:
             claims = jwt.decode(
@@ -50,6 +51,9 @@ def verify_token(
         except jwt.ExpiredSignatureError:
             expired = True
             continue
+        except jwt.ImmatureSignatureError:
+            immature = True
+            continue
         except jwt.PyJWTError:
             continue
         if claims.get("sub") != client_id:
@@ -57,6 +61,8 @@ def verify_token(
         return float(claims["exp"]) + leeway
     if expired:
         raise AuthError("token expired", CloseCode.TOKEN_EXPIRED)
+    if immature:
+        raise AuthError("token not yet valid", CloseCode.UNAUTHORIZED)
     raise AuthError("invalid token", CloseCode.UNAUTHORIZED)
 
 

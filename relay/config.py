@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from relay.auth import DEFAULT_LEEWAY
 from relay.engine import EngineOptions
 from relay.errors import ConfigError
 
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 
-def _secret_list(text: str) -> tuple[str, ...]:
+def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part for part in (p.strip() for p in text.split(",")) if part)
 
 
@@ -44,7 +45,7 @@ class Settings:
         default=(),
         metadata={
             "help": "HS256 secret(s) for connection tokens, comma-separated (rotation)",
-            "parse": _secret_list,
+            "parse": _comma_list,
             "secret": True,
         },
     )
@@ -105,6 +106,29 @@ class Settings:
     close_linger: float = field(
         default=0.25, metadata={"help": "pause after the last frame before a close frame"}
     )
+    token_leeway: float = field(
+        default=DEFAULT_LEEWAY,
+        metadata={"help": "seconds of clock skew tolerated on a token's exp and nbf"},
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds a connection may take to send a whole request head;"
+            " idle keep-alive connections close after as long"
+        },
+    )
+    max_since_age: float = field(
+        default=86400.0,
+        metadata={"help": "a since older than this many seconds gets recovered=false; 0: no limit"},
+    )
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "browser Origins allowed to open /ws, comma-separated (HTTP 403 for others);"
+            " empty: any",
+            "parse": _comma_list,
+        },
+    )
     compress: bool = field(
         default=False, metadata={"help": "allow permessage-deflate (costly; off by default)"}
     )
@@ -117,6 +141,10 @@ class Settings:
                 raise ConfigError(f"{name} must be positive")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be 0-65535")
+        if self.token_leeway < 0 or self.max_since_age < 0:
+            raise ConfigError("token_leeway and max_since_age must not be negative")
+        if self.handshake_timeout <= 0:
+            raise ConfigError("handshake_timeout must be positive")
         if self.heartbeat <= 0:
             raise ConfigError("heartbeat must be positive")
         if self.duplicates not in ("replace", "allow"):
@@ -224,6 +252,17 @@ Notes:
 - `--auth-secret` takes several secrets, comma-separated: a token signed with any of them
   is accepted, so a secret can be rotated (add the new one, re-issue tokens, drop the old).
 - `relay serve` refuses to start with neither `--auth-secret` nor `--allow-anonymous`.
+- `--token-leeway` is added to a token's `exp` (and allowed on `nbf`): a session lives
+  until `exp + leeway`. Tokens are checked only by the nodes, so keep clocks in sync.
+- `--handshake-timeout` bounds the time from TCP accept (or the end of the previous
+  response) to a complete request head, so a client that sends half a request is cut
+  off. It is aiohttp's keep-alive timeout, so an idle keep-alive HTTP connection also
+  closes after it: a load balancer that keeps upstream connections open (nginx
+  `keepalive` in an `upstream` block) should use a shorter `keepalive_timeout` there.
+  An upgraded WebSocket is not affected.
+- `--allowed-origins` entries are exact origins (`https://app.example.com`, compared
+  case-insensitively, no path). A request without `Origin` is always let through:
+  browsers always send one, WebSocketSharp and the SDKs do not.
 - `--history-ttl` must be no longer on the nodes than on the publishers (both default to
   3600 s): the node's proof of `recovered` assumes a stream lives at least that long.
 - Memory per BizId in Redis: the Stream keeps about `history_size` entries (`MAXLEN ~`

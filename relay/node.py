@@ -27,7 +27,7 @@ from relay.hub import Hub, Subscription, Verdict
 from relay.metrics import Metrics
 from relay.protocol import CloseCode, Format, encode_message, encode_welcome
 from relay.session import Session, SessionLimits, Transport
-from relay.wire import Event, PublishResult, StreamId, format_id, prove_recovery
+from relay.wire import Event, History, PublishResult, StreamId, format_id, prove_recovery
 
 __all__ = ["Node", "NodeUnavailable"]
 
@@ -199,7 +199,7 @@ class Node:
             return session
         # From here to live nothing awaits: no event can slip between replay and live.
         entries = history.entries if since is not None else []
-        recovered = None if since is None else prove_recovery(since, history, self._ttl_ms)
+        recovered = None if since is None else self._recovered(since, history)
         head = entries[-1].key if entries else history.head()
         session.send(
             encode_welcome(
@@ -235,6 +235,13 @@ class Node:
             replayed=len(entries),
         )
         return session
+
+    def _recovered(self, since: StreamId, history: History) -> bool:
+        """The welcome's ``recovered``: a ``since`` past --max-since-age is not vouched for."""
+        max_age_ms = self.settings.max_since_age * 1000
+        if max_age_ms and since[0] < history.now_ms - max_age_ms:
+            return False
+        return prove_recovery(since, history, self._ttl_ms)
 
     def _go_live(self, session: Session) -> None:
         held, session.held = session.held, []

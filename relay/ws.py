@@ -65,10 +65,25 @@ def _bad_request(code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=400)
 
 
+def _origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """No list, or no Origin (WebSocketSharp, SDKs), or an Origin on the list."""
+    if not allowed or origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    return any(origin == a.rstrip("/").lower() for a in allowed)
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     settings = node.settings
     client_id = request.match_info["client_id"]
+    # Cross-site WebSocket hijacking: a page elsewhere cannot use a visitor's browser to
+    # connect. A 403 before the upgrade is fine here: only browsers send Origin.
+    if not _origin_allowed(request.headers.get("Origin"), settings.allowed_origins):
+        return web.json_response(
+            {"error": {"code": "origin_not_allowed", "message": "this Origin may not connect"}},
+            status=403,
+        )
     try:
         validate_client_id(client_id)
         raw_since = request.query.get("since")
@@ -100,9 +115,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 
     expires_at: float | None = None
     token = request.query.get("token") or bearer_token(request.headers.get("Authorization"))
-    if settings.auth_secret and (token or not settings.allow_anonymous):
+    # Fail closed: without --allow-anonymous a token is required, even with no secret.
+    if not settings.allow_anonymous or (token and settings.auth_secret):
         try:
-            expires_at = verify_token(token, settings.auth_secret, client_id)
+            expires_at = verify_token(
+                token, settings.auth_secret, client_id, leeway=settings.token_leeway
+            )
         except AuthError as exc:
             log.info("session.refused", client_id=client_id, code=exc.close_code, reason=str(exc))
             await ws.close(code=exc.close_code, message=str(exc).encode())
@@ -118,8 +136,19 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         log.warning("session.connect_failed", client_id=client_id, error=str(exc))
         await ws.close(code=CloseCode.INTERNAL_ERROR, message=b"internal error")
         return ws
+    except Exception as exc:
+        # Not ours: its message may carry anything (a URL with a password, a token), so
+        # only its type is logged and the client learns nothing but "internal error".
+        log.error("session.connect_failed", client_id=client_id, error=type(exc).__name__)
+        await ws.close(code=CloseCode.INTERNAL_ERROR, message=b"internal error")
+        return ws
     try:
         await _read_loop(ws, node, session)
+    except Exception as exc:
+        log.error(
+            "session.failed", client_id=client_id, session=session.id, error=type(exc).__name__
+        )
+        await session.close(CloseCode.INTERNAL_ERROR, "internal error", flush=False)
     finally:
         await node.disconnect(session)
     return ws
