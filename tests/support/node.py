@@ -109,13 +109,21 @@ class Listener:
 
     async def _read(self) -> None:
         assert self.ws is not None
-        async for msg in self.ws:
+        # Not `async for`: it stops before yielding the CLOSE message, losing the reason.
+        while True:
+            msg = await self.ws.receive()
             if msg.type == aiohttp.WSMsgType.TEXT:
                 self.frames.append(orjson.loads(msg.data))
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 self.frames.append(msgpack.unpackb(msg.data, raw=False))
             elif msg.type == aiohttp.WSMsgType.CLOSE:
                 self.close_code, self.close_reason = msg.data, msg.extra or ""
+                break
+            elif msg.type in (
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.ERROR,
+            ):
                 break
             self._changed.set()
         await self.ws.close()
