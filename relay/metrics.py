@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+from collections.abc import Iterator, Sequence
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["LATENCY_BUCKETS", "FastHistogram", "Metrics"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class FastHistogram:
+    """A lock-free histogram for one event loop: bisect and two additions per sample."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = list(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip([*self.bounds, float("inf")], self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
 
 
 class Metrics:
@@ -17,12 +46,6 @@ class Metrics:
         self.sessions_opened = Counter("relay_sessions_opened", "Sessions opened", registry=r)
         self.sessions_closed = Counter(
             "relay_sessions_closed", "Sessions closed by code", ["code"], registry=r
-        )
-        self.events_in = Counter(
-            "relay_events_in", "Live events received from the engine", registry=r
-        )
-        self.messages_out = Counter(
-            "relay_messages_out", "Message frames queued to sessions", registry=r
         )
         self.replayed = Counter(
             "relay_messages_replayed", "Messages replayed from history", registry=r
@@ -40,12 +63,35 @@ class Metrics:
         self.bad_frames = Counter(
             "relay_bad_client_frames", "Client frames answered with an error", registry=r
         )
-        self.latency = Histogram(
-            "relay_publish_to_send_seconds",
-            "Time from publish to fan-out onto the sessions' queues",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
-            registry=r,
-        )
+        # Per-event figures are plain numbers, read only when /metrics is scraped: a
+        # prometheus_client call takes a lock, too dear on the fan-out path.
+        self.events_in = 0
+        self.messages_out = 0
+        self.latency = FastHistogram(LATENCY_BUCKETS)
+        r.register(_HotCollector(self))
 
     def render(self) -> bytes:
+        """The Prometheus text exposition of this node's metrics."""
         return generate_latest(self.registry)
+
+
+class _HotCollector(Collector):
+    """Exposes the plain per-event numbers of a Metrics object at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        yield CounterMetricFamily(
+            "relay_events_in", "Live events received from the engine", value=m.events_in
+        )
+        yield CounterMetricFamily(
+            "relay_messages_out", "Message frames queued to sessions", value=m.messages_out
+        )
+        yield HistogramMetricFamily(
+            "relay_publish_to_send_seconds",
+            "Time from publish to fan-out onto the sessions' queues",
+            buckets=m.latency.buckets(),
+            sum_value=m.latency.sum,
+        )

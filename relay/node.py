@@ -162,7 +162,6 @@ class Node:
                 if session.closing:
                     continue
                 if session.sending_since and mono - session.sending_since > timeout:
-                    self.metrics.overflows.inc()
                     self.log.info("session.send_timed_out", session=session.id)
                     session.overflow()
                 elif session.expires_at is not None and now >= session.expires_at:
@@ -317,6 +316,8 @@ class Node:
         await session.stop_writer()
         self.metrics.connections.set(len(self.sessions))
         self.metrics.sessions_closed.labels(str(session.close_code or "peer")).inc()
+        if session.close_code == CloseCode.TOO_SLOW:
+            self.metrics.overflows.inc()
         self.log.info(
             "session.closed",
             client_id=session.client_id,
@@ -370,7 +371,7 @@ class Node:
         sub = self.hub.get(event.biz_id)
         if sub is None:
             return
-        self.metrics.events_in.inc()
+        self.metrics.events_in += 1
         verdict = sub.offer(event)
         if verdict is Verdict.DELIVER:
             self._fan_out(sub, event)
@@ -389,8 +390,9 @@ class Node:
             )
             if frame is not None:
                 session.push(event, frame)
-        self.metrics.messages_out.inc(len(sessions))
-        self.metrics.latency.observe(max(0.0, time.time() - event.ts))
+        metrics = self.metrics
+        metrics.messages_out += len(sessions)
+        metrics.latency.observe(time.time() - event.ts)
 
     def _encode(self, event: Event, fmt: Format) -> bytes | None:
         try:

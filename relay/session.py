@@ -38,6 +38,9 @@ class Transport(Protocol):
     def abort(self) -> None:
         """Drop the TCP connection now."""
 
+    def write_now(self, frame: bytes) -> bool:
+        """Write a frame synchronously if the socket has room now; False means "queue it"."""
+
 
 class SessionLimits:
     """The per-session limits a node applies (from Settings)."""
@@ -85,6 +88,7 @@ class Session:
         "_queue",
         "_queued_bytes",
         "_wake",
+        "_write_now",
         "_writer",
         "client_id",
         "close_code",
@@ -134,6 +138,7 @@ class Session:
         self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._write_now = getattr(transport, "write_now", None)
 
     def __repr__(self) -> str:
         return f"<Session {self.id} client={self.client_id}>"
@@ -155,6 +160,16 @@ class Session:
         if self.closing:
             return
         queue = self._queue
+        # Fast path: nothing queued, nothing in flight and room in the socket's buffer,
+        # so the frame goes out now without waking the writer task.
+        if (
+            not queue
+            and not self.sending_since
+            and self._writer is not None
+            and self._write_now is not None
+            and self._write_now(frame)
+        ):
+            return
         if len(queue) >= self.limits.max_frames or (
             self._queued_bytes + len(frame) > self.limits.max_bytes
         ):

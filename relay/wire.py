@@ -88,7 +88,12 @@ def parse_id(text: str | bytes) -> StreamId:
             text = text.decode("ascii")
         except UnicodeDecodeError:
             raise InvalidId("stream id must be ASCII '<ms>-<seq>'") from None
-    if text.isascii() and text.isdigit() and len(text) <= 20:
+    head, dash, tail = text.partition("-")
+    if 0 < len(head) <= 20 and 0 < len(tail) <= 20 and head.isdecimal() and text.isascii():
+        ms, seq = int(head), int(tail) if tail.isdecimal() else -1
+        if seq < 0:
+            raise InvalidId("stream id must look like '<ms>-<seq>'")
+    elif not dash and text.isascii() and text.isdigit() and len(text) <= 20:
         ms, seq = int(text), 0
     else:
         match = _ID_RE.fullmatch(text)

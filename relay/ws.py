@@ -7,6 +7,7 @@ browsers cannot read an HTTP status (DESIGN.md, close-code table).
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import structlog
@@ -30,21 +31,53 @@ __all__ = ["NODE_KEY", "websocket_handler"]
 
 log = structlog.get_logger("relay.ws")
 
+_LEN2 = struct.Struct("!BBH").pack
+_LEN3 = struct.Struct("!BBQ").pack
+
 NODE_KEY = web.AppKey("relay_node", Node)
 
 
 class AiohttpTransport:
     """Adapts a WebSocketResponse to the session's Transport."""
 
-    __slots__ = ("_opcode", "_request", "_ws")
+    __slots__ = ("_compress", "_first_byte", "_opcode", "_request", "_ws")
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, fmt: Format) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, request: web.Request, fmt: Format, compress: bool
+    ) -> None:
         self._ws = ws
         self._request = request
         self._opcode = WSMsgType.BINARY if fmt.binary else WSMsgType.TEXT
+        self._first_byte = 0x80 | int(self._opcode)  # FIN + opcode, unmasked (server side)
+        self._compress = compress
 
     async def send(self, frame: bytes) -> None:
         await self._ws.send_frame(frame, self._opcode)
+
+    def write_now(self, frame: bytes) -> bool:
+        """Write the frame straight to an idle socket (no compression, empty buffer).
+
+        Bypasses aiohttp's coroutine for the common case; frames stay whole and in
+        order because every write to the transport happens on this one thread.
+        """
+        transport = self._request.transport
+        if (
+            self._compress
+            or transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        size = len(frame)
+        first = self._first_byte
+        if size < 126:
+            transport.write(bytes((first, size)) + frame)
+        elif size < 65536:
+            transport.write(_LEN2(first, 126, size) + frame)
+        else:
+            transport.write(_LEN3(first, 127, size))
+            transport.write(frame)
+        return True
 
     async def close(self, code: int, reason: str) -> None:
         try:
@@ -126,7 +159,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             await ws.close(code=exc.close_code, message=str(exc).encode())
             return ws
 
-    transport = AiohttpTransport(ws, request, fmt)
+    transport = AiohttpTransport(ws, request, fmt, bool(ws.compress))
     try:
         session = await node.connect(client_id, fmt, transport, since=since, expires_at=expires_at)
     except NodeUnavailable as exc:
