@@ -1,0 +1,950 @@
+"""The Redis engine: history in Streams, live delivery over one pub/sub connection per node.
+
+Commands (publish, history, registry) go through a connection pool: hiredis, RESP2, and an
+explicit retry of one quick attempt on connection errors only, so an outage surfaces as
+:class:`~relay.errors.EngineUnavailable` within ``socket_timeout`` instead of being hidden
+for seconds (FIELD-NOTES).
+
+Live delivery does not use redis-py's ``PubSub``: it reconnects and resubscribes silently,
+and what was published meanwhile is gone without a sign. Instead one raw connection per
+node is driven by one reader task. Every reconnect is explicit (jittered exponential
+backoff), resubscribes every wanted channel, and then calls
+``handler.on_resubscribed()`` so the node replays each BizId's gap from history. A
+subscription confirmation nobody asked for is treated the same way.
+
+A hung Redis (SIGSTOP) leaves the socket open and silent, so a canary proves delivery: every
+``canary_interval`` seconds ``Control(action="canary")`` is published through the pool to
+the node's own control channel; if none has come back on the pub/sub connection for
+``canary_deadline`` seconds the engine turns unready (``on_health(False)``) and replaces the
+pub/sub connection. The next canary that comes back makes it ready again. Canaries are
+consumed here and never reach ``on_control``.
+
+Control messages are JSON objects with the fields of :class:`~relay.engine.Control`
+(``{"action": "kick", "client_id": …, "session": …, "code": 4000, "reason": …,
+"token": …}``), so an operator can read them with ``redis-cli SUBSCRIBE`` and any language
+can send one; missing fields take their defaults, unknown fields are ignored.
+
+Junk written by another publisher never stops anything: a bad live message or history
+entry is logged as ``engine.bad_message`` (size and reason, never the bytes) and skipped.
+
+Keys are those of DESIGN.md ("Redis layout") plus ``<prefix>:epoch``: the Redis clock when
+Relay first saw this dataset, set if missing and returned with every history read as
+``History.epoch_ms``. A restart without persistence or a FLUSHALL deletes it, so a client
+whose ``since`` predates the data Redis still has is never told it recovered everything.
+
+Keeping the heartbeat going is the node's job: :meth:`RedisEngine.start` registers the node
+once and :meth:`RedisEngine.close` deregisters it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import random
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis import exceptions as redis_errors
+from redis._parsers import _AsyncHiredisParser
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.utils import HIREDIS_AVAILABLE
+
+from relay.engine import (
+    ClientStatus,
+    Control,
+    EngineHandler,
+    EngineOptions,
+    NodeInfo,
+    SessionRecord,
+)
+from relay.errors import (
+    ConfigError,
+    EngineError,
+    EngineUnavailable,
+    InvalidEnvelope,
+    InvalidInput,
+    RelayError,
+)
+from relay.wire import (
+    HISTORY_LUA,
+    PUBLISH_LUA,
+    History,
+    KeySpace,
+    PublishResult,
+    StreamId,
+    decode_live,
+    decode_payload,
+    encode_payload,
+    format_id,
+    parse_history_reply,
+    parse_id,
+    parse_publish_reply,
+    publish_call,
+    validate_client_id,
+)
+
+if TYPE_CHECKING:
+    from relay.engine import Engine
+
+__all__ = ["RedisEngine", "decode_control", "encode_control"]
+
+_SUBSCRIBE: Final = b"subscribe"
+_UNSUBSCRIBE: Final = b"unsubscribe"
+_MESSAGE: Final = b"message"
+_BATCH: Final = 1000  # channels per SUBSCRIBE command when resubscribing
+_CLIENT_NAME_UNSAFE: Final = re.compile(r"[^!-~]")
+
+# Registry scripts. Each touches one key, so they run in Redis Cluster too.
+_CLAIM_LUA: Final = """
+local old = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since', ARGV[3],
+           'connected_at', ARGV[4])
+return old
+"""
+_RELEASE_LUA: Final = """
+if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# The dataset's epoch: the Redis clock when Relay first saw this dataset. A restart without
+# persistence or a FLUSHALL deletes it, so history older than it cannot be vouched for.
+_EPOCH_LUA: Final = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], string.format('%.0f', now_ms), 'NX')
+return tonumber(redis.call('GET', KEYS[1]))
+"""
+_ACK_LUA: Final = """
+if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'last_ack', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+# -- control messages ---------------------------------------------------------------------
+
+
+def encode_control(control: Control) -> bytes:
+    """A control message as sent on ``<prefix>:ctl:<node>``: a JSON object."""
+    return orjson.dumps(asdict(control))
+
+
+def decode_control(data: bytes) -> Control:
+    """Inverse of :func:`encode_control`; anything malformed raises InvalidEnvelope."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise InvalidEnvelope("control message is not JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+        raise InvalidEnvelope("control message is not an object with an action")
+    text = {name: body.get(name, "") for name in ("client_id", "session", "reason", "token")}
+    code = body.get("code", 4000)
+    if not all(isinstance(v, str) for v in text.values()) or type(code) is not int:
+        raise InvalidEnvelope("control message fields have the wrong types")
+    return Control(body["action"], code=code, **text)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn redis and socket errors into relay.errors; RelayErrors pass through."""
+    try:
+        yield
+    except RelayError:
+        raise
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, TimeoutError, OSError) as exc:
+        raise EngineUnavailable(f"redis is unreachable ({what}: {type(exc).__name__})") from exc
+    except redis_errors.RedisError as exc:
+        raise EngineError(f"redis failed ({what}): {exc}") from exc
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _float(value: Any) -> float:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return result
+
+
+def _session_record(client_id: str, flat: list[Any]) -> SessionRecord | None:
+    if not flat:
+        return None
+    fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+    return SessionRecord(
+        client_id,
+        _text(fields.get("node")),
+        _text(fields.get("session")),
+        _text(fields.get("since")) or None,
+        _float(fields.get("connected_at")),
+    )
+
+
+def _parse_history(reply: list[Any], skipped: list[str]) -> History:
+    """Like :func:`relay.wire.parse_history_reply`, but junk entries are left out.
+
+    The reason for each skipped entry is appended to ``skipped``. A first entry whose
+    ``prev`` is unreadable is kept as a bound but can no longer prove a recovery.
+    """
+    try:
+        return parse_history_reply(reply)
+    except InvalidInput:
+        pass
+    head = list(reply[:5])
+    try:
+        parse_id(head[2])
+    except InvalidInput:
+        skipped.append("first entry has a malformed prev")
+        head[2] = head[1]
+    rest = reply[5:]
+    kept: list[Any] = []
+    for i in range(0, len(rest) - 2, 3):
+        triple = rest[i : i + 3]
+        try:
+            decode_payload(*triple)
+        except InvalidInput as exc:
+            skipped.append(str(exc))
+            continue
+        kept.extend(triple)
+    return parse_history_reply(head + kept)
+
+
+class RedisEngine:
+    """Broker and registry on Redis; one pub/sub connection per node.
+
+    ``connection_pool`` replaces the pool built from ``url`` (tests pass fakeredis's);
+    the engine does not close a pool it was given. Timings are in seconds: commands give
+    up after ``command_timeout``, sockets after ``socket_timeout``; the canary runs every
+    ``canary_interval`` and must come back within ``canary_deadline``; reconnects back
+    off from ``backoff_base`` to ``backoff_cap``; :meth:`subscribe` waits at most
+    ``subscribe_timeout`` for Redis to confirm.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        options: EngineOptions | None = None,
+        *,
+        connection_pool: ConnectionPool | None = None,
+        socket_timeout: float = 2.0,
+        command_timeout: float = 5.0,
+        command_retries: int = 1,
+        max_connections: int = 64,
+        canary_interval: float = 1.0,
+        canary_deadline: float = 3.0,
+        backoff_base: float = 0.05,
+        backoff_cap: float = 2.0,
+        subscribe_timeout: float = 5.0,
+    ) -> None:
+        self.options = options or EngineOptions()
+        self._keys = KeySpace(self.options.key_prefix)
+        self._socket_timeout = socket_timeout
+        self._command_timeout = command_timeout
+        self._timings = _Timings(
+            socket_timeout,
+            canary_interval,
+            canary_deadline,
+            backoff_base,
+            backoff_cap,
+            subscribe_timeout,
+        )
+        self._owns_pool = connection_pool is None
+        if connection_pool is None:
+            parser: dict[str, Any] = {"parser_class": _AsyncHiredisParser}
+            try:
+                connection_pool = BlockingConnectionPool.from_url(
+                    url,
+                    protocol=2,
+                    max_connections=max_connections,
+                    timeout=socket_timeout,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=socket_timeout,
+                    retry=Retry(
+                        ExponentialWithJitterBackoff(cap=0.5, base=0.05),
+                        command_retries,
+                        supported_errors=(redis_errors.ConnectionError,),
+                    ),
+                    **(parser if HIREDIS_AVAILABLE else {}),
+                )
+            except ValueError as exc:
+                raise ConfigError(f"invalid redis URL: {exc}") from None
+        self._pool = connection_pool
+        self._redis = aioredis.Redis(connection_pool=connection_pool)
+        self._publish_script = self._redis.register_script(PUBLISH_LUA)
+        self._history_script = self._redis.register_script(HISTORY_LUA)
+        self._claim_script = self._redis.register_script(_CLAIM_LUA)
+        self._release_script = self._redis.register_script(_RELEASE_LUA)
+        self._ack_script = self._redis.register_script(_ACK_LUA)
+        self._epoch_script = self._redis.register_script(_EPOCH_LUA)
+        self._epoch_key = f"{self.options.key_prefix}:epoch"
+        self._log: Any = structlog.get_logger(__name__)
+        self._node_id = ""
+        self._started_at = 0.0
+        self._sub: _Subscriber | None = None
+        self._registered = False
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self._sub is not None and self._sub.ready and not self._closed
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, node_id: str, handler: EngineHandler) -> None:
+        """Connect, subscribe the control channel, register the node; or EngineUnavailable."""
+        if self._closed or self._sub is not None:
+            raise EngineError("a RedisEngine starts once")
+        self._node_id = node_id
+        self._started_at = time.time()
+        self._log = structlog.get_logger(__name__, node=node_id)
+        self._sub = _Subscriber(
+            self._pool,
+            self._redis,
+            handler,
+            self._keys.control(node_id),
+            _CLIENT_NAME_UNSAFE.sub("_", f"relay-sub:{node_id}"),
+            self._timings,
+            self._log,
+        )
+        try:
+            async with self._guard("start"):
+                await self._epoch_script(keys=[self._epoch_key])
+            await self._sub.start()
+            await self.heartbeat(0)
+            self._registered = True
+        except BaseException:
+            await self.close()
+            raise
+        self._sub.start_canary()
+        self._log.info("engine.started", engine=self.name)
+
+    async def close(self) -> None:
+        """Stop the subscriber, deregister the node, close connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sub is not None:
+            await self._sub.close()
+        if self._registered:
+            try:
+                with _translated("deregister"):
+                    async with asyncio.timeout(self._socket_timeout):
+                        pipe = self._redis.pipeline(transaction=False)
+                        pipe.delete(self._keys.node(self._node_id))
+                        pipe.zrem(self._keys.nodes(), self._node_id)
+                        await pipe.execute()
+            except EngineError as exc:
+                self._log.warning("engine.deregister_failed", error=str(exc))
+        try:
+            await self._redis.aclose(close_connection_pool=self._owns_pool)
+        except Exception as exc:
+            self._log.warning("engine.close_failed", error=type(exc).__name__)
+        self._log.info("engine.closed")
+
+    # -- broker ------------------------------------------------------------------------
+
+    async def publish(
+        self, biz_id: str, event: str, data: Any, *, mid: str | None = None
+    ) -> PublishResult:
+        opts = self.options
+        payload = encode_payload(biz_id, event, data, mid=mid, max_size=opts.max_payload)
+        keys, args = publish_call(
+            self._keys,
+            biz_id,
+            payload,
+            mid=mid,
+            history_size=opts.history_size,
+            history_ttl=opts.history_ttl,
+            dedupe_window=opts.dedupe_window,
+        )
+        async with self._guard("publish"):
+            reply = await self._publish_script(keys=keys, args=args)
+        return parse_publish_reply(reply)
+
+    async def history(self, biz_id: str, since: StreamId | None, limit: int) -> History:
+        """Read history with the dataset's epoch; an entry that is not an envelope is skipped."""
+        validate_client_id(biz_id)
+        args: list[str | int] = ["" if since is None else format_id(since), limit]
+        async with self._guard("history"):
+            epoch, reply = await self._history_and_epoch(self._keys.log(biz_id), args)
+        skipped: list[str] = []
+        result = _parse_history(reply, skipped)
+        for reason in skipped:
+            self._log.warning("engine.bad_message", source="history", biz_id=biz_id, reason=reason)
+        return dataclasses.replace(result, epoch_ms=int(epoch))
+
+    async def _history_and_epoch(self, log_key: str, args: list[str | int]) -> list[Any]:
+        """The epoch and the history script in one round trip; scripts loaded on NOSCRIPT."""
+        scripts = (self._epoch_script, self._history_script)
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.evalsha(self._epoch_script.sha, 1, self._epoch_key)
+            pipe.evalsha(self._history_script.sha, 1, log_key, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, redis_errors.NoScriptError) for r in replies):
+                for script in scripts:
+                    script.sha = await self._redis.script_load(script.script)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+        raise EngineError("redis kept forgetting the history script")
+
+    async def subscribe(self, biz_id: str) -> None:
+        """Subscribe; returns when Redis confirmed it, EngineUnavailable if it did not in time.
+
+        An :meth:`unsubscribe` of the same BizId while this waits makes it return at once.
+        """
+        validate_client_id(biz_id)
+        await self._subscriber().subscribe(self._keys.channel(biz_id).encode(), biz_id)
+
+    async def unsubscribe(self, biz_id: str) -> None:
+        await self._subscriber().unsubscribe(self._keys.channel(biz_id).encode())
+
+    # -- registry ----------------------------------------------------------------------
+
+    async def claim_session(self, record: SessionRecord) -> SessionRecord | None:
+        validate_client_id(record.client_id)
+        args = [record.node, record.session, record.since or "", repr(record.connected_at)]
+        async with self._guard("claim_session"):
+            flat = await self._claim_script(keys=[self._keys.session(record.client_id)], args=args)
+        return _session_record(record.client_id, flat)
+
+    async def release_session(self, client_id: str, session: str) -> bool:
+        validate_client_id(client_id)
+        async with self._guard("release_session"):
+            removed = await self._release_script(
+                keys=[self._keys.session(client_id)], args=[session]
+            )
+        return bool(removed)
+
+    async def record_ack(self, client_id: str, session: str, message_id: str) -> None:
+        validate_client_id(client_id)
+        async with self._guard("record_ack"):
+            await self._ack_script(keys=[self._keys.session(client_id)], args=[session, message_id])
+
+    async def client_status(self, client_id: str) -> ClientStatus:
+        """Online only if a record exists and its node is alive; the record is shown anyway."""
+        validate_client_id(client_id)
+        async with self._guard("client_status"):
+            record = await self._redis.hgetall(self._keys.session(client_id))
+            if not record:
+                return ClientStatus(client_id, False, None, None, None, None)
+            fields = {_text(k): _text(v) for k, v in record.items()}
+            node = fields.get("node", "")
+            alive = bool(node) and bool(await self._redis.exists(self._keys.node(node)))
+        return ClientStatus(
+            client_id,
+            alive,
+            node or None,
+            fields.get("session") or None,
+            fields.get("since") or None,
+            fields.get("last_ack") or None,
+        )
+
+    async def send_control(self, node_id: str, control: Control) -> None:
+        async with self._guard("send_control"):
+            await self._redis.publish(self._keys.control(node_id), encode_control(control))
+
+    async def heartbeat(self, connections: int) -> None:
+        """Write this node's hash with a TTL of ``node_ttl`` and its score in the node set."""
+        self._subscriber()
+        now = time.time()
+        key = self._keys.node(self._node_id)
+        async with self._guard("heartbeat"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(
+                key,
+                mapping={
+                    "connections": connections,
+                    "started_at": repr(self._started_at),
+                    "last_seen": repr(now),
+                },
+            )
+            pipe.pexpire(key, max(1, int(self.options.node_ttl * 1000)))
+            pipe.zadd(self._keys.nodes(), {self._node_id: now})
+            await pipe.execute()
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Live nodes, by id; members of the node set whose hash expired are dropped."""
+        async with self._guard("nodes"):
+            members = [_text(m) for m in await self._redis.zrange(self._keys.nodes(), 0, -1)]
+            pipe = self._redis.pipeline(transaction=False)
+            for member in members:
+                pipe.hgetall(self._keys.node(member))
+            rows = await pipe.execute()
+            stale = [m for m, row in zip(members, rows, strict=True) if not row]
+            if stale:
+                await self._redis.zrem(self._keys.nodes(), *stale)
+        result = []
+        for member, row in zip(members, rows, strict=True):
+            if row:
+                fields = {_text(k): v for k, v in row.items()}
+                result.append(
+                    NodeInfo(
+                        member,
+                        int(_float(fields.get("connections"))),
+                        _float(fields.get("started_at")),
+                        _float(fields.get("last_seen")),
+                    )
+                )
+        return sorted(result, key=lambda n: n.node)
+
+    # -- command plumbing --------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        """Refuse after close, bound the time, translate errors."""
+        if self._closed:
+            raise EngineError("engine is closed")
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        with _translated(what):
+            async with asyncio.timeout(self._command_timeout):
+                yield
+        _reraise_swallowed_cancel(task, cancels)
+
+    def _subscriber(self) -> _Subscriber:
+        if self._closed:
+            raise EngineError("engine is closed")
+        if self._sub is None:
+            raise EngineError("engine is not started")
+        return self._sub
+
+
+# -- the pub/sub side -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Timings:
+    socket_timeout: float
+    canary_interval: float
+    canary_deadline: float
+    backoff_base: float
+    backoff_cap: float
+    subscribe_timeout: float
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    """One pub/sub connection and what was asked of it.
+
+    ``sent`` holds channels whose latest command here was SUBSCRIBE; ``ops`` the commands
+    not yet confirmed, per channel, oldest first; ``awaiting`` the channels of the initial
+    batch still unconfirmed (the session is live once it is empty).
+    """
+
+    conn: AbstractConnection
+    sent: set[bytes] = field(default_factory=set)
+    ops: dict[bytes, deque[bytes]] = field(default_factory=dict)
+    awaiting: set[bytes] = field(default_factory=set)
+    live: bool = False
+    live_at: float = 0.0
+
+
+class _Subscriber:
+    """The node's one pub/sub connection: subscriptions, the reader, reconnects, the canary."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        redis: aioredis.Redis,
+        handler: EngineHandler,
+        control_channel: str,
+        client_name: str,
+        timings: _Timings,
+        log: Any,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._handler = handler
+        self._control_channel = control_channel.encode()
+        self._client_name = client_name
+        self._t = timings
+        self._log = log
+        self.ready = False
+        self._closed = False
+        self._channels: dict[bytes, str] = {}  # wanted BizId channels
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._session: _Session | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._canary: asyncio.Task[None] | None = None
+        self._canary_kick = asyncio.Event()
+        self._canary_prefix = secrets.token_hex(6) + ":"
+        self._canary_ok_at = 0.0
+        self._first_live: asyncio.Future[None] | None = None
+        self._ever_live = False
+
+    async def start(self) -> None:
+        """Connect and subscribe the control channel, or raise EngineUnavailable."""
+        self._first_live = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(), name="relay-redis-sub")
+        try:
+            async with asyncio.timeout(self._t.subscribe_timeout):
+                await asyncio.shield(self._first_live)
+        except TimeoutError:
+            raise EngineUnavailable("redis did not confirm the control subscription") from None
+        self.ready = True
+
+    def start_canary(self) -> None:
+        self._canary_ok_at = asyncio.get_running_loop().time()
+        self._canary = asyncio.create_task(self._run_canary(), name="relay-redis-canary")
+
+    async def close(self) -> None:
+        self._closed = True
+        self.ready = False
+        for task in (self._canary, self._task):
+            if task is not None:
+                await _stop(task)
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(EngineError("engine closed"))
+        self._waiters.clear()
+        if self._first_live is not None and not self._first_live.done():
+            self._first_live.cancel()
+
+    async def subscribe(self, channel: bytes, biz_id: str) -> None:
+        if channel in self._channels and self._is_live(channel):
+            return
+        waiter = self._waiters.get(channel)
+        if waiter is None or waiter.done():
+            waiter = self._waiters[channel] = asyncio.get_running_loop().create_future()
+        if channel not in self._channels:
+            self._channels[channel] = biz_id
+            await self._send(b"SUBSCRIBE", channel)
+        try:
+            async with asyncio.timeout(self._t.subscribe_timeout):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            if self._waiters.get(channel) is waiter:
+                del self._waiters[channel]
+            if self._channels.pop(channel, None) is not None:
+                await self._send(b"UNSUBSCRIBE", channel)
+            raise EngineUnavailable("redis did not confirm the subscription in time") from None
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        if self._channels.pop(channel, None) is None:
+            return
+        waiter = self._waiters.pop(channel, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        await self._send(b"UNSUBSCRIBE", channel)
+
+    # -- connection lifecycle ----------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self._t.backoff_cap, self._t.backoff_base * 2.0 ** min(attempt, 30))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    async def _run(self) -> None:
+        """Keep one pub/sub connection subscribed to every wanted channel, forever."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        number = 0
+        down_since: float | None = None
+        while True:
+            number += 1
+            try:
+                session = await self._open()
+            except Exception as exc:
+                self._log.debug(
+                    "engine.reconnect_failed", attempt=attempt + 1, error=type(exc).__name__
+                )
+            else:
+                if down_since is not None:
+                    self._log.info(
+                        "engine.reconnected",
+                        attempts=attempt + 1,
+                        down_for=round(loop.time() - down_since, 3),
+                    )
+                error = await self._serve(session)
+                self._log.warning("engine.disconnected", error=error, session=number)
+                self._set_health(False, reason="disconnected")
+                down_since = loop.time()
+                if session.live_at:
+                    attempt = 0
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+
+    async def _open(self) -> _Session:
+        """A connection of the pool's kind, outside the pool, that never retries by itself."""
+        kwargs = dict(self._pool.connection_kwargs)
+        kwargs.update(
+            socket_timeout=None,  # reads block; the canary and the connect timeout bound them
+            socket_connect_timeout=self._t.socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            client_name=self._client_name,
+        )
+        conn: AbstractConnection = self._pool.connection_class(**kwargs)
+        try:
+            async with asyncio.timeout(self._t.socket_timeout * 2):
+                await conn.connect()  # type: ignore[no-untyped-call]  # unannotated upstream
+        except BaseException:
+            await _discard(conn)
+            raise
+        return _Session(conn)
+
+    async def _serve(self, session: _Session) -> str:
+        """Run the reader on ``session`` until it fails or is replaced; say why it ended."""
+        self._session = session
+        reader = self._reader = asyncio.create_task(self._read(session), name="relay-redis-read")
+        try:
+            await asyncio.wait([reader])
+        finally:
+            self._session = None
+            self._reader = None
+            await _stop(reader)
+            await _discard(session.conn)
+        if reader.cancelled():
+            return "replaced"
+        return type(reader.exception()).__name__
+
+    async def _read(self, session: _Session) -> None:
+        """Subscribe the wanted channels, then dispatch every reply until the socket fails."""
+        conn = session.conn
+        wanted = [self._control_channel, *self._channels]
+        initial = [channel for channel in wanted if channel not in session.sent]
+        session.sent.update(initial)
+        session.awaiting.update(initial)
+        for channel in initial:
+            session.ops[channel] = deque([_SUBSCRIBE])
+        batches: list[list[str | bytes]] = [
+            ["SUBSCRIBE", *initial[i : i + _BATCH]] for i in range(0, len(initial), _BATCH)
+        ]
+        await conn.send_packed_command(conn.pack_commands(batches), check_health=False)
+        read = conn.read_response
+        dispatch = self._dispatch
+        while True:
+            dispatch(session, await read(timeout=math.inf))
+
+    async def _send(self, command: bytes, channel: bytes) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE on the live connection; the next one resubscribes anyway."""
+        session = self._session
+        if session is None or not session.conn.is_connected:
+            return
+        if command == b"SUBSCRIBE":
+            if channel in session.sent:
+                return
+            session.sent.add(channel)
+            session.ops.setdefault(channel, deque()).append(_SUBSCRIBE)
+        else:
+            if channel not in session.sent:
+                return
+            session.sent.discard(channel)
+            session.ops.setdefault(channel, deque()).append(_UNSUBSCRIBE)
+            if channel in session.awaiting:
+                session.awaiting.discard(channel)
+                if not session.awaiting:
+                    self._session_live(session)
+        try:
+            await session.conn.send_command(command, channel, check_health=False)
+        except Exception as exc:
+            self._log.debug("engine.send_failed", error=type(exc).__name__)
+            if self._session is session and self._reader is not None:
+                self._reader.cancel()
+
+    def _is_live(self, channel: bytes) -> bool:
+        """Redis confirmed ``channel`` on the current connection and nothing is pending."""
+        session = self._session
+        return session is not None and channel in session.sent and channel not in session.ops
+
+    # -- what the reader sees ----------------------------------------------------------
+
+    def _dispatch(self, session: _Session, reply: Any) -> None:
+        if not isinstance(reply, list) or len(reply) < 3:
+            return
+        kind = reply[0]
+        if kind == _MESSAGE:
+            self._on_message(reply[1], reply[2])
+        elif kind in (_SUBSCRIBE, _UNSUBSCRIBE):
+            self._on_confirmation(session, kind, reply[1])
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if channel == self._control_channel:
+            self._on_control(data)
+            return
+        biz_id = self._channels.get(channel)
+        if biz_id is None:
+            return  # unsubscribed a moment ago
+        try:
+            event = decode_live(data)
+        except InvalidEnvelope as exc:
+            self._bad_message(channel, data, str(exc))
+            return
+        if event.biz_id != biz_id:
+            self._bad_message(channel, data, "envelope biz does not match the channel")
+            return
+        try:
+            self._handler.on_event(event)
+        except Exception:
+            self._log.exception("engine.handler_failed", callback="on_event")
+
+    def _on_control(self, data: bytes) -> None:
+        try:
+            control = decode_control(data)
+        except InvalidEnvelope as exc:
+            self._bad_message(self._control_channel, data, str(exc))
+            return
+        if control.action == "canary":
+            if control.token.startswith(self._canary_prefix):
+                self._canary_ok_at = asyncio.get_running_loop().time()
+                self._set_health(True)
+            return
+        _safely(self._log, self._handler.on_control, control)
+
+    def _bad_message(self, channel: bytes, data: bytes, reason: str) -> None:
+        self._log.warning(
+            "engine.bad_message",
+            source="pubsub",
+            channel=_text(channel),
+            size=len(data),
+            reason=reason,
+        )
+
+    def _on_confirmation(self, session: _Session, kind: bytes, channel: bytes) -> None:
+        ops = session.ops.get(channel)
+        if ops and ops[0] == kind:
+            ops.popleft()
+            if not ops:
+                del session.ops[channel]
+        elif kind == _SUBSCRIBE:
+            # A confirmation nobody asked for: the subscription was re-established, and
+            # whatever was published before it may be lost.
+            self._log.warning("engine.resubscribed", reason="unexpected_confirmation")
+            _safely(self._log, self._handler.on_resubscribed)
+        if kind != _SUBSCRIBE or channel not in session.sent or channel in session.ops:
+            return
+        if channel in session.awaiting:
+            session.awaiting.discard(channel)
+            if not session.awaiting:
+                self._session_live(session)
+        waiter = self._waiters.pop(channel, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _session_live(self, session: _Session) -> None:
+        if session.live:
+            return
+        session.live = True
+        session.live_at = asyncio.get_running_loop().time()
+        if self._first_live is not None and not self._first_live.done():
+            self._first_live.set_result(None)
+        if self._ever_live:
+            self._log.info("engine.resubscribed", channels=len(self._channels) + 1)
+            _safely(self._log, self._handler.on_resubscribed)
+        self._ever_live = True
+        self._canary_kick.set()
+
+    # -- health ------------------------------------------------------------------------
+
+    def _set_health(self, healthy: bool, reason: str = "") -> None:
+        if self.ready == healthy or self._closed:
+            return
+        self.ready = healthy
+        if healthy:
+            self._log.info("engine.healthy")
+        else:
+            self._log.warning("engine.unhealthy", reason=reason)
+        _safely(self._log, self._handler.on_health, healthy)
+
+    async def _run_canary(self) -> None:
+        """Publish a canary to ourselves every interval; replace a deaf connection."""
+        loop = asyncio.get_running_loop()
+        count = 0
+        channel = self._control_channel.decode()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._t.canary_interval):
+                    await self._canary_kick.wait()
+            self._canary_kick.clear()
+            self._check_canary(loop.time())
+            session = self._session
+            if session is None or not session.live:
+                continue
+            count += 1
+            canary = Control("canary", token=f"{self._canary_prefix}{count}")
+            try:
+                async with asyncio.timeout(self._t.canary_interval):
+                    await self._redis.publish(channel, encode_control(canary))
+            except Exception as exc:
+                self._log.debug("engine.canary_failed", error=type(exc).__name__)
+            _reraise_swallowed_cancel(asyncio.current_task(), 0)
+            self._check_canary(loop.time())
+
+    def _check_canary(self, now: float) -> None:
+        session = self._session
+        if session is None or not session.live:
+            return
+        if now - max(self._canary_ok_at, session.live_at) <= self._t.canary_deadline:
+            return
+        session.live = False
+        self._log.warning("engine.canary_missed", deadline=self._t.canary_deadline)
+        self._set_health(False, reason="canary_missed")
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+def _safely(log: Any, callback: Callable[..., None], *args: Any) -> None:
+    """Call a handler callback; its failure is logged and never reaches the reader."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("engine.handler_failed", callback=getattr(callback, "__name__", "?"))
+
+
+def _reraise_swallowed_cancel(task: asyncio.Task[Any] | None, before: int) -> None:
+    """Raise CancelledError if the task was cancelled during a command that returned anyway.
+
+    On Python 3.11 redis-py writes through ``asyncio.wait_for``, which drops a cancellation
+    that races with the write completing; without this a cancelled task carries on.
+    """
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it, cancelling again if a cancellation was swallowed."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not report it at exit
+
+
+async def _discard(conn: AbstractConnection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=True)
+
+
+if TYPE_CHECKING:
+
+    def _fits_engine_protocol(engine: RedisEngine) -> Engine:
+        return engine

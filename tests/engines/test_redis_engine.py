@@ -1,0 +1,337 @@
+"""What only the Redis engine does: junk on the wire, outages, hung servers, one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from relay.engine import Control, EngineOptions, SessionRecord
+from relay.engines.redis import RedisEngine, decode_control, encode_control
+from relay.errors import EngineUnavailable, InvalidEnvelope
+from relay.wire import ID_ZERO, Event, encode_live, encode_payload, parse_id, prove_recovery
+from tests.conftest import MS
+from tests.engines.conftest import REDIS_KINDS, RecordingHandler, StartEngine
+from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
+
+BOTH = pytest.mark.parametrize("start_engine", REDIS_KINDS, indirect=True)
+REAL = pytest.mark.parametrize(
+    "start_engine", [pytest.param("redis", marks=pytest.mark.redis)], indirect=True
+)
+FAST: dict[str, Any] = {
+    "canary_interval": 0.2,
+    "canary_deadline": 0.8,
+    "socket_timeout": 0.5,
+    "backoff_cap": 0.5,
+    "subscribe_timeout": 2.0,
+}
+TTL_MS = EngineOptions().history_ttl * 1000
+
+
+def events_named(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["event"] == name]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_ms: float = 3000) -> None:
+    """Poll an async check until it holds; fail after ``timeout_ms``."""
+    deadline = time.monotonic() + timeout_ms * MS
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_ms:.0f} ms")
+        await asyncio.sleep(20 * MS)
+
+
+def test_control_encoding_round_trips() -> None:
+    """Controls survive encode/decode; defaults fill gaps; junk raises InvalidEnvelope."""
+    kick = Control("kick", client_id="c", session="s", code=4000, reason="newer", token="")
+    assert decode_control(encode_control(kick)) == kick
+    assert decode_control(b'{"action": "canary", "extra": 1}') == Control("canary")
+    junk = [b"", b"nope", b"[]", b'{"action": 1}', b'{"action": "k", "code": "x"}']
+    for data in [*junk, b'{"action": "k", "code": true}', b'{"action": "k", "session": 5}']:
+        with pytest.raises(InvalidEnvelope):
+            decode_control(data)
+
+
+# -- junk from other publishers -----------------------------------------------------------
+
+
+@BOTH
+async def test_reader_skips_garbage_and_keeps_delivering(start_engine: StartEngine) -> None:
+    """Garbage on a subscribed channel is logged without its bytes and skipped."""
+    h = await start_engine()
+    assert h.raw is not None
+    await h.engine.subscribe("junk")
+    foreign = encode_live("1-0", "0-0", encode_payload("someone-else", "e", None))
+    with capture_logs() as logs:
+        for data in (b"garbage-bytes", b"1-0 0-0 \xc1\xc1", foreign):
+            await h.raw.publish(h.keys.channel("junk"), data)
+        good = await h.engine.publish("junk", "e", {"ok": True})
+        await h.handler.wait_until(lambda: bool(h.handler.events))
+    assert [e.id for e in h.handler.events] == [good.id]
+    bad = events_named(logs, "engine.bad_message")
+    assert len(bad) == 3
+    assert all(entry["size"] > 0 for entry in bad)
+    assert "garbage-bytes" not in repr(bad)
+
+
+@BOTH
+async def test_reader_skips_bad_control_message(start_engine: StartEngine) -> None:
+    """A malformed control message is logged and skipped; the next one arrives."""
+    h = await start_engine()
+    assert h.raw is not None
+    kick = Control("kick", client_id="c", session="s")
+    with capture_logs() as logs:
+        await h.raw.publish(h.keys.control(h.node_id), b"\x00not json")
+        await h.engine.send_control(h.node_id, kick)
+        await h.handler.wait_until(lambda: bool(h.handler.controls))
+    assert h.handler.controls == [kick]
+    assert len(events_named(logs, "engine.bad_message")) == 1
+
+
+@BOTH
+async def test_history_skips_junk_entries(start_engine: StartEngine) -> None:
+    """Entries that are not envelopes are left out of history and logged."""
+    h = await start_engine()
+    assert h.raw is not None
+    log = h.keys.log("mixed")
+    first = (await h.engine.publish("mixed", "e", 1)).id
+    await h.raw.xadd(log, {"p": b"junk", "prev": first})
+    await h.raw.xadd(log, {"p": b"junk", "prev": b"not-an-id"})
+    last = (await h.engine.publish("mixed", "e", 2)).id
+    with capture_logs() as logs:
+        history = await h.engine.history("mixed", ID_ZERO, 100)
+    assert [e.id for e in history.entries] == [first, last]
+    assert len(events_named(logs, "engine.bad_message")) == 2
+
+
+@BOTH
+async def test_history_junk_first_entry_proves_nothing(start_engine: StartEngine) -> None:
+    """A first entry with an unreadable prev cannot vouch for what came before it."""
+    h = await start_engine()
+    assert h.raw is not None
+    await h.raw.xadd(h.keys.log("bad-head"), {"p": b"junk", "prev": b"??"})
+    published = await h.engine.publish("bad-head", "e", 1)
+    since = ((await h.engine.history("bad-head", None, 1)).epoch_ms, 0)
+    history = await h.engine.history("bad-head", since, 100)
+    assert [e.id for e in history.entries] == [published.id]
+    assert history.first_prev == history.first
+    assert not prove_recovery(since, history, TTL_MS)
+
+
+@BOTH
+async def test_handler_failure_does_not_stop_reader(
+    start_engine: StartEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception from on_event is logged; later events are still delivered."""
+    h = await start_engine()
+    record = h.handler.on_event
+
+    def exploding(event: Event) -> None:
+        record(event)
+        if len(h.handler.events) == 1:
+            raise RuntimeError("handler bug")
+
+    monkeypatch.setattr(h.handler, "on_event", exploding)
+    await h.engine.subscribe("boom")
+    with capture_logs() as logs:
+        ids = [(await h.engine.publish("boom", "e", n)).id for n in range(2)]
+        await h.handler.wait_until(lambda: len(h.handler.events) == 2)
+    assert [e.id for e in h.handler.events] == ids
+    assert len(events_named(logs, "engine.handler_failed")) == 1
+
+
+@BOTH
+async def test_scripts_reload_after_script_flush(start_engine: StartEngine) -> None:
+    """With the script cache flushed (as after a restart) every scripted call still works."""
+    h = await start_engine()
+    assert h.raw is not None
+    await h.engine.publish("flush", "e", 1)
+    await h.engine.history("flush", None, 1)
+    await h.raw.script_flush()
+    result = await h.engine.publish("flush", "e", 2)
+    assert (await h.engine.history("flush", ID_ZERO, 10)).entries[-1].id == result.id
+    await h.raw.script_flush()
+    assert await h.engine.claim_session(SessionRecord("flush", "n", "s", None, 1.0)) is None
+
+
+# -- registry details ---------------------------------------------------------------------
+
+
+@BOTH
+async def test_client_status_offline_when_node_dead(start_engine: StartEngine) -> None:
+    """A record held by a node that is not alive is offline, but still shown."""
+    h = await start_engine()
+    await h.engine.claim_session(SessionRecord("orphan", "ghost", "s1", None, time.time()))
+    status = await h.engine.client_status("orphan")
+    assert not status.online
+    assert (status.node, status.session) == ("ghost", "s1")
+
+
+@BOTH
+async def test_nodes_drops_closed_and_stale_nodes(start_engine: StartEngine) -> None:
+    """A closed node deregisters; a node-set member without a live hash is dropped."""
+    a = await start_engine()
+    b = await start_engine()
+    assert a.raw is not None
+    assert [n.node for n in await a.engine.nodes()] == sorted([a.node_id, b.node_id])
+    await a.raw.zadd(a.keys.nodes(), {"ghost": time.time()})
+    await b.engine.close()
+    assert [n.node for n in await a.engine.nodes()] == [a.node_id]
+    assert await a.raw.zscore(a.keys.nodes(), "ghost") is None
+
+
+@BOTH
+async def test_heartbeat_sets_node_ttl(start_engine: StartEngine) -> None:
+    """The node's hash expires after node_ttl unless refreshed."""
+    h = await start_engine(EngineOptions(node_ttl=5.0))
+    assert h.raw is not None
+    await h.engine.heartbeat(3)
+    assert 0 < await h.raw.pttl(h.keys.node(h.node_id)) <= 5000
+
+
+@BOTH
+async def test_publish_refreshes_history_ttl(start_engine: StartEngine) -> None:
+    """Each publish sets the stream's TTL to history_ttl."""
+    h = await start_engine(EngineOptions(history_ttl=100))
+    assert h.raw is not None
+    await h.engine.publish("ttl", "e", None)
+    assert 0 < await h.raw.ttl(h.keys.log("ttl")) <= 100
+
+
+@BOTH
+async def test_unexpected_confirmation_counts_as_resubscribe(start_engine: StartEngine) -> None:
+    """A subscription confirmation nobody asked for triggers on_resubscribed."""
+    h = await start_engine()
+    engine = h.engine
+    assert isinstance(engine, RedisEngine)
+    await engine.subscribe("again")
+    assert engine._sub is not None
+    session = engine._sub._session
+    assert session is not None
+    await session.conn.send_command("SUBSCRIBE", h.keys.channel("again"))
+    await h.handler.wait_until(lambda: h.handler.resubscribes == 1)
+
+
+# -- one connection -----------------------------------------------------------------------
+
+
+@REAL
+async def test_one_pubsub_connection_for_many_subscriptions(start_engine: StartEngine) -> None:
+    """Fifty BizIds and the control channel share one named pub/sub connection."""
+    h = await start_engine()
+    assert h.raw is not None
+    for n in range(50):
+        await h.engine.subscribe(f"many-{n}")
+    subscribers = [c for c in await h.raw.client_list() if int(c["sub"]) > 0]
+    assert [(c["name"], int(c["sub"])) for c in subscribers] == [(f"relay-sub:{h.node_id}", 51)]
+
+
+@REAL
+async def test_close_releases_connections_and_node(start_engine: StartEngine) -> None:
+    """After close() the pub/sub connection is gone and the node key deleted."""
+    h = await start_engine()
+    raw = h.raw
+    assert raw is not None
+    await h.engine.close()
+
+    async def released() -> bool:
+        return not any(int(c["sub"]) > 0 for c in await raw.client_list())
+
+    await eventually(released)
+    assert not await raw.exists(h.keys.node(h.node_id))
+
+
+# -- outages ------------------------------------------------------------------------------
+
+
+async def test_start_fails_fast_when_redis_unreachable() -> None:
+    """Nothing listening: start() raises EngineUnavailable quickly; close() still works."""
+    engine = RedisEngine(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
+    began = time.monotonic()
+    with pytest.raises(EngineUnavailable):
+        await engine.start("lonely", RecordingHandler())
+    assert time.monotonic() - began < 3
+    await engine.close()
+    assert not engine.ready
+
+
+@REAL
+async def test_redis_down_raises_engine_unavailable(
+    own_redis: RedisServer, start_engine: StartEngine
+) -> None:
+    """With Redis gone, commands raise EngineUnavailable and the engine turns unready."""
+    h = await start_engine(url=own_redis.url, **{**FAST, "subscribe_timeout": 0.3})
+    own_redis.kill()
+    with pytest.raises(EngineUnavailable):
+        await h.engine.publish("down", "e", None)
+    with pytest.raises(EngineUnavailable):
+        await h.engine.history("down", None, 10)
+    await h.handler.wait_until(lambda: not h.engine.ready)
+    assert h.handler.health == [False]
+    with pytest.raises(EngineUnavailable):
+        await h.engine.subscribe("down")
+
+
+@REAL
+async def test_restart_resubscribes_and_delivers(
+    own_redis: RedisServer, start_engine: StartEngine
+) -> None:
+    """After a Redis restart the engine resubscribes, says so, and delivers again."""
+    h = await start_engine(url=own_redis.url, **FAST)
+    await h.engine.subscribe("restart")
+    before = await h.engine.publish("restart", "e", 1)
+    await h.handler.wait_until(lambda: len(h.handler.events) == 1)
+    old_epoch = (await h.engine.history("restart", None, 1)).epoch_ms
+    with capture_logs() as logs:
+        own_redis.restart()
+        await h.handler.wait_until(lambda: h.handler.resubscribes == 1, 5000)
+        await h.handler.wait_until(lambda: h.engine.ready, 5000)
+    after = await h.engine.publish("restart", "e", 2)
+    await h.handler.wait_until(lambda: len(h.handler.events) == 2)
+    assert h.handler.events[1].id == after.id
+    names = {entry["event"] for entry in logs}
+    assert {"engine.disconnected", "engine.reconnected", "engine.resubscribed"} <= names
+    since = parse_id(before.id)
+    history = await h.engine.history("restart", since, 10)
+    assert history.epoch_ms > old_epoch  # the restart lost the data, and the epoch says so
+    assert not prove_recovery(since, history, TTL_MS)
+
+
+@REAL
+async def test_killed_pubsub_connection_resubscribes(start_engine: StartEngine) -> None:
+    """Redis cutting the subscriber (as on output-buffer overflow) leads to a resubscribe."""
+    h = await start_engine(**FAST)
+    assert h.raw is not None
+    await h.engine.subscribe("cut")
+    await h.raw.client_kill_filter(_type="pubsub")
+    await h.handler.wait_until(lambda: h.handler.resubscribes == 1)
+    result = await h.engine.publish("cut", "e", None)
+    await h.handler.wait_until(lambda: [e.id for e in h.handler.events] == [result.id])
+
+
+@REAL
+async def test_hung_redis_turns_unready_then_recovers(
+    own_redis: RedisServer, start_engine: StartEngine
+) -> None:
+    """SIGSTOP: the canary misses, ready goes False; after SIGCONT it recovers and delivers."""
+    h = await start_engine(url=own_redis.url, **FAST)
+    await h.engine.subscribe("hung")
+    assert h.engine.ready
+    own_redis.stop_process()
+    try:
+        await h.handler.wait_until(lambda: not h.engine.ready, 3000)
+        await asyncio.sleep(1000 * MS)  # reconnect attempts meet the hung server too
+        assert h.handler.health == [False]
+        assert not h.engine.ready
+    finally:
+        own_redis.continue_process()
+    await h.handler.wait_until(lambda: h.engine.ready, 6000)
+    assert h.handler.health == [False, True]
+    assert h.handler.resubscribes >= 1
+    result = await h.engine.publish("hung", "e", None)
+    await h.handler.wait_until(lambda: [e.id for e in h.handler.events] == [result.id])
