@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -311,3 +313,21 @@ async def test_dbapi_transaction_commit_publishes_and_exception_rolls_back(
         ("note.created", "kept too"),
     ]
     assert [row[0] for row in conn.execute("SELECT text FROM notes").fetchall()] == ["kept"]
+
+
+def test_after_commit_dbapi_helper_works_without_sqlalchemy() -> None:
+    """Without SQLAlchemy: backend_adapter and dbapi_transaction import; the outbox says why not."""
+    code = """
+import sys
+sys.modules["sqlalchemy"] = None  # what `import sqlalchemy` sees when it is not installed
+import backend_adapter
+from backend_adapter import dbapi_transaction
+try:
+    backend_adapter.OutboxDispatcher
+except ImportError as exc:
+    print(exc)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "pip install 'relay[sql]'" in out

@@ -14,15 +14,21 @@ def test_exports_all_names_resolve() -> None:
     """Every name in __all__ exists; the re-exports are relay's own classes."""
     assert sorted(backend_adapter.__all__) == sorted(
         [
+            "AfterCommit",
             "AsyncPublisher",
             "ConfigError",
             "EngineUnavailable",
             "InvalidInput",
+            "OutboxDispatcher",
             "PayloadTooLarge",
             "PublishFailed",
             "PublishResult",
             "Publisher",
             "RelayError",
+            "create_outbox_table",
+            "dbapi_transaction",
+            "enqueue",
+            "enqueue_async",
             "issue_token",
         ]
     )
