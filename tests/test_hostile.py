@@ -240,6 +240,39 @@ async def test_hostile_slow_consumer_is_bounded_by_bytes(
         stuck.close()
 
 
+MALFORMED = {
+    "request-line-9k": b"GET /ws/a?token=" + b"x" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "header-9k": b"GET /ws/a HTTP/1.1\r\nHost: x\r\nX-A: " + b"y" * 9000 + b"\r\n\r\n",
+    "200-headers": b"GET /ws/a HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+    + b"\r\n",
+    "tls-hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100) + b"\r\n\r\n",
+    "no-upgrade": b"GET /ws/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    "no-ws-key": b"GET /ws/a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+}
+
+
+async def test_hostile_malformed_http_is_400_node_keeps_serving(
+    make_node: MakeNode, listeners: list[Listener]
+) -> None:
+    """Oversized or malformed request heads get HTTP 400; sessions on the node live on."""
+    relay = await make_node()
+    honest = await listen(listeners, relay.ws_url("honest"))
+    publisher = SteadyPublisher(relay.publish, "honest").start()
+
+    def exchange(request: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", relay.settings.port), timeout=5) as sock:
+            sock.sendall(request)
+            return sock.recv(64)
+
+    loop = asyncio.get_running_loop()
+    for name, request in MALFORMED.items():
+        answer = await loop.run_in_executor(None, exchange, request)
+        assert re.match(rb"HTTP/1\.[01] 400 ", answer), (name, answer)
+    await assert_got_everything(honest, publisher)
+
+
 async def test_hostile_connection_limit_closes_1013(
     make_node: MakeNode, listeners: list[Listener]
 ) -> None:
