@@ -1,8 +1,9 @@
 """The WebSocket endpoint ``GET /ws/{client_id}``: validate, upgrade, authenticate, relay.
 
 What can be refused before the upgrade (a bad client_id, ``since`` or ``format``) gets
-HTTP 400. Everything after it is a close code with a reason, because WebSocketSharp and
-browsers cannot read an HTTP status (DESIGN.md, close-code table).
+HTTP 400, and a browser Origin outside ``--allowed-origins`` 403. Everything after it is
+a close code with a reason, because WebSocketSharp and browsers cannot read an HTTP
+status (DESIGN.md, close-code table; docs/security.md). Unexpected errors close 1011.
 """
 
 from __future__ import annotations
