@@ -1,0 +1,1 @@
+"""The label service example: ``python -m examples.label_service --help``."""
