@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,15 +14,7 @@ from relay.protocol import SUBPROTOCOL_MSGPACK
 from tests.support.node import API_KEY, Listener, NodeUnderTest, node_settings
 from tests.support.redis_server import RedisServer
 
-HAS_REDIS_ENGINE = importlib.util.find_spec("relay.engines.redis") is not None
-
-ENGINES = [
-    "memory",
-    pytest.param(
-        "redis",
-        marks=pytest.mark.skipif(not HAS_REDIS_ENGINE, reason="redis engine not built yet"),
-    ),
-]
+ENGINES = ["memory", "redis"]
 
 MakeNode = Callable[..., Awaitable[NodeUnderTest]]
 
@@ -375,8 +366,6 @@ async def test_restarted_redis_resumes_live_delivery(
     own_redis: RedisServer, listeners: list[Listener]
 ) -> None:
     """Redis killed and restarted under a live subscription: delivery resumes by itself."""
-    if not HAS_REDIS_ENGINE:
-        pytest.skip("redis engine not built yet")
     relay = await NodeUnderTest(node_settings(redis_url=own_redis.url)).start()
     try:
         client = await listen(listeners, relay.ws_url("ned"))
