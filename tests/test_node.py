@@ -318,7 +318,9 @@ async def test_api_publish_and_errors(make_node: MakeNode, listeners: list[Liste
     auth = {"Authorization": f"Bearer {API_KEY}"}
     async with aiohttp.ClientSession() as http:
         url = f"{relay.base}/api/publish"
-        async with http.post(url, json={"biz_id": "lee", "event": "e", "data": 1}, headers=auth) as r:
+        async with http.post(
+            url, json={"biz_id": "lee", "event": "e", "data": 1}, headers=auth
+        ) as r:
             assert r.status == 200
             body = await r.json()
             assert body["online"] is True and body["receivers"] == 1
@@ -344,10 +346,12 @@ async def test_api_publish_and_errors(make_node: MakeNode, listeners: list[Liste
 async def test_api_is_off_without_a_key(make_node: MakeNode) -> None:
     """Without --api-key every /api/* route answers 404 api_disabled."""
     relay = await make_node(api_key=None)
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{relay.base}/api/publish", json={}) as r:
-            assert r.status == 404
-            assert (await r.json())["error"]["code"] == "api_disabled"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{relay.base}/api/publish", json={}) as r,
+    ):
+        assert r.status == 404
+        assert (await r.json())["error"]["code"] == "api_disabled"
 
 
 async def test_publish_mid_is_idempotent(make_node: MakeNode, listeners: list[Listener]) -> None:
