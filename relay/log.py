@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = ["configure_logging", "redact"]
 
@@ -29,6 +30,17 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
+
+
+class _NoTracebackForBadRequests(logging.Filter):
+    """aiohttp logs a traceback for every malformed request: anyone could fill the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            record.msg = f"{record.msg}: {type(record.exc_info[1]).__name__}"
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
@@ -54,3 +66,4 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    logging.getLogger("aiohttp.server").addFilter(_NoTracebackForBadRequests())
