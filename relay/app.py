@@ -2,6 +2,13 @@
 
 The Application owns the node through ``cleanup_ctx``: the engine connects and the node
 registers before the first connection is accepted, and stops after the last one.
+
+A draining node refuses new sessions with 1012 after the upgrade (what WebSocketSharp
+can read). Behind a load balancer that retries a 503 on another node and says so with
+the ``X-Relay-Lb-Retry`` request header (deploy/nginx/relay.conf.template does), it
+answers the handshake with HTTP 503 instead: the balancer hands the client to a live node
+and leaves the draining one out, where a 1012 would send the client back to it (least_conn
+picks the node with the fewest connections, which a draining node is).
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -22,9 +29,30 @@ from relay.metrics import Metrics
 from relay.node import Node
 from relay.ws import NODE_KEY, websocket_handler
 
-__all__ = ["NODE_KEY", "create_app", "serve"]
+__all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "serve"]
 
 log = structlog.get_logger("relay.app")
+
+LB_RETRY_HEADER = "X-Relay-Lb-Retry"
+"""Set by a load balancer that retries a handshake answered 503 on another node."""
+
+
+@web.middleware
+async def drain_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """While draining, a handshake through a retrying balancer gets 503, not 101 + 1012."""
+    if (
+        request.app[NODE_KEY].draining
+        and request.headers.get(LB_RETRY_HEADER)
+        and request.path.startswith("/ws/")
+    ):
+        return web.json_response(
+            {"error": {"code": "draining", "message": "node draining; try another node"}},
+            status=503,
+            headers={"Retry-After": "0"},
+        )
+    return await handler(request)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
@@ -32,7 +60,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     engine = engine or create_engine(settings.redis_url, settings.engine_options)
     node = Node(settings, engine, Metrics())
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[drain_middleware, error_middleware],
         client_max_size=2 * settings.max_payload + 4096,
     )
     app[NODE_KEY] = node
@@ -94,3 +122,9 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     # sessions are closed in batches, then everything stops.
     await node.drain()
     await runner.cleanup()
+    # Closing the loop would restore the default dispositions, and a second SIGTERM
+    # (a supervisor repeating itself) would then kill a process that drained cleanly
+    # with 143 instead of letting it exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
