@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
             message="--allow-anonymous: ANY client may connect as ANY client_id. Demo use only.",
         )
     if settings.workers > 1:
-        return _serve_workers(settings, sys.argv[1:])
+        return _serve_workers(settings, list(args.argv))
     from relay.app import serve
 
     _install_uvloop()
@@ -73,23 +73,28 @@ def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 
 def _serve_workers(settings: Settings, argv: list[str]) -> int:
-    """N node processes on one port (SO_REUSEPORT), each with its own node id."""
-    children = []
+    """N node processes on one port (SO_REUSEPORT), each with its own node id.
+
+    SIGTERM and SIGINT are forwarded to every worker (each drains). The exit code is 0
+    only if every worker exited 0; a worker killed by signal N counts as 128 + N.
+    """
+    children: list[subprocess.Popen[bytes]] = []
     base = _without_flags(argv, ("--workers", "--node-id"))
     env = dict(os.environ, RELAY_REUSE_PORT="1", RELAY_WORKERS="1")
-    for i in range(settings.workers):
-        child_argv = [*base, "--workers", "1", "--node-id", f"{settings.node_id}-w{i}"]
-        children.append(subprocess.Popen([sys.executable, "-m", "relay", *child_argv], env=env))
 
     def forward(signum: int, _: Any) -> None:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    # Before the first spawn, so a SIGTERM that arrives meanwhile is forwarded too.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for i in range(settings.workers):
+        child_argv = [*base, "--workers", "1", "--node-id", f"{settings.node_id}-w{i}"]
+        children.append(subprocess.Popen([sys.executable, "-m", "relay", *child_argv], env=env))
     codes = [child.wait() for child in children]
-    return max(codes, default=0)
+    return next((128 - c if c < 0 else c for c in codes if c != 0), 0)
 
 
 # -- publish, clients, nodes ---------------------------------------------------------------
@@ -231,7 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `serve --workers N` starts its workers with the same arguments
+    if args.command != "serve":
+        # Their stdout is JSON for scripts: engine log lines go to stderr, warnings only.
+        from relay.log import configure_logging
+
+        configure_logging("console", "warning")
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
