@@ -305,6 +305,10 @@ class OutboxDispatcher:
         """
         with self.engine.connect() as conn:
             if self._locking:
+                # READ COMMITTED whatever the engine's default: the order check must see
+                # rows committed since the claim, and a stricter level would fail the
+                # claim whenever another dispatcher marked a row in between.
+                conn.execution_options(isolation_level="READ COMMITTED")
                 # Locks held across the publish: other dispatchers skip these rows. They
                 # block no INSERT, so the application never waits on them.
                 with conn.begin():
@@ -379,22 +383,31 @@ class OutboxDispatcher:
         return (row.biz_id, row.event, orjson.loads(row.data), f"{self._mid_prefix}:{row.id}")
 
     def _publish(self, rows: list[_Row]) -> _Outcome:
-        outcome = _Outcome()
         if not rows:
-            return outcome
+            return _Outcome()
         try:
             results = self.publisher.publish_many(self._item(row) for row in rows)
+            outcome = _Outcome([(row.id, r) for row, r in zip(rows, results, strict=True)])
         except (InvalidInput, orjson.JSONDecodeError):
-            return self._publish_valid(rows)
+            outcome = self._publish_valid(rows)
         except PublishFailed as exc:
             if exc.__cause__ is None or is_transient(exc.__cause__):
                 raise
-            return self._publish_one_by_one(rows)
-        outcome.done = [(row.id, result) for row, result in zip(rows, results, strict=True)]
-        if self._parked:
+            outcome = self._publish_one_by_one(rows)
+        if self._parked:  # a BizId whose rows went out is no longer behind a poison row
+            failed = {row_id for row_id, _ in outcome.failed}
+            still = {row.biz_id for row in rows if row.id in failed}
+            published = {row_id for row_id, _ in outcome.done}
             for row in rows:
-                self._parked.pop(row.biz_id, None)
+                if row.id in published and row.biz_id not in still:
+                    self._parked.pop(row.biz_id, None)
         return outcome
+
+    def _validate(self, row: _Row) -> tuple[str, str, Any, str]:
+        item = self._item(row)
+        # The publisher's own encoder, so its max_payload applies.
+        self.publisher._codec.command(*item)
+        return item
 
     def _publish_valid(self, rows: list[_Row]) -> _Outcome:
         """Some row does not validate: set those aside (and their BizIds' later rows)."""
@@ -407,8 +420,7 @@ class OutboxDispatcher:
                 outcome.held_back += 1
                 continue
             try:
-                item = self._item(row)
-                encode_payload(item[0], item[1], item[2], mid=item[3])
+                item = self._validate(row)
             except (InvalidInput, orjson.JSONDecodeError) as exc:
                 self._poisoned(outcome, blocked, row, exc)
                 continue

@@ -416,6 +416,21 @@ def test_outbox_poison_row_holds_back_its_bizid_only(
     assert stream_mids(raw, "cml") == [f"outbox:{r.id}" for r in rows(engine) if r.biz_id == "cml"]
 
 
+def test_outbox_redis_refusing_one_bizid_holds_back_only_that_bizid(
+    engine: sa.Engine, sync_publisher: Publisher, raw: redis.Redis
+) -> None:
+    """A Redis error that retrying cannot fix (WRONGTYPE) poisons one row, not the batch."""
+    raw.set(KEYS.log("jammed"), "not a stream")
+    with engine.begin() as conn:
+        enqueue_many(
+            conn, [("cml", "e", 1), ("jammed", "e", 2), ("jammed", "e", 3), ("cml", "e", 4)]
+        )
+    stats = OutboxDispatcher(engine, sync_publisher).run_once()
+    assert (stats.published, stats.failed, stats.held_back) == (2, 1, 1)
+    assert "WRONGTYPE" in rows(engine)[1].last_error
+    assert len(stream_mids(raw, "cml")) == 2
+
+
 def test_outbox_purge_deletes_only_old_published_rows(
     engine: sa.Engine, sync_publisher: Publisher
 ) -> None:
