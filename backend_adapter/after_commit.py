@@ -229,7 +229,10 @@ def _on_commit(session: Session) -> None:
     for entry in entries:
         by_hook.setdefault(entry.hook, []).append(entry.event)
     for hook, events in by_hook.items():
-        hook._committed(events)
+        try:
+            hook._committed(events)
+        except Exception as exc:  # e.g. the event loop is closed; the commit stands
+            hook._report(exc, events)
 
 
 def _on_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
