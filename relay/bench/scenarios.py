@@ -1,0 +1,258 @@
+"""The five scenarios of ``make bench``. Each starts its own nodes and clients on the run's
+Redis, measures, and stops what it started (Redis is flushed between scenarios).
+
+throughput  C clients, M events to random clients as fast as the publisher goes
+latency     C clients, R events/s for a few seconds: latency percentiles under load
+memory      many idle clients: RSS per connection, connects per second, idle CPU
+storm       N clients on node A of two; A is killed (SIGKILL) while events flow; the
+            clients reconnect to node B with ``since=``: time until all resumed, losses
+soak        the latency load for a long time: does the node's RSS stay flat?
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from array import array
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from relay.bench.harness import Bench, LoadGen, percentiles
+from relay.bench.procs import CpuSnapshot, proc_rss_kb
+
+__all__ = ["PLOTTED_SCENARIOS", "SCENARIOS", "ScenarioResult"]
+
+ScenarioResult = tuple[dict[str, Any], "array[float] | None"]
+
+IDLE_HOLD_S = 5.0
+STORM_RESUME_TIMEOUT_S = 60.0
+
+
+class IncompleteConnect(RuntimeError):
+    """Not every client connected: the figures of the phase would mean nothing."""
+
+
+def _check_connected(conn: dict[str, Any], wanted: int) -> None:
+    if conn["connected"] < wanted:
+        raise IncompleteConnect(
+            f"only {conn['connected']} of {wanted} clients connected; see the logs"
+        )
+
+
+async def _cleanup(bench: Bench, gens: list[LoadGen], *nodes: Any) -> None:
+    await bench.close_loadgens(gens)
+    await bench.stop(*nodes)
+    await bench.flush_redis()
+
+
+async def _events(
+    bench: Bench, name: str, *, clients: int, count: int, rate: float, title: str
+) -> ScenarioResult:
+    """Shared by throughput, latency and soak: one node, clients, a publish phase."""
+    o = bench.options
+    load = bench.phase(title)
+    node, url = await bench.node("a", workers=o.workers)
+    gens: list[LoadGen] = []
+    try:
+        gens = await bench.loadgens()
+        await bench.settle(1.0)
+        conn = await bench.connect(gens, node, [url], clients)
+        _check_connected(conn, clients)
+        await bench.settle()
+        phase = await bench.publish_phase(
+            gens, node, clients=clients, count=count, rate=rate, label=name
+        )
+    finally:
+        await _cleanup(bench, gens, node)
+    figures = {
+        "scenario": name,
+        "loadavg_before": load,
+        "clients": clients,
+        "events": count,
+        "rate": rate,
+        "workers": o.workers,
+        **conn,
+        **phase.figures,
+    }
+    return figures, phase.latencies
+
+
+async def throughput(bench: Bench) -> ScenarioResult:
+    o = bench.options
+    return await _events(
+        bench,
+        "throughput",
+        clients=o.clients,
+        count=o.events,
+        rate=0.0,
+        title=f"throughput: {o.clients:,} clients, {o.events:,} events flat out,"
+        f" {o.workers} worker(s)",
+    )
+
+
+async def latency(bench: Bench) -> ScenarioResult:
+    o = bench.options
+    count = int(o.rate * o.duration)
+    return await _events(
+        bench,
+        "latency",
+        clients=o.clients,
+        count=count,
+        rate=o.rate,
+        title=f"latency: {o.clients:,} clients, {o.rate:,.0f} events/s for {o.duration:g} s",
+    )
+
+
+async def soak(bench: Bench) -> ScenarioResult:
+    o = bench.options
+    figures, latencies = await _events(
+        bench,
+        "soak",
+        clients=o.clients,
+        count=int(o.rate * o.soak),
+        rate=o.rate,
+        title=f"soak: {o.clients:,} clients, {o.rate:,.0f} events/s for {o.soak:g} s",
+    )
+    series = figures["rss_series"]
+    figures["rss_soak_kb"] = {
+        "start": figures["rss_server_kb"]["start"],
+        "end": figures["rss_server_kb"]["end"],
+        "max": max((kb for _, kb in series), default=0),
+    }
+    return figures, latencies
+
+
+async def memory(bench: Bench) -> ScenarioResult:
+    o = bench.options
+    n = o.idle_clients
+    load = bench.phase(f"memory: {n:,} idle connections, {o.workers} worker(s)")
+    assert bench.redis is not None
+    node, url = await bench.node("a", workers=o.workers)
+    gens: list[LoadGen] = []
+    try:
+        gens = await bench.loadgens()
+        await bench.settle(1.0)
+        redis_before = proc_rss_kb(bench.redis.pid)
+        conn = await bench.connect(gens, node, [url], n)
+        _check_connected(conn, n)
+        await bench.settle()
+        rss_after = sum(proc_rss_kb(p) for p in node.pids())
+        redis_after = proc_rss_kb(bench.redis.pid)
+        cpu0 = CpuSnapshot.take({"server": node.pids()})
+        t0 = time.monotonic()
+        while (left := IDLE_HOLD_S - (time.monotonic() - t0)) > 0:
+            bench.progress.show(f"memory: holding {n:,} idle connections, {left:.0f} s left")
+            await asyncio.sleep(min(0.5, left))
+        idle = CpuSnapshot.take({"server": node.pids()}).delta(cpu0)
+        bench.progress.done(f"memory: held {n:,} idle connections for {IDLE_HOLD_S:g} s")
+        rss_idle = sum(proc_rss_kb(p) for p in node.pids())
+    finally:
+        await _cleanup(bench, gens, node)
+    rss_before = conn["rss_server_kb_before_connect"]
+    connected = conn["connected"]
+    figures = {
+        "scenario": "memory",
+        "loadavg_before": load,
+        "clients": n,
+        "workers": o.workers,
+        **conn,
+        "rss_server_kb": {"before": rss_before, "after": rss_after, "after_idle": rss_idle},
+        "bytes_per_conn": round((rss_after - rss_before) * 1024 / connected) if connected else None,
+        "redis_bytes_per_conn": (
+            round((redis_after - redis_before) * 1024 / connected) if connected else None
+        ),
+        "idle_server_cpu_pct": round(100 * idle["server"] / IDLE_HOLD_S, 2),
+    }
+    return figures, None
+
+
+async def storm(bench: Bench) -> ScenarioResult:
+    o = bench.options
+    n = o.storm_clients
+    load = bench.phase(
+        f"storm: {n:,} clients on node A, A killed after {o.storm_kill_after:g} s"
+        f" at {o.storm_rate:,.0f} events/s; they resume on node B"
+    )
+    node_a, url_a = await bench.node("a")
+    node_b, url_b = await bench.node("b")
+    gens: list[LoadGen] = []
+    try:
+        gens = await bench.loadgens()
+        await bench.settle(1.0)
+        conn = await bench.connect(gens, node_a, [url_a, url_b], n, reconnect=True)
+        _check_connected(conn, n)
+        await bench.settle()
+
+        async def kill_a() -> dict[str, Any]:
+            await asyncio.sleep(o.storm_kill_after)
+            t_kill = time.time()
+            node_a.kill_group(signal.SIGKILL)
+            while time.time() - t_kill < STORM_RESUME_TIMEOUT_S:
+                st = await bench.stats(gens)
+                if st["dropped"] >= n and st["resumed"] >= st["dropped"]:
+                    break
+                await asyncio.sleep(0.05)
+            return {"t_kill": t_kill}
+
+        count = int(o.storm_rate * max(o.storm_seconds, o.storm_kill_after + 1))
+        phase = await bench.publish_phase(
+            gens,
+            node_b,
+            clients=n,
+            count=count,
+            rate=o.storm_rate,
+            label="storm",
+            during=kill_a(),
+        )
+        resumes = [await gen.call("resumes") for gen in gens]
+    finally:
+        await _cleanup(bench, gens, node_a, node_b)
+    t_kill = float(phase.side["t_kill"])
+    resumed_at = [t for r in resumes for t in r["resumed_at"]]
+    dropped = sum(int(r["dropped"]) for r in resumes)
+    codes: dict[str, int] = {}
+    for r in resumes:
+        for code, times in r["codes"].items():
+            codes[code] = codes.get(code, 0) + int(times)
+    after_kill = [t - t_kill for t in resumed_at]
+    everyone = len(resumed_at) >= n
+    f = phase.figures
+    figures = {
+        "scenario": "storm",
+        "loadavg_before": load,
+        "clients": n,
+        "events": count,
+        "rate": o.storm_rate,
+        "kill_after_s": o.storm_kill_after,
+        "jitter_s": o.storm_jitter,
+        **conn,
+        "dropped": dropped,
+        "first_drop_after_s": round(
+            min((float(r["first_drop_at"]) for r in resumes if r["first_drop_at"]), default=t_kill)
+            - t_kill,
+            3,
+        ),
+        "resumed": len(resumed_at),
+        "all_resumed": everyone,
+        "all_resumed_after_s": round(max(after_kill), 3) if everyone and after_kill else None,
+        "resume_s": percentiles(after_kill),
+        "not_recovered": sum(int(r["not_recovered"]) for r in resumes),
+        "reconnect_attempts": sum(int(r["attempts"]) for r in resumes),
+        "close_codes": codes,
+        "refused": sum(int(r["refused"]) for r in resumes),
+        **f,
+        "survivor": "b",
+    }
+    return figures, phase.latencies
+
+
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[ScenarioResult]]] = {
+    "throughput": throughput,
+    "latency": latency,
+    "memory": memory,
+    "storm": storm,
+    "soak": soak,
+}
+
+PLOTTED_SCENARIOS = ("throughput", "latency")

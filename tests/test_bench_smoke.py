@@ -1,0 +1,67 @@
+"""``python -m relay.bench`` end to end with tiny numbers: a correctness test, no speed asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+]
+
+PHASE_FIELDS = {
+    "connected", "connect_rate_per_s", "sent", "delivered", "lost", "dup", "misrouted",
+    "throughput_msgs_s", "server_us_per_msg", "lat_ms", "cpu_s", "cpu_pct_of_core",
+    "rss_server_kb", "loadavg_before", "server_alive",
+}  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_bench_throughput_delivers_everything_and_stops_its_processes(tmp_path: Path) -> None:
+    """Throughput at C=20, M=200: every figure present, nothing lost, no process left."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "relay.bench",
+            "--scenarios", "throughput",
+            "--clients", "20",
+            "--events", "200",
+            "--settle", "0.2",
+            "--out", str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    (result,) = doc["results"]
+    assert result["scenario"] == "throughput"
+    assert PHASE_FIELDS - set(result) == set()
+    assert {"p50", "p90", "p99", "max"} <= set(result["lat_ms"])
+    assert {"server", "redis", "loadgen", "publisher", "machine"} <= set(result["cpu_s"])
+    assert result["connected"] == 20
+    assert (result["sent"], result["delivered"]) == (200, 200)
+    assert (result["lost"], result["dup"], result["misrouted"]) == (0, 0, 0)
+    assert result["server_alive"] is True
+    assert "| throughput" in proc.stdout
+    assert (tmp_path / "results.md").read_text() in proc.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "latency.png").stat().st_size > 0
+    assert doc["pids_started"], "the run records what it started"
+    assert [pid for pid in doc["pids_started"] if _alive(pid)] == []
