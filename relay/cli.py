@@ -1,4 +1,4 @@
-"""``relay serve | publish | tail | clients | nodes``.
+"""``relay serve | publish | tail | clients | nodes | outbox-dispatch``.
 
 Every ``serve`` flag also reads ``RELAY_<FLAG>``. The other commands talk to Redis
 (``--redis-url``) or to a node's HTTP API (``--http URL --api-key K``).
@@ -183,6 +183,12 @@ async def _with_redis_engine(args: argparse.Namespace, method: str, *call_args: 
     return asdict(result) if is_dataclass(result) and not isinstance(result, type) else result
 
 
+def _outbox_dispatch(args: argparse.Namespace) -> int:
+    from backend_adapter.outbox import main as outbox_main
+
+    return outbox_main(args.args)
+
+
 async def _tail(args: argparse.Namespace) -> int:
     from relay.client import tail
 
@@ -228,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     clients.add_argument("client_ids", nargs="+", metavar="CLIENT_ID")
     _target_flags(clients)
     clients.set_defaults(run=lambda a: asyncio.run(_clients(a)))
+
+    outbox = sub.add_parser(
+        "outbox-dispatch",
+        help="publish a transactional outbox table (--db-url, --redis-url; --help for more)",
+        add_help=False,
+    )
+    outbox.add_argument("args", nargs=argparse.REMAINDER)
+    outbox.set_defaults(run=_outbox_dispatch)
 
     nodes = sub.add_parser("nodes", help="list live nodes")
     _target_flags(nodes)
