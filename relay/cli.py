@@ -183,12 +183,6 @@ async def _with_redis_engine(args: argparse.Namespace, method: str, *call_args: 
     return asdict(result) if is_dataclass(result) and not isinstance(result, type) else result
 
 
-def _outbox_dispatch(args: argparse.Namespace) -> int:
-    from backend_adapter.outbox import main as outbox_main
-
-    return outbox_main(args.args)
-
-
 async def _tail(args: argparse.Namespace) -> int:
     from relay.client import tail
 
@@ -240,8 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish a transactional outbox table (--db-url, --redis-url; --help for more)",
         add_help=False,
     )
-    outbox.add_argument("args", nargs=argparse.REMAINDER)
-    outbox.set_defaults(run=_outbox_dispatch)
 
     nodes = sub.add_parser("nodes", help="list live nodes")
     _target_flags(nodes)
