@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _target_flags(clients)
     clients.set_defaults(run=lambda a: asyncio.run(_clients(a)))
 
-    outbox = sub.add_parser(
+    sub.add_parser(
         "outbox-dispatch",
         help="publish a transactional outbox table (--db-url, --redis-url; --help for more)",
         add_help=False,
@@ -243,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["outbox-dispatch"]:
+        # Its own parser owns every flag, --help included.
+        from backend_adapter.outbox import main as outbox_main
+
+        return outbox_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv  # `serve --workers N` starts its workers with the same arguments
     if args.command != "serve":
