@@ -59,9 +59,11 @@ class Options:
     storm_seconds: float = 12.0
     storm_kill_after: float = 3.0
     storm_jitter: float = 0.25
+    storm_concurrency: int = 100_000
     soak: float = 0.0
     loadgen_procs: int = 1
     batch: int = 100
+    publish_api: str = "many"
     concurrency: int = 200
     settle: float = 1.5
     pin: bool = False
@@ -291,7 +293,8 @@ class Bench:
     ) -> dict[str, Any]:
         """Connect ``count`` clients, split over ``gens``; the connect figures."""
         rss0 = sum(proc_rss_kb(p) for p in server.pids())
-        cpu0 = CpuSnapshot.take({"server": server.pids()})
+        roles = {"server": server.pids(), "loadgen": [gen.child.pid for gen in gens]}
+        cpu0 = CpuSnapshot.take(roles)
         t0 = time.time()
         share, rest = divmod(count, len(gens))
         start = 0
@@ -305,6 +308,7 @@ class Bench:
                 count=n,
                 concurrency=max(1, self.options.concurrency // len(gens)),
                 reconnect=reconnect,
+                reconnect_concurrency=max(1, self.options.storm_concurrency // len(gens)),
                 jitter=self.options.storm_jitter,
             )
             start += n
@@ -315,11 +319,11 @@ class Bench:
             if st["ready"] + st["failed"] >= st["clients"] or time.monotonic() > deadline:
                 break
             await asyncio.sleep(POLL_S)
-        cpu1 = CpuSnapshot.take({"server": server.pids()})
+        cpu = CpuSnapshot.take(roles).delta(cpu0)
+        cpu["other"] = max(0.0, cpu.pop("machine") - cpu["server"] - cpu["loadgen"])
         end = st["last_ready_at"] or time.time()
         seconds = max(1e-3, end - t0)
         ready = int(st["ready"])
-        server_cpu = cpu1.delta(cpu0)["server"]
         self.progress.done(
             f"connect: {ready}/{count} ready, {st['failed']} failed, {ready / seconds:,.0f}/s"
         )
@@ -328,7 +332,9 @@ class Bench:
             "connect_failed": count - ready,
             "connect_time_s": _r(seconds),
             "connect_rate_per_s": _r(ready / seconds, 1),
-            "server_us_per_connect": _r(1e6 * server_cpu / ready, 1) if ready else None,
+            "server_us_per_connect": _r(1e6 * cpu["server"] / ready, 1) if ready else None,
+            "loadgen_us_per_connect": _r(1e6 * cpu["loadgen"] / ready, 1) if ready else None,
+            "connect_cpu_pct_of_core": {k: _r(100 * v / seconds, 1) for k, v in cpu.items()},
             "rss_server_kb_before_connect": rss0,
         }
 
@@ -391,6 +397,7 @@ class Bench:
                 "--count", str(count),
                 "--rate", str(rate),
                 "--batch", str(self.options.batch),
+                "--api", self.options.publish_api,
                 "--timeout", str(timeout),
             ],
             self.log_dir / "publisher.log",

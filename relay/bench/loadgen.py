@@ -3,7 +3,8 @@
 ``python -m relay.bench.loadgen`` reads one JSON command a line on stdin and answers
 each with one JSON line on stdout (logs go to stderr). The orchestrator drives it:
 
-    connect    {"urls", "prefix", "start", "count", "concurrency", "reconnect", "jitter"}
+    connect    {"urls", "prefix", "start", "count", "concurrency", "reconnect",
+                "reconnect_concurrency", "jitter"}
                starts clients ``prefix+start`` … in the background; answers at once
     expect     {"count"}   resets delivery accounting for events seq 0..count-1
     stats      {}          counters (connected, delivered, lost so far, …)
@@ -38,10 +39,10 @@ from relay.wire import StreamId, format_id, parse_id
 
 __all__ = ["main"]
 
-BACKOFF_BASE = 0.2
-BACKOFF_CAP = 2.0
-WELCOME_TIMEOUT = 15.0
-HANDSHAKE_TIMEOUT = 30.0
+# The SDK's defaults (relay.client.RelayClient): what real clients of a dead node do.
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+CONNECT_TIMEOUT = 10.0  # handshake and welcome
 FIRST_CONNECT_TRIES = 3
 
 
@@ -125,13 +126,17 @@ class LoadGen:
         self.urls: list[str] = []
         self.reconnect = False
         self.jitter = 0.25
-        self.gate = asyncio.Semaphore(200)
+        self.gate = asyncio.Semaphore(200)  # handshakes in flight on the first connect
+        self.regate = asyncio.Semaphore(200)  # and on reconnects (a herd: many)
         self.failed = 0
         self.closed_after_ready = 0
         self.stale_dropped = 0  # messages not newer than the client's last id
         self.errors = 0
         self.other_frames = 0
-        self.refused = 0
+        self.refused = 0  # handshakes that failed: refused, reset, timed out
+        self.handshake_errors: dict[str, int] = {}  # by exception (and HTTP status)
+        self.timeouts = 0  # upgraded, but no welcome within CONNECT_TIMEOUT
+        self.stopped = 0  # clients told to stop by a terminal close code (4000-4499)
         self.codes: dict[str, int] = {}
         self.last_ready_at = 0.0
 
@@ -168,6 +173,7 @@ class LoadGen:
         self.reconnect = bool(cmd.get("reconnect", False))
         self.jitter = float(cmd.get("jitter", 0.25))
         self.gate = asyncio.Semaphore(int(cmd.get("concurrency", 200)))
+        self.regate = asyncio.Semaphore(int(cmd.get("reconnect_concurrency", 200)))
         prefix, start, count = str(cmd["prefix"]), int(cmd["start"]), int(cmd["count"])
         fresh = [Client(f"{prefix}{i}") for i in range(start, start + count)]
         self.clients.extend(fresh)
@@ -208,6 +214,9 @@ class LoadGen:
             "not_recovered": sum(1 for c in dropped if c.resumed_at and c.recovered is False),
             "attempts": sum(c.attempts for c in dropped),
             "refused": self.refused,
+            "welcome_timeouts": self.timeouts,
+            "handshake_errors": self.handshake_errors,
+            "stopped_terminal": self.stopped,
             "codes": self.codes,
         }
 
@@ -234,10 +243,12 @@ class LoadGen:
                 ws = await self._open(client)
             except _Refused as exc:
                 failures += 1
-                key = str(exc.code) if exc.code is not None else "refused"
+                key = str(exc.code) if exc.code is not None else "no welcome"
                 self.codes[key] = self.codes.get(key, 0) + 1
                 if exc.code is not None and 4000 <= exc.code <= 4499:
-                    self.failed += not client.ready
+                    self.stopped += 1
+                    if not client.ready:
+                        self.failed += 1
                     return
                 if not client.dropped_at and failures >= FIRST_CONNECT_TRIES:
                     self.failed += 1
@@ -255,6 +266,7 @@ class LoadGen:
             key = str(code)
             self.codes[key] = self.codes.get(key, 0) + 1
             if 4000 <= code <= 4499:
+                self.stopped += 1
                 return
             if code == 1012 or code == 1006 or 4500 <= code <= 4999:
                 # The node went away (1006: killed, no close frame): at once, jittered,
@@ -270,9 +282,10 @@ class LoadGen:
     async def _open(self, client: Client) -> aiohttp.ClientWebSocketResponse:
         """Handshake and welcome, or _Refused."""
         assert self.http is not None
-        async with self.gate:
+        async with self.regate if client.dropped_at else self.gate:
+            deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT
             try:
-                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                async with asyncio.timeout_at(deadline):
                     ws = await self.http.ws_connect(
                         self._url(client),
                         autoclose=True,
@@ -281,13 +294,16 @@ class LoadGen:
                         max_msg_size=0,
                         timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
                     )
-            except (aiohttp.ClientError, OSError, TimeoutError):
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self.refused += 1
+                why = f"{type(exc).__name__} {getattr(exc, 'status', '')}".strip()
+                self.handshake_errors[why] = self.handshake_errors.get(why, 0) + 1
                 raise _Refused(None) from None
             try:
-                async with asyncio.timeout(WELCOME_TIMEOUT):
+                async with asyncio.timeout_at(deadline):
                     msg = await ws.receive()
             except TimeoutError:
+                self.timeouts += 1
                 await ws.close()
                 raise _Refused(None) from None
             if msg.type is not WSMsgType.TEXT:

@@ -3,10 +3,12 @@
 ``python -m relay.bench.publisher --redis URL --clients C --count M [--rate R]`` publishes
 events seq 0..M-1 to uniformly random BizIds ``{prefix}0 … {prefix}{C-1}`` with
 ``data = {"seq", "ts", "biz"}``, ``ts`` stamped (epoch ms) just before each batch is
-handed to the publisher. With ``--rate 0`` it sends ``publish_many`` batches of
-``--batch`` back to back, ``--inflight`` at a time; at a rate it sends what is due every
-millisecond or so. It prints one JSON line at the end, as the shared harness's
-publishers do: ``sent, errors, t_first_ms, t_last_ms, duration_s, rate, cpu_s``.
+handed to the publisher: one ``publish_many`` call (``--api many``), or one ``publish``
+call per event, gathered, which AsyncPublisher pipelines by itself (``--api gather``).
+With ``--rate 0`` it sends batches of ``--batch`` back to back, ``--inflight`` at a time;
+at a rate it sends what is due every millisecond or so. It prints one JSON line at the
+end, as the shared harness's publishers do: ``sent, errors, t_first_ms, t_last_ms,
+duration_s, rate, cpu_s``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=0.0, help="events/s; 0: as fast as possible")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--inflight", type=int, default=2, help="batches in flight at rate 0")
+    p.add_argument(
+        "--api",
+        choices=("many", "gather"),
+        default="many",
+        help="publish_many(batch), or asyncio.gather of publish() per event (auto-pipelined)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--timeout", type=float, default=300.0)
     return p.parse_args(argv)
@@ -67,7 +75,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         async def send(batch: list[tuple[str, str, dict[str, Any]]]) -> None:
             nonlocal errors
             try:
-                await publisher.publish_many(batch)
+                if args.api == "many":
+                    await publisher.publish_many(batch)
+                else:
+                    await asyncio.gather(*(publisher.publish(*item) for item in batch))
             except Exception as exc:  # counted; the run goes on
                 errors += len(batch)
                 print(f"publisher: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -70,7 +70,7 @@ def _rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
         what = f"{_n(f['clients'])} clients, {_n(f['sent'])} events"
         what += f" at {_n(f['rate'])}/s" if f["rate"] else " flat out"
         rows += [
-            ("load", f"{what}, {f['workers']} worker(s)"),
+            ("load", f"{what}, {f['workers']} worker(s), publisher: {f['publish_api']}"),
             ("delivered msgs/s", _n(f["throughput_msgs_s"])),
             ("server CPU µs per delivered msg", _n(f["server_us_per_msg"], 1)),
             ("latency ms p50 / p90 / p99 / max", _lat(f)),
@@ -91,7 +91,16 @@ def _rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
             ("server RSS per connection", f"{_n(bpc / 1024, 1)} KiB" if bpc else "-"),
             ("Redis RSS per connection", f"{_n(f['redis_bytes_per_conn'])} B"),
             ("connects/s", _n(f["connect_rate_per_s"])),
-            ("server CPU µs per connect", _n(f["server_us_per_connect"], 1)),
+            (
+                "CPU µs per connect: server / load generator",
+                f"{_n(f['server_us_per_connect'], 1)} / {_n(f['loadgen_us_per_connect'], 1)}",
+            ),
+            (
+                "CPU % of a core while connecting: server / load generator / other",
+                " / ".join(
+                    _n(f["connect_cpu_pct_of_core"][k]) for k in ("server", "loadgen", "other")
+                ),
+            ),
             ("idle server CPU % of a core", _n(f["idle_server_cpu_pct"], 2)),
         ]
     elif name == "storm":
@@ -109,7 +118,11 @@ def _rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
              " / ".join(_n(resume.get(k), 2) for k in ("p50", "p90", "p99"))),
             ("lost / dup / misrouted (after dedupe)", _accounting(f)),
             ("replayed duplicates dropped by id", _n(f["stale_dropped"])),
-            ("reconnect attempts (refused)", f"{_n(f['reconnect_attempts'])} ({_n(f['refused'])})"),
+            ("reconnect attempts (handshake failed / no welcome in 10 s)",
+             f"{_n(f['reconnect_attempts'])} ({_n(f['refused'])} / {_n(f['welcome_timeouts'])})"),
+            ("failed handshakes by error",
+             ", ".join(f"{k} x{v}" for k, v in sorted(f["handshake_errors"].items())) or "-"),
+            ("clients stopped by a terminal close (4000-4499)", _n(f["stopped_terminal"])),
             ("close codes seen", ", ".join(f"{k} x{v}" for k, v in sorted(f["close_codes"].items()))
              or "-"),
             ("resumed with recovered=false", _n(f["not_recovered"])),

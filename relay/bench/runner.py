@@ -54,9 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storm-jitter", type=float, default=d.storm_jitter, help="max reconnect delay, s"
     )
+    p.add_argument(
+        "--storm-concurrency",
+        type=int,
+        default=d.storm_concurrency,
+        help="reconnect handshakes in flight (default: no limit, a herd)",
+    )
     p.add_argument("--soak", type=float, default=d.soak, metavar="SECONDS", help="0: no soak")
     p.add_argument("--loadgen-procs", type=int, default=d.loadgen_procs)
-    p.add_argument("--batch", type=int, default=d.batch, help="publish_many batch size")
+    p.add_argument("--batch", type=int, default=d.batch, help="events per publish batch")
+    p.add_argument(
+        "--publish-api",
+        choices=("many", "gather"),
+        default=d.publish_api,
+        help="AsyncPublisher.publish_many per batch, or gather of publish() per event",
+    )
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="handshakes in flight")
     p.add_argument("--settle", type=float, default=d.settle, help="seconds after connecting")
     p.add_argument(
@@ -89,9 +101,11 @@ def _options(args: argparse.Namespace) -> Options:
         storm_seconds=args.storm_seconds,
         storm_kill_after=args.storm_kill_after,
         storm_jitter=args.storm_jitter,
+        storm_concurrency=args.storm_concurrency,
         soak=args.soak,
         loadgen_procs=args.loadgen_procs,
         batch=args.batch,
+        publish_api=args.publish_api,
         concurrency=args.concurrency,
         settle=args.settle,
         pin=args.pin,

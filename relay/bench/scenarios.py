@@ -72,6 +72,7 @@ async def _events(
         "events": count,
         "rate": rate,
         "workers": o.workers,
+        "publish_api": o.publish_api,
         **conn,
         **phase.figures,
     }
@@ -212,9 +213,12 @@ async def storm(bench: Bench) -> ScenarioResult:
     resumed_at = [t for r in resumes for t in r["resumed_at"]]
     dropped = sum(int(r["dropped"]) for r in resumes)
     codes: dict[str, int] = {}
+    handshake_errors: dict[str, int] = {}
     for r in resumes:
         for code, times in r["codes"].items():
             codes[code] = codes.get(code, 0) + int(times)
+        for why, times in r["handshake_errors"].items():
+            handshake_errors[why] = handshake_errors.get(why, 0) + int(times)
     after_kill = [t - t_kill for t in resumed_at]
     everyone = len(resumed_at) >= n
     f = phase.figures
@@ -226,6 +230,7 @@ async def storm(bench: Bench) -> ScenarioResult:
         "rate": o.storm_rate,
         "kill_after_s": o.storm_kill_after,
         "jitter_s": o.storm_jitter,
+        "reconnects_in_flight_max": o.storm_concurrency,
         **conn,
         "dropped": dropped,
         "first_drop_after_s": round(
@@ -241,6 +246,9 @@ async def storm(bench: Bench) -> ScenarioResult:
         "reconnect_attempts": sum(int(r["attempts"]) for r in resumes),
         "close_codes": codes,
         "refused": sum(int(r["refused"]) for r in resumes),
+        "welcome_timeouts": sum(int(r["welcome_timeouts"]) for r in resumes),
+        "handshake_errors": handshake_errors,
+        "stopped_terminal": sum(int(r["stopped_terminal"]) for r in resumes),
         **f,
         "survivor": "b",
     }
