@@ -82,7 +82,7 @@ class AiohttpTransport:
 
     async def close(self, code: int, reason: str) -> None:
         try:
-            await self._ws.close(code=code, message=reason.encode()[:120])
+            await self._ws.close(code=code, message=_close_reason(reason))
         finally:
             # A peer that stopped reading keeps a graceful close pending forever.
             transport = self._request.transport
@@ -93,6 +93,11 @@ class AiohttpTransport:
         transport = self._request.transport
         if transport is not None:
             transport.abort()
+
+
+def _close_reason(reason: str) -> bytes:
+    """A close reason within the 123 bytes a close frame allows, cut on a character."""
+    return reason.encode()[:120].decode("utf-8", "ignore").encode()
 
 
 def _bad_request(code: str, message: str) -> web.Response:
@@ -144,7 +149,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     if format_error is not None:
-        await ws.close(code=CloseCode.PROTOCOL_ERROR, message=format_error.encode()[:120])
+        await ws.close(code=CloseCode.PROTOCOL_ERROR, message=_close_reason(format_error))
         return ws
 
     expires_at: float | None = None
@@ -192,7 +197,7 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, session: Session) ->
     """Answer client frames: ping, ack, and errors for anything else; police the rate."""
     settings = node.settings
     limiter = RateLimiter(settings.client_rate, settings.client_burst)
-    over_limit = 0
+    strikes = RateLimiter(settings.client_rate, settings.client_burst)
     fmt = session.format
     async for msg in ws:
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -200,8 +205,9 @@ async def _read_loop(ws: web.WebSocketResponse, node: Node, session: Session) ->
         if session.closing:
             continue
         if not limiter.allow():
-            over_limit += 1
-            if over_limit > settings.client_burst:
+            # Frames over the rate are dropped. The drops have a budget of their own that
+            # refills at the same rate: bursts are forgiven, a sustained flood is closed.
+            if not strikes.allow():
                 node.metrics.bad_frames.inc()
                 node.spawn(session.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded"))
             continue

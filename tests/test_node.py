@@ -405,3 +405,20 @@ async def test_resume_on_restarted_memory_node_is_not_recovered(
         assert again.welcome["recovered"] is False
     finally:
         await relay.stop()
+
+
+async def test_occasional_bursts_over_the_rate_are_forgiven(listeners: list[Listener]) -> None:
+    """Bursts spread over time are throttled, never closed: only a sustained flood is."""
+    relay = await NodeUnderTest(node_settings(client_rate=10, client_burst=2)).start()
+    try:
+        client = await listen(listeners, relay.ws_url("burst"))
+        for _ in range(3):
+            for _ in range(3):
+                await client.send({"type": "ping"})
+            await asyncio.sleep(0.5)
+        assert client.close_code is None
+        for _ in range(200):
+            await client.send({"type": "ping"})
+        assert await client.wait_closed() == 1008
+    finally:
+        await relay.stop()
