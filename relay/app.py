@@ -121,6 +121,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     # Readiness turns 503 at once; the listener stays open for health checks while
     # sessions are closed in batches, then everything stops.
     await node.drain()
+    # Stop listening first, and let connections accepted in the last instant send their
+    # request (answered 1012/503): aiohttp's cleanup drops the data of a connection it
+    # closes before its first request and then waits shutdown_timeout (5 s) for it.
+    await site.stop()
+    await asyncio.sleep(0.1)
     await runner.cleanup()
     # Closing the loop would restore the default dispositions, and a second SIGTERM
     # (a supervisor repeating itself) would then kill a process that drained cleanly
