@@ -85,14 +85,14 @@ class Session:
     """A client's live connection: position, recovery buffer, send queue, writer."""
 
     __slots__ = (
+        "_closer",
+        "_live",
         "_queue",
         "_queued_bytes",
-        "_wake",
         "_write_now",
         "_writer",
         "client_id",
         "close_code",
-        "closed",
         "closing",
         "connected_at",
         "errors",
@@ -102,7 +102,6 @@ class Session:
         "id",
         "last",
         "limits",
-        "on_overflow",
         "recovering",
         "sending_since",
         "since",
@@ -131,12 +130,12 @@ class Session:
         self.expires_at: float | None = None
         self.errors = 0
         self.closing = False
-        self.closed = False
         self.close_code: int | None = None
         self.sending_since = 0.0  # monotonic start of the write in progress, 0 if none
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
-        self._wake = asyncio.Event()
+        self._live = False  # start() called: the welcome and replay are queued
+        self._closer: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._write_now = getattr(transport, "write_now", None)
 
@@ -160,12 +159,12 @@ class Session:
         if self.closing:
             return
         queue = self._queue
-        # Fast path: nothing queued, nothing in flight and room in the socket's buffer,
-        # so the frame goes out now without waking the writer task.
+        # Fast path: live, nothing queued, no write in flight and room in the socket's
+        # buffer, so the frame goes out now without a writer task.
         if (
-            not queue
-            and not self.sending_since
-            and self._writer is not None
+            self._live
+            and not queue
+            and self._writer is None
             and self._write_now is not None
             and self._write_now(frame)
         ):
@@ -177,8 +176,8 @@ class Session:
             return
         queue.append(frame)
         self._queued_bytes += len(frame)
-        if len(queue) == 1:
-            self._wake.set()
+        if self._live and self._writer is None:
+            self._start_writer()
 
     def overflow(self) -> None:
         """The client does not keep up: drop what is queued and close with 4508."""
@@ -191,7 +190,7 @@ class Session:
         )
         self._queue.clear()
         self._queued_bytes = 0
-        asyncio.get_running_loop().create_task(
+        self._closer = asyncio.get_running_loop().create_task(
             self.close(CloseCode.TOO_SLOW, "send queue overflow", flush=False)
         )
 
@@ -202,18 +201,19 @@ class Session:
     # -- writer ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._writer = asyncio.get_running_loop().create_task(
-            self._write_loop(), name=f"relay-writer-{self.id}"
-        )
+        """Let frames flow: what was queued during recovery first, in order."""
+        self._live = True
+        if self._queue and self._writer is None:
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        # A writer task exists only while frames wait: an idle session costs no task.
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
         queue, send = self._queue, self.transport.send
         try:
-            while True:
-                if not queue:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
+            while queue:
                 frame = queue.popleft()
                 self._queued_bytes -= len(frame)
                 self.sending_since = time.monotonic()
@@ -225,9 +225,11 @@ class Session:
             log.debug("session.write_failed", session=self.id, error=type(exc).__name__)
             self.closing = True
             self._queue.clear()
+            self._queued_bytes = 0
+        self._writer = None
 
     async def _drained(self) -> None:
-        while self._queue or self.sending_since:
+        while self._queue or self._writer is not None:
             await asyncio.sleep(0.01)
 
     async def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
@@ -240,7 +242,7 @@ class Session:
             return
         self.closing = True
         self.close_code = int(code)
-        if flush and self._writer is not None and not self._writer.done():
+        if flush and self._live:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained(), self.limits.close_flush_timeout)
             if self.limits.close_linger > 0:
