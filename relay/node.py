@@ -69,6 +69,9 @@ class Node:
         self._ttl_ms = settings.history_ttl * 1000
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._repair_again: set[str] = set()
+        # (client_id, session) whose record could not be released (engine unavailable);
+        # retried after each heartbeat, or it would read online while this node lives.
+        self._unreleased: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self.log = log.bind(node=self.id)
@@ -148,6 +151,8 @@ class Node:
         while True:
             try:
                 await self.engine.heartbeat(len(self.sessions))
+                if self._unreleased:
+                    await self._retry_releases()
             except EngineError as exc:
                 self.log.warning("node.heartbeat_failed", error=str(exc))
             await asyncio.sleep(interval)
@@ -327,11 +332,26 @@ class Node:
         try:
             if self.hub.remove(session.client_id, session):
                 await self.engine.unsubscribe(session.client_id)
-            released = await self.engine.release_session(session.client_id, session.id)
-            if released and self.settings.duplicates == "allow":
-                await self._reclaim_for_peers(session.client_id)
+            await self._release(session.client_id, session.id)
         except EngineError as exc:
+            # A session that went live wrote its record; one that failed while
+            # connecting (Redis down) almost surely did not, and is not kept.
+            if not session.recovering:
+                self._unreleased.add((session.client_id, session.id))
             self.log.warning("session.release_failed", session=session.id, error=str(exc))
+
+    async def _release(self, client_id: str, session_id: str) -> None:
+        released = await self.engine.release_session(client_id, session_id)
+        if released and self.settings.duplicates == "allow":
+            await self._reclaim_for_peers(client_id)
+
+    async def _retry_releases(self) -> None:
+        """Release the records left behind while the engine was unavailable (fenced)."""
+        count = len(self._unreleased)
+        for key in list(self._unreleased):
+            await self._release(*key)
+            self._unreleased.discard(key)
+        self.log.info("session.releases_retried", count=count)
 
     async def _reclaim_for_peers(self, client_id: str) -> None:
         """With duplicates allowed, keep the record while another local session remains."""
