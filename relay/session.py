@@ -203,7 +203,10 @@ class Session:
     def start(self) -> None:
         """Let frames flow: what was queued during recovery first, in order."""
         self._live = True
-        if self._queue and self._writer is None:
+        queue, write_now = self._queue, self._write_now
+        while queue and write_now is not None and write_now(queue[0]):
+            self._queued_bytes -= len(queue.popleft())
+        if queue and self._writer is None:
             self._start_writer()
 
     def _start_writer(self) -> None:
