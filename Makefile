@@ -36,6 +36,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check relay backend_adapter tests
 	$(VENV)/bin/mypy
 
+# Redis + N relay nodes + nginx on loopback (deploy/local-cluster.sh); Ctrl-C stops them.
+# nginx on PORT, Redis on PORT+1, nodes on PORT+2...; NODES=5 for more nodes.
+cluster: $(STAMP)
+	deploy/local-cluster.sh run -n $(or $(NODES),3) --base-port $(PORT)
+
 bench: $(STAMP)
 	$(PY) -m relay.bench $(BENCH_ARGS)
 
