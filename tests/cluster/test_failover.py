@@ -18,7 +18,14 @@ import aiohttp
 import pytest
 
 from tests.cluster.conftest import MakeCluster
-from tests.cluster.support import Fleet, TickPublisher, missing_and_extra, readyz, wait_delivered
+from tests.cluster.support import (
+    Fleet,
+    TickPublisher,
+    get_json,
+    missing_and_extra,
+    readyz,
+    wait_delivered,
+)
 
 CLIENTS = 300
 TICK = 1.0  # seconds: CLIENTS events per second in all
@@ -120,6 +127,9 @@ async def test_sigterm_drains_a_node_under_load_clients_resume_and_it_exits_0(
             assert refused.value.status == 503
             code = await cluster.wait_exit(2, SETTINGS["drain_grace"] + 10)
             exited_after = time.monotonic() - termed_at
+            # Deregistered on the way out, not left to expire.
+            _, body = await get_json(http, f"{cluster.node_http(1)}/api/nodes")
+            assert [n["node"] for n in body["nodes"]] == ["node1", "node3"]
             await fleet.wait(
                 lambda: all(c.node not in (None, "node2") for c in victims),
                 20,
@@ -141,6 +151,9 @@ async def test_sigterm_drains_a_node_under_load_clients_resume_and_it_exits_0(
         drained = [cl for cl in closes if cl.welcomed]
         bounced = [cl for cl in closes if not cl.welcomed]
         assert {cl.code for cl in drained} == {1012}, {cl.code for cl in drained}
+        # Staggered: the closes spread over most of the grace period, not one burst.
+        spread_s = max(cl.at for cl in drained) - min(cl.at for cl in drained)
+        assert spread_s > 0.4 * SETTINGS["drain_grace"], spread_s
         assert all(not c.welcomes_after(termed_at) for c in others), "survivors' clients moved"
         rewelcomes = [w for c in victims for w in c.welcomes_after(termed_at)]
         assert all(w.recovered is True for w in rewelcomes)
@@ -153,7 +166,8 @@ async def test_sigterm_drains_a_node_under_load_clients_resume_and_it_exits_0(
             f" {connect_time:.2f} s; node2 drained {len(victims)} clients with"
             f" drain_grace={SETTINGS['drain_grace']} s (RSS {rss} kB): /readyz 503 after"
             f" {not_ready_after * 1000:.0f} ms, exit code {code} after {exited_after:.2f} s;"
-            f" {len(drained)} sessions closed 1012, {len(bounced)} reconnects refused"
+            f" {len(drained)} sessions closed 1012 in batches spread over {spread_s:.2f} s,"
+            f" {len(bounced)} reconnects refused"
             f" (closed without a welcome) on the way; last client re-welcomed {moved:.3f} s"
             f" after SIGTERM; from its 1012 to its next welcome per client: {_summary(per_client)};"
             f" {publisher.total} events accepted, 0 lost, {fleet.duplicates} duplicates dropped,"

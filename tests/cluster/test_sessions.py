@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from backend_adapter import AsyncPublisher
 from tests.cluster.conftest import MakeCluster
@@ -221,3 +222,27 @@ async def test_client_of_a_dead_node_goes_offline_when_its_node_key_expires(
         f" /api/clients) {offline_after:.2f} s after kill -9 (node TTL 3 s with heartbeat 5 s);"
         f" /api/nodes and `relay nodes` list node1 only"
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: with --duplicates allow the registry keeps one record per client_id;"
+    " when its holder (node2) goes, node2 deletes it although node1 still serves a session",
+)
+async def test_duplicates_allow_client_stays_online_while_a_session_lives_elsewhere(
+    make_cluster: MakeCluster,
+) -> None:
+    """--duplicates allow: closing the session on node2 leaves the one on node1 online."""
+    cluster = await make_cluster(2, duplicates="allow", **SETTINGS)
+    async with aiohttp.ClientSession() as http, AsyncPublisher(cluster.redis_url) as publisher:
+        one = await Conn(http, cluster.node_ws(1, "fan2")).open()
+        await asyncio.wait_for(one.welcomed.wait(), 5)
+        two = await Conn(http, cluster.node_ws(2, "fan2")).open()
+        await asyncio.wait_for(two.welcomed.wait(), 5)
+        await two.close()
+        await asyncio.sleep(0.3)
+        try:
+            assert not one.closed.is_set()
+            assert await publisher.is_online("fan2")
+        finally:
+            await one.close()
