@@ -69,6 +69,7 @@ from relay.engine import (
     NodeInfo,
     SessionRecord,
 )
+from relay.engines._batch import Batcher
 from relay.errors import (
     ConfigError,
     EngineError,
@@ -295,6 +296,7 @@ class RedisEngine:
                 raise ConfigError(f"invalid redis URL: {exc}") from None
         self._pool = connection_pool
         self._redis = aioredis.Redis(connection_pool=connection_pool)
+        self._batch = Batcher(connection_pool, command_timeout)
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
         self._history_script = self._redis.register_script(HISTORY_LUA)
         self._claim_script = self._redis.register_script(_CLAIM_LUA)
@@ -360,6 +362,7 @@ class RedisEngine:
                         await pipe.execute()
             except EngineError as exc:
                 self._log.warning("engine.deregister_failed", error=str(exc))
+        await self._batch.close()
         try:
             await self._redis.aclose(close_connection_pool=self._owns_pool)
         except Exception as exc:
@@ -383,7 +386,7 @@ class RedisEngine:
             dedupe_window=opts.dedupe_window,
         )
         async with self._guard("publish"):
-            reply = await self._publish_script(keys=keys, args=args)
+            reply = await self._evalsha(self._publish_script, keys, args)
         return parse_publish_reply(reply)
 
     async def history(self, biz_id: str, since: StreamId | None, limit: int) -> History:
@@ -399,22 +402,28 @@ class RedisEngine:
         return dataclasses.replace(result, epoch_ms=int(epoch))
 
     async def _history_and_epoch(self, log_key: str, args: list[str | int]) -> list[Any]:
-        """The epoch and the history script in one round trip; scripts loaded on NOSCRIPT."""
-        scripts = (self._epoch_script, self._history_script)
+        """The epoch and the history script, sent together: one round trip."""
+        epoch, history = self._epoch_script, self._history_script
         for attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.evalsha(self._epoch_script.sha, 1, self._epoch_key)
-            pipe.evalsha(self._history_script.sha, 1, log_key, *args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, redis_errors.NoScriptError) for r in replies):
-                for script in scripts:
+            try:
+                return await self._batch.call_many(
+                    ("EVALSHA", epoch.sha, 1, self._epoch_key),
+                    ("EVALSHA", history.sha, 1, log_key, *args),
+                )
+            except redis_errors.NoScriptError:
+                if attempt:
+                    raise
+                for script in (epoch, history):
                     script.sha = await self._redis.script_load(script.script)
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return replies
-        raise EngineError("redis kept forgetting the history script")
+        raise EngineError("unreachable")
+
+    async def _evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a registered script through the batcher; load it once on NOSCRIPT."""
+        try:
+            return await self._batch.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis_errors.NoScriptError:
+            script.sha = await self._redis.script_load(script.script)
+            return await self._batch.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def subscribe(self, biz_id: str) -> None:
         """Subscribe; returns when Redis confirmed it, EngineUnavailable if it did not in time.
@@ -433,21 +442,25 @@ class RedisEngine:
         validate_client_id(record.client_id)
         args = [record.node, record.session, record.since or "", repr(record.connected_at)]
         async with self._guard("claim_session"):
-            flat = await self._claim_script(keys=[self._keys.session(record.client_id)], args=args)
+            flat = await self._evalsha(
+                self._claim_script, [self._keys.session(record.client_id)], args
+            )
         return _session_record(record.client_id, flat)
 
     async def release_session(self, client_id: str, session: str) -> bool:
         validate_client_id(client_id)
         async with self._guard("release_session"):
-            removed = await self._release_script(
-                keys=[self._keys.session(client_id)], args=[session]
+            removed = await self._evalsha(
+                self._release_script, [self._keys.session(client_id)], [session]
             )
         return bool(removed)
 
     async def record_ack(self, client_id: str, session: str, message_id: str) -> None:
         validate_client_id(client_id)
         async with self._guard("record_ack"):
-            await self._ack_script(keys=[self._keys.session(client_id)], args=[session, message_id])
+            await self._evalsha(
+                self._ack_script, [self._keys.session(client_id)], [session, message_id]
+            )
 
     async def client_status(self, client_id: str) -> ClientStatus:
         """Online only if a record exists and its node is alive; the record is shown anyway."""
@@ -566,6 +579,8 @@ class _Session:
     awaiting: set[bytes] = field(default_factory=set)
     live: bool = False
     live_at: float = 0.0
+    outbox: list[tuple[bytes, bytes]] = field(default_factory=list)  # (UN)SUBSCRIBEs to write
+    writes: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class _Subscriber:
@@ -746,7 +761,10 @@ class _Subscriber:
             dispatch(session, await read(timeout=math.inf))
 
     async def _send(self, command: bytes, channel: bytes) -> None:
-        """SUBSCRIBE or UNSUBSCRIBE on the live connection; the next one resubscribes anyway."""
+        """SUBSCRIBE or UNSUBSCRIBE on the live connection; the next one resubscribes anyway.
+
+        Returns at once: the command is written with the others of this loop turn.
+        """
         session = self._session
         if session is None or not session.conn.is_connected:
             return
@@ -764,8 +782,29 @@ class _Subscriber:
                 session.awaiting.discard(channel)
                 if not session.awaiting:
                     self._session_live(session)
+        # Commands of one loop turn go out as one write, consecutive ones of a kind merged
+        # (a reconnect storm subscribes thousands of channels at once).
+        session.outbox.append((command, channel))
+        if len(session.outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_outbox, session)
+
+    def _flush_outbox(self, session: _Session) -> None:
+        pending, session.outbox = session.outbox, []
+        commands: list[list[bytes]] = []
+        for command, channel in pending:
+            if commands and commands[-1][0] == command and len(commands[-1]) <= _BATCH:
+                commands[-1].append(channel)
+            else:
+                commands.append([command, channel])
+        task = asyncio.ensure_future(self._write(session, commands))
+        session.writes.add(task)
+        task.add_done_callback(session.writes.discard)
+
+    async def _write(self, session: _Session, commands: list[list[bytes]]) -> None:
         try:
-            await session.conn.send_command(command, channel, check_health=False)
+            conn = session.conn
+            if conn.is_connected:
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         except Exception as exc:
             self._log.debug("engine.send_failed", error=type(exc).__name__)
             if self._session is session and self._reader is not None:
