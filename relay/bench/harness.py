@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import math
 import shutil
+import signal
 import sys
 import time
 from array import array
@@ -184,7 +185,6 @@ class Bench:
     ) -> None:
         self.options = options
         self.progress = progress
-        self.out = options.out
         self.log_dir = options.out / "logs"
         self.children: list[Child] = []
         self.started = [] if started is None else started  # every pid started, for the record
@@ -219,12 +219,19 @@ class Bench:
         self.started.extend(child.pids() or [child.pid])
 
     async def stop(self, *children: Child) -> None:
+        """Stop ``children``, last started first; a second Ctrl-C kills the rest outright."""
+        cancelled = False
         for child in reversed(children):
             try:
                 await asyncio.shield(child.stop())
+            except asyncio.CancelledError:
+                cancelled = True
+                child.kill_group(signal.SIGKILL)
             finally:
                 if child in self.children:
                     self.children.remove(child)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def node(self, name: str, *, workers: int = 1) -> tuple[Child, str]:
         """A fresh ``relay serve`` on a free port; returns it and its ws:// base URL."""

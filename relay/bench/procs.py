@@ -258,7 +258,12 @@ async def start_redis(log_dir: Path, cpus: frozenset[int] | None = None) -> tupl
         "--daemonize", "no",
     ]  # fmt: skip
     child = await Child.spawn("redis", argv, log_dir / "redis.log", cpus=cpus)
-    await wait_port(port, 10.0, child)
+    try:
+        await wait_port(port, 10.0, child)
+    except BaseException:
+        await child.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
     return child, port, data_dir
 
 
@@ -287,11 +292,15 @@ async def start_node(
         *extra,
     ]  # fmt: skip
     child = await Child.spawn(f"node {name}", argv, log_dir / f"node-{name}.log", cpus=cpus)
-    await wait_port(port, 30.0, child)
-    # With --workers every worker binds its own socket (SO_REUSEPORT): wait for all.
-    deadline = time.monotonic() + 30
-    while listeners(port) < workers:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{child.name}: {listeners(port)} of {workers} workers listen")
-        await asyncio.sleep(0.05)
+    try:
+        await wait_port(port, 30.0, child)
+        # With --workers every worker binds its own socket (SO_REUSEPORT): wait for all.
+        deadline = time.monotonic() + 30
+        while listeners(port) < workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name}: {listeners(port)} of {workers} workers listen")
+            await asyncio.sleep(0.05)
+    except BaseException:
+        await child.stop()
+        raise
     return child
