@@ -90,6 +90,10 @@ class Settings:
     max_connections: int = field(
         default=20000, metadata={"help": "connections per node (1013 beyond)"}
     )
+    max_pending_connects: int = field(
+        default=256,
+        metadata={"help": "handshakes in progress per node; beyond, 1013 (herd control)"},
+    )
     client_rate: float = field(
         default=20.0, metadata={"help": "inbound frames per second per session"}
     )

@@ -141,7 +141,12 @@ class Engine(Protocol):
     # -- registry --------------------------------------------------------------------
 
     async def claim_session(self, record: SessionRecord) -> SessionRecord | None:
-        """Record ``record`` as the holder of its client_id; return the one it replaced."""
+        """Record ``record`` as the holder of its client_id; return the previous holder.
+
+        The newest claim wins, except that a handshake which began earlier on the same
+        node never displaces a later one (a client that gave up on a slow attempt and
+        reconnected): then the record is left alone and the later holder is returned.
+        """
 
     async def release_session(self, client_id: str, session: str) -> bool:
         """Remove the record only if ``session`` still holds it (fencing). True if removed."""

@@ -68,6 +68,7 @@ class Node:
         self.started_at = 0.0
         self._ttl_ms = settings.history_ttl * 1000
         self._subscribing: dict[str, asyncio.Future[None]] = {}
+        self._pending_connects = 0
         self._repair_again: set[str] = set()
         # (client_id, session) whose record could not be released (engine unavailable);
         # retried after each heartbeat, or it would read online while this node lives.
@@ -182,14 +183,42 @@ class Node:
         *,
         since: StreamId | None = None,
         expires_at: float | None = None,
+        started_at: float | None = None,
     ) -> Session:
-        """Open a session: claim, subscribe, replay, go live. Raises NodeUnavailable."""
+        """Open a session: claim, subscribe, replay, go live. Raises NodeUnavailable.
+
+        ``started_at`` is when the handshake arrived: of two handshakes of one client on
+        this node, the later one wins even if the earlier one finishes last.
+        """
         if not self.accepting:
             raise NodeUnavailable("node is draining", CloseCode.SERVICE_RESTART)
         if len(self.sessions) >= self.settings.max_connections:
             raise NodeUnavailable("connection limit reached", CloseCode.TRY_AGAIN_LATER)
+        if not self.engine.ready:
+            # Redis is down or hung: a session could not be proven live. Back off and retry.
+            raise NodeUnavailable("broker unavailable", CloseCode.TRY_AGAIN_LATER)
+        if self._pending_connects >= self.settings.max_pending_connects:
+            # A reconnect herd: refuse cheaply now rather than time everyone out later.
+            raise NodeUnavailable("too many connects at once", CloseCode.TRY_AGAIN_LATER)
+        self._pending_connects += 1
+        try:
+            return await self._connect(client_id, fmt, transport, since, expires_at, started_at)
+        finally:
+            self._pending_connects -= 1
+
+    async def _connect(
+        self,
+        client_id: str,
+        fmt: Format,
+        transport: Transport,
+        since: StreamId | None,
+        expires_at: float | None,
+        started_at: float | None,
+    ) -> Session:
         session = Session(client_id, _new_session_id(), fmt, transport, self.limits, since)
         session.expires_at = expires_at
+        if started_at is not None:
+            session.connected_at = started_at
         self.sessions[session.id] = session
         self.by_client.setdefault(client_id, []).append(session)
         try:
@@ -267,6 +296,10 @@ class Node:
         )
         old = await self.engine.claim_session(record)
         if self.settings.duplicates != "replace" or old is None or old.session == session.id:
+            return
+        if old.node == self.id and old.connected_at > record.connected_at:
+            # A later handshake of this client already holds it: this one is stale.
+            self.spawn(session.close(CloseCode.REPLACED, "a newer session exists"))
             return
         self.log.info(
             "session.replaced", client_id=session.client_id, old=old.session, old_node=old.node

@@ -9,6 +9,7 @@ status (DESIGN.md, close-code table; docs/security.md). Unexpected errors close 
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 import structlog
@@ -113,6 +114,7 @@ def _origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    started_at = time.time()
     node = request.app[NODE_KEY]
     settings = node.settings
     client_id = request.match_info["client_id"]
@@ -167,7 +169,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 
     transport = AiohttpTransport(ws, request, fmt, bool(ws.compress))
     try:
-        session = await node.connect(client_id, fmt, transport, since=since, expires_at=expires_at)
+        session = await node.connect(
+            client_id, fmt, transport, since=since, expires_at=expires_at, started_at=started_at
+        )
     except NodeUnavailable as exc:
         await ws.close(code=exc.close_code, message=str(exc).encode())
         return ws

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -422,3 +423,41 @@ async def test_occasional_bursts_over_the_rate_are_forgiven(listeners: list[List
         assert await client.wait_closed() == 1008
     finally:
         await relay.stop()
+
+
+class _RecordingTransport:
+    """A socket double for sessions opened directly on the node."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.closed_with: int | None = None
+
+    async def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed_with = code
+
+    def abort(self) -> None:
+        self.closed_with = self.closed_with or 1006
+
+
+async def test_stale_handshake_finishing_last_does_not_replace_newer(make_node: MakeNode) -> None:
+    """A client's abandoned slow attempt that completes late is closed, not its live session."""
+    from relay.protocol import Format
+
+    relay = await make_node()
+    node = relay.node
+    live, stale = _RecordingTransport(), _RecordingTransport()
+    now = time.time()
+    newer = await node.connect("twice", Format.JSON, live, started_at=now)
+    older = await node.connect("twice", Format.JSON, stale, started_at=now - 10)
+    for _ in range(100):
+        if stale.closed_with is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert stale.closed_with == 4000
+    assert live.closed_with is None and not newer.closing
+    assert (await node.engine.client_status("twice")).session == newer.id
+    await node.disconnect(older)
+    await node.disconnect(newer)

@@ -157,6 +157,8 @@ class MemoryEngine:
 
     async def claim_session(self, record: SessionRecord) -> SessionRecord | None:
         old = self._sessions.get(record.client_id)
+        if old is not None and old.node == record.node and old.connected_at > record.connected_at:
+            return old  # a later handshake on this node already holds it
         self._sessions[record.client_id] = record
         self._acks.pop(record.client_id, None)
         return old

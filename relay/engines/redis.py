@@ -110,6 +110,11 @@ _CLIENT_NAME_UNSAFE: Final = re.compile(r"[^!-~]")
 # Registry scripts. Each touches one key, so they run in Redis Cluster too.
 _CLAIM_LUA: Final = """
 local old = redis.call('HGETALL', KEYS[1])
+-- A handshake that began earlier on the same node (same clock) never displaces a later one.
+local holder = redis.call('HMGET', KEYS[1], 'node', 'connected_at')
+if holder[1] == ARGV[1] and holder[2] and tonumber(holder[2]) > tonumber(ARGV[4]) then
+  return old
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since', ARGV[3],
            'connected_at', ARGV[4])

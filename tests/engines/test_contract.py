@@ -307,6 +307,21 @@ async def test_claim_session_returns_previous_record(harness: Harness) -> None:
     assert (status.session, status.since) == ("s2", None)
 
 
+async def test_claim_session_stale_handshake_on_same_node_does_not_displace(
+    harness: Harness,
+) -> None:
+    """A handshake that began earlier on this node loses to the later one, whatever order."""
+    engine = harness.engine
+    later = SessionRecord("stale", harness.node_id, "later", None, 2000.0)
+    earlier = SessionRecord("stale", harness.node_id, "earlier", None, 1000.0)
+    assert await engine.claim_session(later) is None
+    assert await engine.claim_session(earlier) == later
+    assert (await engine.client_status("stale")).session == "later"
+    elsewhere = SessionRecord("stale", "other-node", "elsewhere", None, 1500.0)
+    assert await engine.claim_session(elsewhere) == later
+    assert (await engine.client_status("stale")).session == "elsewhere"
+
+
 async def test_release_session_is_fenced(harness: Harness) -> None:
     """A late release by a replaced session leaves the newer record alone."""
     engine = harness.engine
