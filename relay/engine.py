@@ -140,8 +140,14 @@ class Engine(Protocol):
 
     # -- registry --------------------------------------------------------------------
 
-    async def claim_session(self, record: SessionRecord) -> SessionRecord | None:
+    async def claim_session(
+        self, record: SessionRecord, *, exclusive: bool = True
+    ) -> SessionRecord | None:
         """Record ``record`` as the holder of its client_id; return the previous holder.
+
+        ``exclusive`` (``--duplicates replace``) forgets every other session of the
+        client_id; otherwise the record lists every live session, names the newest, and
+        a release hands it to another live session instead of deleting it.
 
         The newest claim wins, except that a handshake which began earlier on the same
         node never displaces a later one (a client that gave up on a slow attempt and
@@ -149,7 +155,9 @@ class Engine(Protocol):
         """
 
     async def release_session(self, client_id: str, session: str) -> bool:
-        """Remove the record only if ``session`` still holds it (fencing). True if removed."""
+        """Forget ``session``; the record goes only if it named it and no other session
+        remains (fencing: a replaced session's late release changes nothing). True if the
+        record named it."""
 
     async def record_ack(self, client_id: str, session: str, message_id: str) -> None:
         """Store the last id the session acknowledged (only if it still holds the record)."""

@@ -294,8 +294,9 @@ class Node:
             format_id(session.since) if session.since else None,
             session.connected_at,
         )
-        old = await self.engine.claim_session(record)
-        if self.settings.duplicates != "replace" or old is None or old.session == session.id:
+        replace = self.settings.duplicates == "replace"
+        old = await self.engine.claim_session(record, exclusive=replace)
+        if not replace or old is None or old.session == session.id:
             return
         if old.node == self.id and old.connected_at > record.connected_at:
             # A later handshake of this client already holds it: this one is stale.
@@ -374,9 +375,7 @@ class Node:
             self.log.warning("session.release_failed", session=session.id, error=str(exc))
 
     async def _release(self, client_id: str, session_id: str) -> None:
-        released = await self.engine.release_session(client_id, session_id)
-        if released and self.settings.duplicates == "allow":
-            await self._reclaim_for_peers(client_id)
+        await self.engine.release_session(client_id, session_id)
 
     async def _retry_releases(self) -> None:
         """Release the records left behind while the engine was unavailable (fenced)."""
@@ -385,12 +384,6 @@ class Node:
             await self._release(*key)
             self._unreleased.discard(key)
         self.log.info("session.releases_retried", count=count)
-
-    async def _reclaim_for_peers(self, client_id: str) -> None:
-        """With duplicates allowed, keep the record while another local session remains."""
-        peers = self.by_client.get(client_id)
-        if peers:
-            await self._claim(peers[-1])
 
     async def acknowledge(self, session: Session, message_id: StreamId) -> None:
         try:

@@ -52,7 +52,8 @@ class MemoryEngine:
         self._streams: dict[str, _Stream] = {}
         self._mids: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
         self._subscribed: set[str] = set()
-        self._sessions: dict[str, SessionRecord] = {}
+        self._sessions: dict[str, SessionRecord] = {}  # the newest session per client_id
+        self._live_sessions: dict[str, dict[str, SessionRecord]] = {}
         self._acks: dict[str, str] = {}
         self._handler: EngineHandler | None = None
         self._node_id = ""
@@ -155,19 +156,36 @@ class MemoryEngine:
 
     # -- registry --------------------------------------------------------------------
 
-    async def claim_session(self, record: SessionRecord) -> SessionRecord | None:
-        old = self._sessions.get(record.client_id)
-        if old is not None and old.node == record.node and old.connected_at > record.connected_at:
-            return old  # a later handshake on this node already holds it
-        self._sessions[record.client_id] = record
-        self._acks.pop(record.client_id, None)
+    async def claim_session(
+        self, record: SessionRecord, *, exclusive: bool = True
+    ) -> SessionRecord | None:
+        client_id = record.client_id
+        old = self._sessions.get(client_id)
+        live = self._live_sessions.setdefault(client_id, {})
+        if exclusive:
+            if (
+                old is not None
+                and old.node == record.node
+                and old.connected_at > record.connected_at
+            ):
+                return old  # a later handshake on this node already holds it
+            live.clear()
+            self._acks.pop(client_id, None)
+        live[record.session] = record
+        self._sessions[client_id] = record
         return old
 
     async def release_session(self, client_id: str, session: str) -> bool:
+        live = self._live_sessions.get(client_id, {})
+        live.pop(session, None)
         record = self._sessions.get(client_id)
         if record is None or record.session != session:
             return False
+        if live:
+            self._sessions[client_id] = next(reversed(live.values()))
+            return True
         del self._sessions[client_id]
+        self._live_sessions.pop(client_id, None)
         self._acks.pop(client_id, None)
         return True
 

@@ -108,23 +108,37 @@ _BATCH: Final = 1000  # channels per SUBSCRIBE command when resubscribing
 _CLIENT_NAME_UNSAFE: Final = re.compile(r"[^!-~]")
 
 # Registry scripts. Each touches one key, so they run in Redis Cluster too.
+# A session record names the newest session (node, session, since, connected_at,
+# last_ack) and lists every live one as ``s:<session> = <node>``; with duplicates replaced
+# that list has one entry.
 _CLAIM_LUA: Final = """
 local old = redis.call('HGETALL', KEYS[1])
--- A handshake that began earlier on the same node (same clock) never displaces a later one.
-local holder = redis.call('HMGET', KEYS[1], 'node', 'connected_at')
-if holder[1] == ARGV[1] and holder[2] and tonumber(holder[2]) > tonumber(ARGV[4]) then
-  return old
+if ARGV[5] == '1' then
+  -- A handshake that began earlier on the same node (same clock) never displaces a later one.
+  local holder = redis.call('HMGET', KEYS[1], 'node', 'connected_at')
+  if holder[1] == ARGV[1] and holder[2] and tonumber(holder[2]) > tonumber(ARGV[4]) then
+    return old
+  end
+  redis.call('DEL', KEYS[1])
 end
-redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since', ARGV[3],
-           'connected_at', ARGV[4])
+           'connected_at', ARGV[4], 's:' .. ARGV[2], ARGV[1])
 return old
 """
 _RELEASE_LUA: Final = """
-if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[1], 's:' .. ARGV[1])
+if redis.call('HGET', KEYS[1], 'session') ~= ARGV[1] then
+  return 0
 end
-return 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, 2) == 's:' then
+    redis.call('HSET', KEYS[1], 'session', string.sub(all[i], 3), 'node', all[i + 1])
+    return 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return 1
 """
 # The dataset's epoch: the Redis clock when Relay first saw this dataset. A restart without
 # persistence or a FLUSHALL deletes it, so history older than it cannot be vouched for.
@@ -443,9 +457,17 @@ class RedisEngine:
 
     # -- registry ----------------------------------------------------------------------
 
-    async def claim_session(self, record: SessionRecord) -> SessionRecord | None:
+    async def claim_session(
+        self, record: SessionRecord, *, exclusive: bool = True
+    ) -> SessionRecord | None:
         validate_client_id(record.client_id)
-        args = [record.node, record.session, record.since or "", repr(record.connected_at)]
+        args = [
+            record.node,
+            record.session,
+            record.since or "",
+            repr(record.connected_at),
+            "1" if exclusive else "0",
+        ]
         async with self._guard("claim_session"):
             flat = await self._evalsha(
                 self._claim_script, [self._keys.session(record.client_id)], args

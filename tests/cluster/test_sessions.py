@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from backend_adapter import AsyncPublisher
 from tests.cluster.conftest import MakeCluster
@@ -224,11 +223,6 @@ async def test_client_of_a_dead_node_goes_offline_when_its_node_key_expires(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: with --duplicates allow the registry keeps one record per client_id;"
-    " when its holder (node2) goes, node2 deletes it although node1 still serves a session",
-)
 async def test_duplicates_allow_client_stays_online_while_a_session_lives_elsewhere(
     make_cluster: MakeCluster,
 ) -> None:

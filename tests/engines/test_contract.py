@@ -322,6 +322,23 @@ async def test_claim_session_stale_handshake_on_same_node_does_not_displace(
     assert (await engine.client_status("stale")).session == "elsewhere"
 
 
+async def test_claim_session_shared_record_survives_while_a_session_lives(
+    harness: Harness,
+) -> None:
+    """Non-exclusive claims: releasing the newest hands the record to a live one."""
+    engine = harness.engine
+    first = SessionRecord("fan", harness.node_id, "one", None, 1000.0)
+    second = SessionRecord("fan", harness.node_id, "two", None, 2000.0)
+    assert await engine.claim_session(first, exclusive=False) is None
+    assert await engine.claim_session(second, exclusive=False) == first
+    assert await engine.release_session("fan", "two")
+    status = await engine.client_status("fan")
+    assert status.online and status.session == "one"
+    assert not await engine.release_session("fan", "two")
+    assert await engine.release_session("fan", "one")
+    assert not (await engine.client_status("fan")).online
+
+
 async def test_release_session_is_fenced(harness: Harness) -> None:
     """A late release by a replaced session leaves the newer record alone."""
     engine = harness.engine
