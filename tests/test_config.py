@@ -42,7 +42,7 @@ def test_settings_invalid_number_names_the_flag() -> None:
 
 def test_settings_refuse_open_node_without_secret() -> None:
     """No secret and no --allow-anonymous: the error says which flag to add."""
-    with pytest.raises(ConfigError, match="--auth-secret .* --allow-anonymous"):
+    with pytest.raises(ConfigError, match=r"--auth-secret .* --allow-anonymous"):
         Settings().check_auth()
     Settings(allow_anonymous=True).check_auth()
     Settings(auth_secret=("s",)).check_auth()
