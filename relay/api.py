@@ -34,9 +34,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """API errors as JSON; never a traceback."""
-    if not request.path.startswith("/api/"):
-        return await handler(request)
-    node = request.app[NODE_KEY]
+    node = request.config_dict[NODE_KEY]
     api_key = node.settings.api_key
     if not api_key:
         return _error(404, "api_disabled", "the HTTP API is off: start the node with --api-key")
@@ -71,7 +69,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 async def publish(request: web.Request) -> web.Response:
     body = await _body(request)
-    node = request.app[NODE_KEY]
+    node = request.config_dict[NODE_KEY]
     biz_id, event = body.get("biz_id"), body.get("event")
     if not isinstance(biz_id, str) or not isinstance(event, str):
         raise InvalidInput("'biz_id' and 'event' are required strings")
@@ -88,7 +86,7 @@ async def publish(request: web.Request) -> web.Response:
 
 async def client_status(request: web.Request) -> web.Response:
     client_id = validate_client_id(request.match_info["client_id"])
-    status = await request.app[NODE_KEY].engine.client_status(client_id)
+    status = await request.config_dict[NODE_KEY].engine.client_status(client_id)
     return _json(
         {
             "client_id": status.client_id,
@@ -103,14 +101,14 @@ async def client_status(request: web.Request) -> web.Response:
 
 async def kick_client(request: web.Request) -> web.Response:
     client_id = validate_client_id(request.match_info["client_id"])
-    found = await request.app[NODE_KEY].kick(client_id)
+    found = await request.config_dict[NODE_KEY].kick(client_id)
     if not found:
         return _error(404, "not_found", "no session of this client_id is known")
     return _json({"client_id": client_id, "kicked": True})
 
 
 async def nodes(request: web.Request) -> web.Response:
-    infos = await request.app[NODE_KEY].engine.nodes()
+    infos = await request.config_dict[NODE_KEY].engine.nodes()
     return _json(
         {
             "nodes": [
@@ -127,11 +125,11 @@ async def nodes(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok", "node": request.app[NODE_KEY].id})
+    return _json({"status": "ok", "node": request.config_dict[NODE_KEY].id})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    node = request.app[NODE_KEY]
+    node = request.config_dict[NODE_KEY]
     if node.ready:
         return _json({"status": "ready", "node": node.id})
     reason = "draining" if node.draining else "engine not ready" if node.accepting else "starting"
@@ -139,15 +137,22 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[NODE_KEY].metrics.render()
+    body = request.config_dict[NODE_KEY].metrics.render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/publish", publish)
-    app.router.add_get("/api/clients/{client_id}", client_status)
-    app.router.add_delete("/api/clients/{client_id}", kick_client)
-    app.router.add_get("/api/nodes", nodes)
+    """Health and metrics on ``app``; the API on a sub-application with its own middleware.
+
+    WebSocket routes stay outside any middleware: a middleware's frame would live as long
+    as each connection.
+    """
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    api = web.Application(middlewares=[error_middleware])
+    api.router.add_post("/publish", publish)
+    api.router.add_get("/clients/{client_id}", client_status)
+    api.router.add_delete("/clients/{client_id}", kick_client)
+    api.router.add_get("/nodes", nodes)
+    app.add_subapp("/api/", api)

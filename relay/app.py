@@ -16,51 +16,28 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
 
-from relay.api import add_routes, error_middleware
+from relay.api import add_routes
 from relay.config import Settings
 from relay.engine import Engine
 from relay.engines import create_engine
 from relay.metrics import Metrics
 from relay.node import Node
-from relay.ws import NODE_KEY, websocket_handler
+from relay.ws import LB_RETRY_HEADER, NODE_KEY, websocket_handler
 
 __all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "serve"]
 
 log = structlog.get_logger("relay.app")
-
-LB_RETRY_HEADER = "X-Relay-Lb-Retry"
-"""Set by a load balancer that retries a handshake answered 503 on another node."""
-
-
-@web.middleware
-async def drain_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """While draining, a handshake through a retrying balancer gets 503, not 101 + 1012."""
-    if (
-        request.app[NODE_KEY].draining
-        and request.headers.get(LB_RETRY_HEADER)
-        and request.path.startswith("/ws/")
-    ):
-        return web.json_response(
-            {"error": {"code": "draining", "message": "node draining; try another node"}},
-            status=503,
-            headers={"Retry-After": "0"},
-        )
-    return await handler(request)
-
 
 def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
     """An Application serving one node. ``engine`` overrides the one settings ask for."""
     engine = engine or create_engine(settings.redis_url, settings.engine_options)
     node = Node(settings, engine, Metrics())
     app = web.Application(
-        middlewares=[drain_middleware, error_middleware],
         client_max_size=2 * settings.max_payload + 4096,
     )
     app[NODE_KEY] = node

@@ -29,7 +29,7 @@ from relay.protocol import (
 from relay.session import RateLimiter, Session
 from relay.wire import parse_id, validate_client_id
 
-__all__ = ["NODE_KEY", "websocket_handler"]
+__all__ = ["LB_RETRY_HEADER", "NODE_KEY", "websocket_handler"]
 
 log = structlog.get_logger("relay.ws")
 
@@ -37,6 +37,9 @@ _LEN2 = struct.Struct("!BBH").pack
 _LEN3 = struct.Struct("!BBQ").pack
 
 NODE_KEY = web.AppKey("relay_node", Node)
+
+LB_RETRY_HEADER = "X-Relay-Lb-Retry"
+"""Set by a load balancer that retries a handshake answered 503 on another node."""
 
 
 class AiohttpTransport:
@@ -117,6 +120,14 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     started_at = time.time()
     node = request.app[NODE_KEY]
     settings = node.settings
+    if node.draining and request.headers.get(LB_RETRY_HEADER):
+        # Behind a retrying balancer a 503 sends the client to a live node; a 1012 after
+        # the upgrade would send it back here (least_conn favours the emptiest node).
+        return web.json_response(
+            {"error": {"code": "draining", "message": "node draining; try another node"}},
+            status=503,
+            headers={"Retry-After": "0"},
+        )
     client_id = request.match_info["client_id"]
     # Cross-site WebSocket hijacking: a page elsewhere cannot use a visitor's browser to
     # connect. A 403 before the upgrade is fine here: only browsers send Origin.
