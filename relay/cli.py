@@ -1,4 +1,4 @@
-"""``relay serve | publish | tail | clients | nodes | outbox-dispatch``.
+"""``relay serve | publish | tail | clients | nodes | outbox-dispatch | bench``.
 
 Every ``serve`` flag also reads ``RELAY_<FLAG>``. The other commands talk to Redis
 (``--redis-url``) or to a node's HTTP API (``--http URL --api-key K``).
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _target_flags(clients)
     clients.set_defaults(run=lambda a: asyncio.run(_clients(a)))
 
+    sub.add_parser("bench", help="run Relay's benchmark (see docs/benchmarks.md; --help)")
     sub.add_parser(
         "outbox-dispatch",
         help="publish a transactional outbox table (--db-url, --redis-url; --help for more)",
@@ -248,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backend_adapter.outbox import main as outbox_main
 
         return outbox_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from relay.bench.runner import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv  # `serve --workers N` starts its workers with the same arguments
     if args.command != "serve":
