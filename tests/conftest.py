@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.support.node import Listener, NodeUnderTest
 from tests.support.redis_server import RedisServer
 
 MS = float(os.environ.get("RELAY_TEST_TIMEOUT_FACTOR", "1")) / 1000
@@ -33,3 +35,20 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.close()
+
+
+@pytest.fixture
+async def listeners() -> AsyncIterator[list[Listener]]:
+    """Listeners opened with ``tests.support.node.listen``; closed at the end of the test."""
+    opened: list[Listener] = []
+    yield opened
+    await asyncio.gather(*(listener.close() for listener in opened))
+
+
+@pytest.fixture
+async def started_nodes() -> AsyncIterator[list[NodeUnderTest]]:
+    """Nodes a test started (append them); stopped at the end of the test."""
+    started: list[NodeUnderTest] = []
+    yield started
+    for node in started:
+        await node.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from backend_adapter import issue_token
-from tests.support.node import API_KEY, Listener, NodeUnderTest, node_settings
+from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
 from tests.support.served import RELAY, ServedNode
 
 # HMAC keys at least as long as the hash: PyJWT warns below that, and warnings are errors.
@@ -32,33 +32,17 @@ MakeNode = Callable[..., Awaitable[NodeUnderTest]]
 
 
 @pytest.fixture
-async def make_node() -> AsyncIterator[MakeNode]:
+def make_node(started_nodes: list[NodeUnderTest]) -> MakeNode:
     """Nodes that require tokens signed with OLD (override freely); stopped at the end."""
-    started: list[NodeUnderTest] = []
 
     async def make(**overrides: Any) -> NodeUnderTest:
         overrides.setdefault("allow_anonymous", False)
         overrides.setdefault("auth_secret", (OLD,))
         node = await NodeUnderTest(node_settings(**overrides)).start()
-        started.append(node)
+        started_nodes.append(node)
         return node
 
-    yield make
-    for node in started:
-        await node.stop()
-
-
-@pytest.fixture
-async def listeners() -> AsyncIterator[list[Listener]]:
-    opened: list[Listener] = []
-    yield opened
-    await asyncio.gather(*(listener.close() for listener in opened))
-
-
-async def listen(opened: list[Listener], url: str, **kwargs: Any) -> Listener:
-    listener = Listener(url, **kwargs)
-    opened.append(listener)
-    return await listener.connect()
+    return make
 
 
 async def refused_with(opened: list[Listener], url: str) -> tuple[int | None, str]:

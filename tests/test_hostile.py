@@ -13,7 +13,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +29,7 @@ from structlog.testing import capture_logs
 from backend_adapter import issue_token
 from relay.engines.memory import MemoryEngine
 from relay.wire import History, StreamId
-from tests.support.node import API_KEY, Listener, NodeUnderTest, node_settings
+from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
 from tests.support.redis_server import RedisServer
 from tests.support.served import ServedNode
 
@@ -39,31 +39,15 @@ MakeNode = Callable[..., Awaitable[NodeUnderTest]]
 
 
 @pytest.fixture
-async def make_node() -> AsyncIterator[MakeNode]:
+def make_node(started_nodes: list[NodeUnderTest]) -> MakeNode:
     """In-process nodes on the memory engine; all stop at the end of the test."""
-    started: list[NodeUnderTest] = []
 
     async def make(engine: Any = None, **overrides: Any) -> NodeUnderTest:
         node = await NodeUnderTest(node_settings(**overrides), engine).start()
-        started.append(node)
+        started_nodes.append(node)
         return node
 
-    yield make
-    for node in started:
-        await node.stop()
-
-
-@pytest.fixture
-async def listeners() -> AsyncIterator[list[Listener]]:
-    opened: list[Listener] = []
-    yield opened
-    await asyncio.gather(*(listener.close() for listener in opened))
-
-
-async def listen(opened: list[Listener], url: str, **kwargs: Any) -> Listener:
-    listener = Listener(url, **kwargs)
-    opened.append(listener)
-    return await listener.connect()
+    return make
 
 
 class SteadyPublisher:

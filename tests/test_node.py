@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
 from relay.protocol import SUBPROTOCOL_MSGPACK
-from tests.support.node import API_KEY, Listener, NodeUnderTest, node_settings
+from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
 from tests.support.redis_server import RedisServer
 
 ENGINES = ["memory", "redis"]
@@ -21,9 +21,8 @@ MakeNode = Callable[..., Awaitable[NodeUnderTest]]
 
 
 @pytest.fixture(params=ENGINES)
-async def make_node(request: pytest.FixtureRequest) -> AsyncIterator[MakeNode]:
+def make_node(request: pytest.FixtureRequest, started_nodes: list[NodeUnderTest]) -> MakeNode:
     """Start nodes on the engine under test; all stop at the end of the test."""
-    started: list[NodeUnderTest] = []
     redis_url = None
     if request.param == "redis":
         redis_url = request.getfixturevalue("redis_server").url
@@ -32,25 +31,10 @@ async def make_node(request: pytest.FixtureRequest) -> AsyncIterator[MakeNode]:
         if redis_url is not None:
             overrides.setdefault("redis_url", redis_url)
         node = await NodeUnderTest(node_settings(**overrides)).start()
-        started.append(node)
+        started_nodes.append(node)
         return node
 
-    yield make
-    for node in started:
-        await node.stop()
-
-
-@pytest.fixture
-async def listeners() -> AsyncIterator[list[Listener]]:
-    opened: list[Listener] = []
-    yield opened
-    await asyncio.gather(*(listener.close() for listener in opened))
-
-
-async def listen(opened: list[Listener], url: str, **kwargs: Any) -> Listener:
-    listener = Listener(url, **kwargs)
-    opened.append(listener)
-    return await listener.connect()
+    return make
 
 
 async def test_delivery_twenty_clients_in_order_without_misroute(

@@ -167,3 +167,10 @@ class Listener:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.http is not None:
             await self.http.close()
+
+
+async def listen(opened: list[Listener], url: str, **kwargs: Any) -> Listener:
+    """Connect a Listener that the ``listeners`` fixture closes at the end of the test."""
+    listener = Listener(url, **kwargs)
+    opened.append(listener)
+    return await listener.connect()
