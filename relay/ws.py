@@ -160,7 +160,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         compress=settings.compress,
         timeout=2.0,
     )
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionError:
+        return ws  # the client gave up before the upgrade was answered (a reconnect herd)
     if format_error is not None:
         await ws.close(code=CloseCode.PROTOCOL_ERROR, message=_close_reason(format_error))
         return ws
