@@ -34,6 +34,7 @@ __all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "serve"]
 
 log = structlog.get_logger("relay.app")
 
+
 def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
     """An Application serving one node. ``engine`` overrides the one settings ask for."""
     engine = engine or create_engine(settings.redis_url, settings.engine_options)

@@ -18,6 +18,7 @@ import enum
 import inspect
 import logging
 import random
+import secrets
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -152,18 +153,26 @@ def reconnect_delay(
 
 
 def connect_url(
-    url: str, client_id: str, *, token: str | None = None, since: str | None = None
+    url: str,
+    client_id: str,
+    *,
+    token: str | None = None,
+    since: str | None = None,
+    attempt: str | None = None,
 ) -> URL:
-    """``{url}/ws/{client_id}?token=…&since=…``; ``url`` may already end in ``/ws/{client_id}``.
+    """``{url}/ws/{client_id}?token=…&since=…&attempt=…``; ``url`` may end in ``/ws/{id}``.
 
     The token goes in the query string, which every client (WebSocketSharp included) can
-    set; the node also accepts an ``Authorization: Bearer`` header.
+    set; the node also accepts an ``Authorization: Bearer`` header. ``attempt`` is
+    ``<instance>.<n>``: a stale handshake this client gave up on then never replaces
+    the newer one.
     """
     target = URL(url)
     path = target.path.rstrip("/")
     if not path.endswith(f"/ws/{client_id}"):
         target = target.with_path(f"{path}/ws/{client_id}", keep_query=True)
-    extra = {k: v for k, v in (("token", token), ("since", since)) if v is not None}
+    pairs = (("token", token), ("since", since), ("attempt", attempt))
+    extra = {k: v for k, v in pairs if v is not None}
     return target.update_query(extra) if extra else target
 
 
@@ -242,6 +251,8 @@ class RelayClient:
         """Why the client stopped, if the server ended it for good."""
         self.connects = 0
         self.duplicates = 0
+        self._instance = secrets.token_urlsafe(9)  # names this client in `attempt=`
+        self._attempts = 0
 
         self._buffer: deque[Message] = deque()
         self._changed = asyncio.Event()
@@ -458,11 +469,13 @@ class RelayClient:
         assert self._http is not None
         if self._token is None and self._token_factory is not None:
             await self._renew_token()
+        self._attempts += 1
         url = connect_url(
             self.url,
             self.client_id,
             token=self._token,
             since=self.last_id,
+            attempt=f"{self._instance}.{self._attempts}",
         )
         subprotocol = SUBPROTOCOL_MSGPACK if self.format == "msgpack" else SUBPROTOCOL_JSON
         try:

@@ -45,6 +45,7 @@ class SessionRecord:
     session: str
     since: str | None
     connected_at: float
+    attempt: str | None = None  # "<instance>.<n>" when the client sends one
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +150,10 @@ class Engine(Protocol):
         client_id; otherwise the record lists every live session, names the newest, and
         a release hands it to another live session instead of deleting it.
 
-        The newest claim wins, except that a handshake which began earlier on the same
-        node never displaces a later one (a client that gave up on a slow attempt and
-        reconnected): then the record is left alone and the later holder is returned.
+        The newest claim wins, except that a stale handshake never displaces a later one
+        of the same client (one it gave up on and reconnected after): the holder is a
+        later attempt of the same instance (``attempt``), or, without attempts, began
+        later on the same node. Then the record is left alone and the holder returned.
         """
 
     async def release_session(self, client_id: str, session: str) -> bool:

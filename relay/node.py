@@ -27,7 +27,15 @@ from relay.hub import Hub, Subscription, Verdict
 from relay.metrics import Metrics
 from relay.protocol import CloseCode, Format, encode_message, encode_welcome
 from relay.session import Session, SessionLimits, Transport
-from relay.wire import Event, History, PublishResult, StreamId, format_id, prove_recovery
+from relay.wire import (
+    Event,
+    History,
+    PublishResult,
+    StreamId,
+    format_id,
+    prove_recovery,
+    superseded,
+)
 
 __all__ = ["Node", "NodeUnavailable"]
 
@@ -184,6 +192,7 @@ class Node:
         since: StreamId | None = None,
         expires_at: float | None = None,
         started_at: float | None = None,
+        attempt: str | None = None,
     ) -> Session:
         """Open a session: claim, subscribe, replay, go live. Raises NodeUnavailable.
 
@@ -202,7 +211,9 @@ class Node:
             raise NodeUnavailable("too many connects at once", CloseCode.TRY_AGAIN_LATER)
         self._pending_connects += 1
         try:
-            return await self._connect(client_id, fmt, transport, since, expires_at, started_at)
+            return await self._connect(
+                client_id, fmt, transport, since, expires_at, started_at, attempt
+            )
         finally:
             self._pending_connects -= 1
 
@@ -214,11 +225,13 @@ class Node:
         since: StreamId | None,
         expires_at: float | None,
         started_at: float | None,
+        attempt: str | None,
     ) -> Session:
         session = Session(client_id, _new_session_id(), fmt, transport, self.limits, since)
         session.expires_at = expires_at
         if started_at is not None:
             session.connected_at = started_at
+        session.attempt = attempt
         self.sessions[session.id] = session
         self.by_client.setdefault(client_id, []).append(session)
         try:
@@ -293,12 +306,15 @@ class Node:
             session.id,
             format_id(session.since) if session.since else None,
             session.connected_at,
+            session.attempt,
         )
         replace = self.settings.duplicates == "replace"
         old = await self.engine.claim_session(record, exclusive=replace)
         if not replace or old is None or old.session == session.id:
             return
-        if old.node == self.id and old.connected_at > record.connected_at:
+        if superseded(old.attempt, record.attempt) or (
+            old.node == self.id and old.connected_at > record.connected_at
+        ):
             # A later handshake of this client already holds it: this one is stale.
             self.spawn(session.close(CloseCode.REPLACED, "a newer session exists"))
             return

@@ -91,6 +91,7 @@ class Session:
         "_queued_bytes",
         "_write_now",
         "_writer",
+        "attempt",
         "client_id",
         "close_code",
         "closing",
@@ -127,6 +128,7 @@ class Session:
         self.recovering = True  # live events are held until the replay is queued
         self.held: list[Event] = []
         self.connected_at = time.time()
+        self.attempt: str | None = None  # "<instance>.<n>" from the client, if it sent one
         self.expires_at: float | None = None
         self.errors = 0
         self.closing = False

@@ -37,11 +37,13 @@ __all__ = [
     "encode_live",
     "encode_payload",
     "format_id",
+    "parse_attempt",
     "parse_history_reply",
     "parse_id",
     "parse_publish_reply",
     "prove_recovery",
     "publish_call",
+    "superseded",
     "validate_client_id",
     "validate_event_name",
     "validate_mid",
@@ -117,6 +119,35 @@ def validate_client_id(client_id: str) -> str:
     if not isinstance(client_id, str) or _CLIENT_ID_RE.fullmatch(client_id) is None:
         raise InvalidClientId("client_id must be 1-128 characters of A-Z a-z 0-9 _ . : @ -")
     return client_id
+
+
+_ATTEMPT_RE: Final = re.compile(r"([A-Za-z0-9_-]{1,32})\.([0-9]{1,9})")
+
+
+def parse_attempt(text: str) -> tuple[str, int]:
+    """``<instance>.<n>``: which client instance connects, and its n-th attempt.
+
+    Of two handshakes of one instance, the higher ``n`` is the newer, whatever order
+    they reach the registry in; a client that gave up on a slow attempt says so by
+    counting up.
+    """
+    match = _ATTEMPT_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidInput(
+            "attempt must look like '<instance>.<n>' (instance: 1-32 of A-Z a-z 0-9 _ -)"
+        )
+    return match[1], int(match[2])
+
+
+def superseded(holder_attempt: str | None, attempt: str | None) -> bool:
+    """True when ``holder_attempt`` is a later attempt of the same client instance."""
+    if not holder_attempt or not attempt:
+        return False
+    try:
+        held, ours = parse_attempt(holder_attempt), parse_attempt(attempt)
+    except InvalidInput:
+        return False
+    return held[0] == ours[0] and held[1] > ours[1]
 
 
 def validate_event_name(event: str) -> str:

@@ -27,7 +27,7 @@ from relay.protocol import (
     select_format,
 )
 from relay.session import RateLimiter, Session
-from relay.wire import parse_id, validate_client_id
+from relay.wire import parse_attempt, parse_id, validate_client_id
 
 __all__ = ["LB_RETRY_HEADER", "NODE_KEY", "websocket_handler"]
 
@@ -140,6 +140,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         validate_client_id(client_id)
         raw_since = request.query.get("since")
         since = parse_id(raw_since) if raw_since else None
+        attempt = request.query.get("attempt") or None
+        if attempt is not None:
+            parse_attempt(attempt)
     except InvalidInput as exc:
         return _bad_request(exc.code, str(exc))
     offered = [
@@ -184,7 +187,13 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     transport = AiohttpTransport(ws, request, fmt, bool(ws.compress))
     try:
         session = await node.connect(
-            client_id, fmt, transport, since=since, expires_at=expires_at, started_at=started_at
+            client_id,
+            fmt,
+            transport,
+            since=since,
+            expires_at=expires_at,
+            started_at=started_at,
+            attempt=attempt,
         )
     except NodeUnavailable as exc:
         await ws.close(code=exc.close_code, message=str(exc).encode())

@@ -221,6 +221,7 @@ def test_connect_url_adds_path_token_and_since() -> None:
     full = connect_url("wss://h/relay/ws/cml?format=json", "cml", since="7-0")
     assert full.path == "/relay/ws/cml" and dict(full.query) == {"format": "json", "since": "7-0"}
     assert connect_url("ws://h/prefix", "a.b", token=None).human_repr() == "ws://h/prefix/ws/a.b"
+    assert connect_url("ws://h", "x", attempt="inst.3").query["attempt"] == "inst.3"
 
 
 # -- against a real node ------------------------------------------------------------------

@@ -184,6 +184,9 @@ async def test_invalid_client_id_is_http_400_before_upgrade(make_node: MakeNode)
         async with http.get(f"{relay.base}/ws/ok?since=yesterday") as response:
             assert response.status == 400
             assert (await response.json())["error"]["code"] == "bad_id"
+        async with http.get(f"{relay.base}/ws/ok?attempt=no-number") as response:
+            assert response.status == 400
+            assert "attempt" in (await response.json())["error"]["message"]
 
 
 async def test_client_frames_ping_ack_and_garbage(

@@ -37,11 +37,13 @@ from relay.wire import (
     encode_live,
     encode_payload,
     format_id,
+    parse_attempt,
     parse_history_reply,
     parse_id,
     parse_publish_reply,
     prove_recovery,
     publish_call,
+    superseded,
     validate_client_id,
 )
 
@@ -615,3 +617,19 @@ def test_decoded_event_data_is_json_equal() -> None:
     payload = encode_payload("cml", "e", {"t": (1, "a")}, ts=1.0)
     event = decode_payload("1-0", "0-0", payload)
     assert event.data == orjson.loads(orjson.dumps({"t": (1, "a")})) == {"t": [1, "a"]}
+
+
+def test_parse_attempt_instance_and_number() -> None:
+    """``<instance>.<n>`` parses; anything else is InvalidInput."""
+    assert parse_attempt("a_B-9.12") == ("a_B-9", 12)
+    for bad in ("", "x", "x.", ".1", "x.1.2", "x y.1", "x.-1", "x." + "9" * 10, "a" * 33 + ".1"):
+        with pytest.raises(InvalidInput):
+            parse_attempt(bad)
+
+
+def test_superseded_only_by_a_later_attempt_of_the_same_instance() -> None:
+    """A holder supersedes a claim only if it is the same instance with a higher n."""
+    assert superseded("i.2", "i.1")
+    assert not superseded("i.1", "i.2")
+    assert not superseded("j.9", "i.1")
+    assert not superseded(None, "i.1") and not superseded("i.2", None)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
 import sys
 import time
 from array import array
@@ -89,6 +90,7 @@ class Client:
     __slots__ = (
         "attempts",
         "dropped_at",
+        "handshakes",
         "id",
         "last",
         "ready",
@@ -106,6 +108,7 @@ class Client:
         self.resumed_at = 0.0
         self.recovered: bool | None = None
         self.attempts = 0
+        self.handshakes = 0
 
 
 class _Refused(Exception):
@@ -170,6 +173,7 @@ class LoadGen:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             )
         self.urls = [u.rstrip("/") for u in cmd["urls"]]
+        self.instance = secrets.token_urlsafe(6)
         self.reconnect = bool(cmd.get("reconnect", False))
         self.jitter = float(cmd.get("jitter", 0.25))
         self.gate = asyncio.Semaphore(int(cmd.get("concurrency", 200)))
@@ -231,8 +235,12 @@ class LoadGen:
     # -- one client --------------------------------------------------------------------------
 
     def _url(self, client: Client) -> str:
+        # Like the SDK: `attempt` counts this client's handshakes, so a stale one it gave
+        # up on never replaces the newer one.
+        client.handshakes += 1
         url = f"{self.urls[client.url_index % len(self.urls)]}/ws/{client.id}"
-        return url if client.last is None else f"{url}?since={format_id(client.last)}"
+        url += f"?attempt={self.instance}.{client.handshakes}"
+        return url if client.last is None else f"{url}&since={format_id(client.last)}"
 
     async def run_client(self, client: Client) -> None:
         failures = 0

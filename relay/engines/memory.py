@@ -30,6 +30,7 @@ from relay.wire import (
     decode_payload,
     encode_payload,
     format_id,
+    superseded,
 )
 
 __all__ = ["MemoryEngine"]
@@ -163,12 +164,11 @@ class MemoryEngine:
         old = self._sessions.get(client_id)
         live = self._live_sessions.setdefault(client_id, {})
         if exclusive:
-            if (
-                old is not None
-                and old.node == record.node
-                and old.connected_at > record.connected_at
+            if old is not None and (
+                superseded(old.attempt, record.attempt)
+                or (old.node == record.node and old.connected_at > record.connected_at)
             ):
-                return old  # a later handshake on this node already holds it
+                return old  # a later handshake of this client already holds it
             live.clear()
             self._acks.pop(client_id, None)
         live[record.session] = record

@@ -114,8 +114,16 @@ _CLIENT_NAME_UNSAFE: Final = re.compile(r"[^!-~]")
 _CLAIM_LUA: Final = """
 local old = redis.call('HGETALL', KEYS[1])
 if ARGV[5] == '1' then
-  -- A handshake that began earlier on the same node (same clock) never displaces a later one.
-  local holder = redis.call('HMGET', KEYS[1], 'node', 'connected_at')
+  -- A stale handshake never displaces a later one of the same client: a later attempt of
+  -- the same instance ("<instance>.<n>"), or one that began later on the same node.
+  local holder = redis.call('HMGET', KEYS[1], 'node', 'connected_at', 'attempt')
+  if holder[3] and ARGV[6] ~= '' then
+    local hi, hn = string.match(holder[3], '^(.+)%.(%d+)$')
+    local oi, on = string.match(ARGV[6], '^(.+)%.(%d+)$')
+    if hi and oi and hi == oi and tonumber(hn) > tonumber(on) then
+      return old
+    end
+  end
   if holder[1] == ARGV[1] and holder[2] and tonumber(holder[2]) > tonumber(ARGV[4]) then
     return old
   end
@@ -123,6 +131,11 @@ if ARGV[5] == '1' then
 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since', ARGV[3],
            'connected_at', ARGV[4], 's:' .. ARGV[2], ARGV[1])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'attempt', ARGV[6])
+else
+  redis.call('HDEL', KEYS[1], 'attempt')
+end
 return old
 """
 _RELEASE_LUA: Final = """
@@ -220,6 +233,7 @@ def _session_record(client_id: str, flat: list[Any]) -> SessionRecord | None:
         _text(fields.get("session")),
         _text(fields.get("since")) or None,
         _float(fields.get("connected_at")),
+        _text(fields.get("attempt")) or None,
     )
 
 
@@ -467,6 +481,7 @@ class RedisEngine:
             record.since or "",
             repr(record.connected_at),
             "1" if exclusive else "0",
+            record.attempt or "",
         ]
         async with self._guard("claim_session"):
             flat = await self._evalsha(

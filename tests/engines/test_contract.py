@@ -339,6 +339,21 @@ async def test_claim_session_shared_record_survives_while_a_session_lives(
     assert not (await engine.client_status("fan")).online
 
 
+async def test_claim_session_earlier_attempt_of_same_instance_does_not_displace(
+    harness: Harness,
+) -> None:
+    """Attempt 1 of an instance never replaces its attempt 2, on any node or clock."""
+    engine = harness.engine
+    second = SessionRecord("att", "node-b", "two", None, 1000.0, "inst.2")
+    first = SessionRecord("att", "node-a", "one", None, 2000.0, "inst.1")
+    assert await engine.claim_session(second) is None
+    holder = await engine.claim_session(first)
+    assert holder is not None and holder.session == "two" and holder.attempt == "inst.2"
+    other = SessionRecord("att", "node-a", "other", None, 3000.0, "else.1")
+    assert (await engine.claim_session(other)) == holder
+    assert (await engine.client_status("att")).session == "other"
+
+
 async def test_release_session_is_fenced(harness: Harness) -> None:
     """A late release by a replaced session leaves the newer record alone."""
     engine = harness.engine
