@@ -91,7 +91,7 @@ class Settings:
         default=20000, metadata={"help": "connections per node (1013 beyond)"}
     )
     max_pending_connects: int = field(
-        default=1000,
+        default=10000,
         metadata={"help": "handshakes in progress per node; beyond, 1013 (herd control)"},
     )
     client_rate: float = field(
