@@ -80,8 +80,14 @@ def _tune_gc() -> None:
     gc.set_threshold(10_000, 50, 100)
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Run one node until SIGTERM/SIGINT, then drain: readiness 503, 1012s, deregister."""
+async def serve(
+    settings: Settings, *, reuse_port: bool = False, signalled: list[int] | None = None
+) -> None:
+    """Run one node until SIGTERM/SIGINT, then drain: readiness 503, 1012s, deregister.
+
+    ``signalled`` holds signals caught before the loop ran (see relay.cli): a node told
+    to stop while starting still drains and exits 0.
+    """
     app = create_app(settings)
     node = app[NODE_KEY]
     # keepalive_timeout is aiohttp's only deadline on reading a request head: it runs
@@ -109,6 +115,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if signalled:
+        stop.set()
     await stop.wait()
     # Readiness turns 503 at once; the listener stays open for health checks while
     # sessions are closed in batches, then everything stops.

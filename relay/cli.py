@@ -34,6 +34,15 @@ def _install_uvloop() -> None:
 # -- serve --------------------------------------------------------------------------------
 
 
+_early_signals: list[int] = []
+"""SIGTERM/SIGINT that arrived while a node was still starting (before its event loop)."""
+
+
+def _catch_early_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: _early_signals.append(signum))
+
+
 def _serve(args: argparse.Namespace) -> int:
     from relay.log import configure_logging
 
@@ -54,7 +63,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     _install_uvloop()
     log.info("node.configured", settings=settings.redacted())
-    asyncio.run(serve(settings, reuse_port=bool(os.environ.get("RELAY_REUSE_PORT"))))
+    asyncio.run(
+        serve(
+            settings,
+            reuse_port=bool(os.environ.get("RELAY_REUSE_PORT")),
+            signalled=_early_signals,
+        )
+    )
     return 0
 
 
@@ -93,6 +108,8 @@ def _serve_workers(settings: Settings, argv: list[str]) -> int:
     for i in range(settings.workers):
         child_argv = [*base, "--workers", "1", "--node-id", f"{settings.node_id}-w{i}"]
         children.append(subprocess.Popen([sys.executable, "-m", "relay", *child_argv], env=env))
+    for signum in _early_signals:  # caught before the forwarder was in place
+        forward(signum, None)
     codes = [child.wait() for child in children]
     return next((128 - c if c < 0 else c for c in codes if c != 0), 0)
 
@@ -253,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.bench.runner import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        _catch_early_signals()  # a node stopped while starting still drains and exits 0
     args = build_parser().parse_args(argv)
     args.argv = argv  # `serve --workers N` starts its workers with the same arguments
     if args.command != "serve":
