@@ -1,0 +1,91 @@
+"""The `relay` command as a user runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.ports import free_port, wait_port
+
+RELAY = [sys.executable, "-m", "relay"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_serve_stopped_while_starting_exits_0() -> None:
+    """SIGTERM that lands before the node listens still ends in a clean drain, exit 0."""
+    for delay in (0.3, 0.6):  # past interpreter start-up, before or around listening
+        proc = subprocess.Popen(
+            [*RELAY, "serve", "--allow-anonymous", "--port", "0", "--log-level", "error"],
+            cwd=ROOT,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_publish_over_http_prints_the_result() -> None:
+    """`relay publish BIZ EVENT JSON --http URL --api-key K` prints id/online/receivers."""
+    port = free_port()
+    node = subprocess.Popen(
+        [
+            *RELAY,
+            "serve",
+            "--allow-anonymous",
+            "--api-key",
+            "k",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--log-level",
+            "error",
+        ],
+        cwd=ROOT,
+    )
+    try:
+        wait_port(port, 20)
+        out = subprocess.run(
+            [
+                *RELAY,
+                "publish",
+                "demo",
+                "label.created",
+                '{"id": 1}',
+                "--http",
+                f"http://127.0.0.1:{port}",
+                "--api-key",
+                "k",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        result = json.loads(out)
+        assert set(result) == {"id", "online", "receivers", "duplicate"}
+        assert result["online"] is False and result["duplicate"] is False
+        wrong = subprocess.run(
+            [
+                *RELAY,
+                "publish",
+                "demo",
+                "e",
+                "--http",
+                f"http://127.0.0.1:{port}",
+                "--api-key",
+                "nope",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert wrong.returncode == 2 and "401" in wrong.stderr
+    finally:
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(20) == 0
