@@ -134,7 +134,7 @@ class Session:
         self.closing = False
         self.close_code: int | None = None
         self.sending_since = 0.0  # monotonic start of the write in progress, 0 if none
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes] | None = None  # made on first use: most sessions never queue
         self._queued_bytes = 0
         self._live = False  # start() called: the welcome and replay are queued
         self._closer: asyncio.Task[None] | None = None
@@ -171,11 +171,13 @@ class Session:
             and self._write_now(frame)
         ):
             return
-        if len(queue) >= self.limits.max_frames or (
+        if (len(queue) if queue else 0) >= self.limits.max_frames or (
             self._queued_bytes + len(frame) > self.limits.max_bytes
         ):
             self.overflow()
             return
+        if queue is None:
+            queue = self._queue = deque()
         queue.append(frame)
         self._queued_bytes += len(frame)
         if self._live and self._writer is None:
@@ -187,10 +189,10 @@ class Session:
             "session.overflowed",
             client_id=self.client_id,
             session=self.id,
-            queued=len(self._queue),
+            queued=self.queued,
             queued_bytes=self._queued_bytes,
         )
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
         self._closer = asyncio.get_running_loop().create_task(
             self.close(CloseCode.TOO_SLOW, "send queue overflow", flush=False)
@@ -198,7 +200,7 @@ class Session:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue else 0
 
     # -- writer ------------------------------------------------------------------------
 
@@ -217,6 +219,7 @@ class Session:
 
     async def _write_loop(self) -> None:
         queue, send = self._queue, self.transport.send
+        assert queue is not None  # a writer starts only for a queued frame
         try:
             while queue:
                 frame = queue.popleft()
@@ -229,8 +232,10 @@ class Session:
         except Exception as exc:  # the socket died under us
             log.debug("session.write_failed", session=self.id, error=type(exc).__name__)
             self.closing = True
-            self._queue.clear()
+            self._queue = None
             self._queued_bytes = 0
+        if not queue:
+            self._queue = None  # back to the lean idle state
         self._writer = None
 
     async def _drained(self) -> None:
@@ -264,5 +269,5 @@ class Session:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
