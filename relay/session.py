@@ -210,7 +210,9 @@ class Session:
         queue, write_now = self._queue, self._write_now
         while queue and write_now is not None and write_now(queue[0]):
             self._queued_bytes -= len(queue.popleft())
-        if queue and self._writer is None:
+        if not queue:
+            self._queue = None
+        elif self._writer is None:
             self._start_writer()
 
     def _start_writer(self) -> None:
