@@ -1,0 +1,57 @@
+"""The layering of STYLE.md, checked on the source: no import ever runs back up."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PURE = ["relay/errors.py", "relay/wire.py", "relay/protocol.py", "relay/auth.py", "relay/hub.py"]
+IO_LIBS = {"asyncio", "aiohttp", "redis", "socket", "structlog"}
+ABOVE_ENGINES = {"relay.hub", "relay.node", "relay.session", "relay.ws", "relay.api", "relay.app"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_do_no_io(module: str) -> None:
+    """wire, protocol, errors, auth and hub import no asyncio, aiohttp, redis or sockets."""
+    assert not {_top(n) for n in _imports(ROOT / module)} & IO_LIBS
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in (ROOT / "relay/engines").glob("*.py")))
+def test_engines_never_import_upward(module: str) -> None:
+    """An engine knows neither the hub, the node, sessions nor aiohttp."""
+    names = _imports(ROOT / "relay/engines" / module)
+    assert not names & ABOVE_ENGINES
+    assert "aiohttp" not in {_top(n) for n in names}
+
+
+def test_backend_adapter_imports_only_pure_relay_modules() -> None:
+    """backend_adapter uses relay.wire and relay.errors, nothing above, and no aiohttp."""
+    for path in (ROOT / "backend_adapter").glob("*.py"):
+        names = _imports(path)
+        relay = {n for n in names if _top(n) == "relay"}
+        assert relay <= {"relay.wire", "relay.errors"}, (path.name, relay)
+        assert "aiohttp" not in {_top(n) for n in names}, path.name
+
+
+def test_session_and_node_do_not_import_aiohttp() -> None:
+    """The node and sessions reach sockets only through the Transport protocol."""
+    for module in ("relay/node.py", "relay/session.py", "relay/engine.py"):
+        assert "aiohttp" not in {_top(n) for n in _imports(ROOT / module)}, module
