@@ -656,6 +656,9 @@ class _Subscriber:
         self._canary_kick = asyncio.Event()
         self._canary_prefix = secrets.token_hex(6) + ":"
         self._canary_ok_at = 0.0
+        self._bad_window = 0.0  # engine.bad_message rate limit: window start, lines, left out
+        self._bad_logged = 0
+        self._bad_suppressed = 0
         self._first_live: asyncio.Future[None] | None = None
         self._ever_live = False
 
@@ -902,12 +905,23 @@ class _Subscriber:
         _safely(self._log, self._handler.on_control, control)
 
     def _bad_message(self, channel: bytes, data: bytes, reason: str) -> None:
+        # Another publisher's bug can send junk at full speed: at most ten lines a second,
+        # each saying how many were left out before it.
+        now = time.monotonic()
+        if now - self._bad_window > 1.0:
+            self._bad_window, self._bad_logged = now, 0
+        if self._bad_logged >= 10:
+            self._bad_suppressed += 1
+            return
+        self._bad_logged += 1
+        suppressed, self._bad_suppressed = self._bad_suppressed, 0
         self._log.warning(
             "engine.bad_message",
             source="pubsub",
             channel=_text(channel),
             size=len(data),
             reason=reason,
+            suppressed=suppressed,
         )
 
     def _on_confirmation(self, session: _Session, kind: bytes, channel: bytes) -> None:

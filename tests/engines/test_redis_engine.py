@@ -80,6 +80,23 @@ async def test_reader_skips_garbage_and_keeps_delivering(start_engine: StartEngi
 
 
 @BOTH
+async def test_reader_junk_flood_logs_at_most_ten_lines_a_second(
+    start_engine: StartEngine,
+) -> None:
+    """A flood of junk is counted, not echoed line by line; delivery goes on."""
+    h = await start_engine()
+    assert h.raw is not None
+    await h.engine.subscribe("flood")
+    with capture_logs() as logs:
+        for _ in range(500):
+            await h.raw.publish(h.keys.channel("flood"), b"junk")
+        good = await h.engine.publish("flood", "e", {"ok": True})
+        await h.handler.wait_until(lambda: bool(h.handler.events))
+    assert [e.id for e in h.handler.events] == [good.id]
+    assert len(events_named(logs, "engine.bad_message")) <= 20
+
+
+@BOTH
 async def test_reader_skips_bad_control_message(start_engine: StartEngine) -> None:
     """A malformed control message is logged and skipped; the next one arrives."""
     h = await start_engine()
