@@ -74,8 +74,9 @@ class NodeInfo:
 class Control:
     """A command sent to one node through its control channel.
 
-    ``action`` is ``kick`` (close ``session`` of ``client_id`` with ``code``) or
-    ``canary`` (the node's own liveness probe; ``token`` identifies it).
+    ``action`` is ``kick`` (close ``session`` of ``client_id`` with ``code``),
+    ``canary`` (the node's own liveness probe; ``token`` identifies it) or ``rejoin``
+    (the registry forgot this node's sessions: close them so their clients re-register).
     """
 
     action: str

@@ -511,6 +511,11 @@ class Node:
             self.spawn(self._repair(sub))
 
     def on_control(self, control: Control) -> None:
+        if control.action == "rejoin":
+            # The registry forgot us (taken for dead): clients reconnect and are recorded.
+            for session in list(self.sessions.values()):
+                self.spawn(session.close(CloseCode.SERVICE_RESTART, "node rejoining"))
+            return
         if control.action != "kick":
             return
         for session in list(self.by_client.get(control.client_id, ())):

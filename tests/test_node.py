@@ -448,3 +448,15 @@ async def test_stale_handshake_finishing_last_does_not_replace_newer(make_node: 
     assert (await node.engine.client_status("twice")).session == newer.id
     await node.disconnect(older)
     await node.disconnect(newer)
+
+
+async def test_rejoin_closes_sessions_1012_so_clients_register_again(
+    make_node: MakeNode, listeners: list[Listener]
+) -> None:
+    """When the registry forgot this node, its clients are sent to reconnect (1012)."""
+    from relay.engine import Control
+
+    relay = await make_node()
+    client = await listen(listeners, relay.ws_url("rejoiner"))
+    relay.node.on_control(Control("rejoin"))
+    assert await client.wait_closed() == 1012

@@ -153,6 +153,30 @@ end
 redis.call('DEL', KEYS[1])
 return 1
 """
+# Forget a dead node's sessions in one record: drop its `s:` entries; if the record named
+# one of them, hand it to another live session or delete it.
+_REAP_LUA: Final = """
+local all = redis.call('HGETALL', KEYS[1])
+local fixed = 0
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, 2) == 's:' and all[i + 1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], all[i])
+    fixed = 1
+  end
+end
+if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then
+  return fixed
+end
+local rest = redis.call('HGETALL', KEYS[1])
+for i = 1, #rest, 2 do
+  if string.sub(rest[i], 1, 2) == 's:' then
+    redis.call('HSET', KEYS[1], 'session', string.sub(rest[i], 3), 'node', rest[i + 1])
+    return 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
 # The dataset's epoch: the Redis clock when Relay first saw this dataset. A restart without
 # persistence or a FLUSHALL deletes it, so history older than it cannot be vouched for.
 _EPOCH_LUA: Final = """
@@ -336,9 +360,14 @@ class RedisEngine:
         self._release_script = self._redis.register_script(_RELEASE_LUA)
         self._ack_script = self._redis.register_script(_ACK_LUA)
         self._epoch_script = self._redis.register_script(_EPOCH_LUA)
+        self._reap_script = self._redis.register_script(_REAP_LUA)
+        self._reap_after = max(60.0, 6 * self.options.node_ttl)
+        self._reaped_at = 0.0
+        self._reaper: asyncio.Task[None] | None = None
         self._epoch_key = f"{self.options.key_prefix}:epoch"
         self._log: Any = structlog.get_logger(__name__)
         self._node_id = ""
+        self._handler: EngineHandler | None = None
         self._started_at = 0.0
         self._sub: _Subscriber | None = None
         self._registered = False
@@ -355,6 +384,7 @@ class RedisEngine:
         if self._closed or self._sub is not None:
             raise EngineError("a RedisEngine starts once")
         self._node_id = node_id
+        self._handler = handler
         self._started_at = time.time()
         self._log = structlog.get_logger(__name__, node=node_id)
         self._sub = _Subscriber(
@@ -383,6 +413,8 @@ class RedisEngine:
         if self._closed:
             return
         self._closed = True
+        if self._reaper is not None:
+            await _stop(self._reaper)
         if self._sub is not None:
             await self._sub.close()
         if self._registered:
@@ -544,19 +576,57 @@ class RedisEngine:
             )
             pipe.pexpire(key, max(1, int(self.options.node_ttl * 1000)))
             pipe.zadd(self._keys.nodes(), {self._node_id: now})
-            await pipe.execute()
+            added = (await pipe.execute())[-1]
+        if added and self._registered and self._handler is not None:
+            # Another node took us for dead and forgot our sessions' records: our clients
+            # must connect again to be found. The node closes them with 1012.
+            self._log.warning("engine.reaped_while_alive")
+            _safely(self._log, self._handler.on_control, Control("rejoin"))
+        if now - self._reaped_at > self._reap_after / 2 and (
+            self._reaper is None or self._reaper.done()
+        ):
+            self._reaped_at = now
+            self._reaper = asyncio.create_task(self._reap_dead_nodes(), name="relay-reaper")
+
+    async def _reap_dead_nodes(self) -> None:
+        """Forget the session records of nodes silent for ``reap_after``; one node each.
+
+        Removing the dead node from the node set is the lock: whoever's ZREM succeeds
+        scans the records. Only a node's death costs a scan, never a connect.
+        """
+        nodes_key = self._keys.nodes()
+        pattern = f"{self.options.key_prefix}:{{*}}:session"
+        try:
+            async with self._guard("reap"):
+                cutoff = time.time() - self._reap_after
+                dead = [_text(m) for m in await self._redis.zrangebyscore(nodes_key, 0, cutoff)]
+            for node in dead:
+                if node == self._node_id:
+                    continue
+                async with self._guard("reap"):
+                    if await self._redis.exists(self._keys.node(node)):
+                        continue
+                    if not await self._redis.zrem(nodes_key, node):
+                        continue  # another node is reaping it
+                fixed = 0
+                async for key in self._redis.scan_iter(match=pattern, count=1000):
+                    async with self._guard("reap"):
+                        fixed += int(await self._evalsha(self._reap_script, [_text(key)], [node]))
+                self._log.info("engine.node_reaped", dead_node=node, records=fixed)
+        except EngineError as exc:
+            self._log.warning("engine.reap_failed", error=str(exc))
 
     async def nodes(self) -> list[NodeInfo]:
-        """Live nodes, by id; members of the node set whose hash expired are dropped."""
+        """Live nodes, by id: members of the node set whose hash has not expired.
+
+        Dead members stay in the set until a live node reaps their sessions.
+        """
         async with self._guard("nodes"):
             members = [_text(m) for m in await self._redis.zrange(self._keys.nodes(), 0, -1)]
             pipe = self._redis.pipeline(transaction=False)
             for member in members:
                 pipe.hgetall(self._keys.node(member))
             rows = await pipe.execute()
-            stale = [m for m, row in zip(members, rows, strict=True) if not row]
-            if stale:
-                await self._redis.zrem(self._keys.nodes(), *stale)
         result = []
         for member, row in zip(members, rows, strict=True):
             if row:

@@ -191,7 +191,7 @@ async def test_client_status_offline_when_node_dead(start_engine: StartEngine) -
 
 @BOTH
 async def test_nodes_drops_closed_and_stale_nodes(start_engine: StartEngine) -> None:
-    """A closed node deregisters; a node-set member without a live hash is dropped."""
+    """A closed node deregisters; a node-set member without a live hash is not listed."""
     a = await start_engine()
     b = await start_engine()
     assert a.raw is not None
@@ -199,7 +199,46 @@ async def test_nodes_drops_closed_and_stale_nodes(start_engine: StartEngine) -> 
     await a.raw.zadd(a.keys.nodes(), {"ghost": time.time()})
     await b.engine.close()
     assert [n.node for n in await a.engine.nodes()] == [a.node_id]
-    assert await a.raw.zscore(a.keys.nodes(), "ghost") is None
+    assert await a.raw.zscore(a.keys.nodes(), "ghost") is not None  # kept for the reaper
+
+
+@BOTH
+async def test_dead_node_sessions_are_reaped_by_a_live_node(start_engine: StartEngine) -> None:
+    """Records of a node silent past reap_after are forgotten, or handed to a live session."""
+    a = await start_engine()
+    assert a.raw is not None
+    old = time.time() - 3600
+    await a.raw.zadd(a.keys.nodes(), {"dead": old})
+    engine = a.engine
+    await engine.claim_session(SessionRecord("gone", "dead", "s-dead", None, old))
+    await engine.claim_session(SessionRecord("shared", "dead", "s-1", None, old), exclusive=False)
+    await engine.claim_session(
+        SessionRecord("shared", a.node_id, "s-2", None, old + 1), exclusive=False
+    )
+    await engine.claim_session(
+        SessionRecord("shared", "dead", "s-3", None, old + 2), exclusive=False
+    )
+    await engine.claim_session(SessionRecord("mine", a.node_id, "s-4", None, time.time()))
+    await engine._reap_dead_nodes()
+    assert not await a.raw.exists(a.keys.session("gone"))
+    shared = await engine.client_status("shared")
+    assert (shared.online, shared.node, shared.session) == (True, a.node_id, "s-2")
+    assert not any(
+        k.startswith(b"s:s-1") or k.startswith(b"s:s-3")
+        for k in await a.raw.hkeys(a.keys.session("shared"))
+    )
+    assert (await engine.client_status("mine")).session == "s-4"
+    assert await a.raw.zscore(a.keys.nodes(), "dead") is None
+
+
+@BOTH
+async def test_node_taken_for_dead_asks_its_sessions_to_rejoin(start_engine: StartEngine) -> None:
+    """A live node that was reaped learns it at its next heartbeat: Control("rejoin")."""
+    a = await start_engine()
+    assert a.raw is not None
+    await a.raw.zrem(a.keys.nodes(), a.node_id)
+    await a.engine.heartbeat(0)
+    assert [c.action for c in a.handler.controls] == ["rejoin"]
 
 
 @BOTH
