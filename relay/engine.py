@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from relay.wire import Event, History, PublishResult, StreamId
+from relay.wire import Event, History, PublishResult, StreamId, superseded
 
 __all__ = [
     "ClientStatus",
@@ -21,6 +21,7 @@ __all__ = [
     "EngineOptions",
     "NodeInfo",
     "SessionRecord",
+    "is_stale_claim",
 ]
 
 
@@ -46,6 +47,18 @@ class SessionRecord:
     since: str | None
     connected_at: float
     attempt: str | None = None  # "<instance>.<n>" when the client sends one
+
+
+def is_stale_claim(holder: SessionRecord, claim: SessionRecord) -> bool:
+    """True when ``holder`` is a later handshake of the same client than ``claim``.
+
+    A later attempt of the same client instance, or, without attempts, a handshake that
+    began later on the same node (same clock). Such a claim never displaces the holder.
+    The Redis engine's claim script applies the same rule.
+    """
+    return superseded(holder.attempt, claim.attempt) or (
+        holder.node == claim.node and holder.connected_at > claim.connected_at
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from relay.config import Settings
-from relay.engine import Control, Engine, SessionRecord
+from relay.engine import Control, Engine, SessionRecord, is_stale_claim
 from relay.errors import EngineError, InvalidEnvelope, RelayError
 from relay.hub import Hub, Subscription, Verdict
 from relay.metrics import Metrics
@@ -34,7 +34,6 @@ from relay.wire import (
     StreamId,
     format_id,
     prove_recovery,
-    superseded,
 )
 
 __all__ = ["Node", "NodeUnavailable"]
@@ -312,9 +311,7 @@ class Node:
         old = await self.engine.claim_session(record, exclusive=replace)
         if not replace or old is None or old.session == session.id:
             return
-        if superseded(old.attempt, record.attempt) or (
-            old.node == self.id and old.connected_at > record.connected_at
-        ):
+        if is_stale_claim(old, record):
             # A later handshake of this client already holds it: this one is stale.
             self.spawn(session.close(CloseCode.REPLACED, "a newer session exists"))
             return

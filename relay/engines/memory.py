@@ -19,6 +19,7 @@ from relay.engine import (
     EngineOptions,
     NodeInfo,
     SessionRecord,
+    is_stale_claim,
 )
 from relay.errors import EngineError
 from relay.wire import (
@@ -30,7 +31,6 @@ from relay.wire import (
     decode_payload,
     encode_payload,
     format_id,
-    superseded,
 )
 
 __all__ = ["MemoryEngine"]
@@ -164,10 +164,7 @@ class MemoryEngine:
         old = self._sessions.get(client_id)
         live = self._live_sessions.setdefault(client_id, {})
         if exclusive:
-            if old is not None and (
-                superseded(old.attempt, record.attempt)
-                or (old.node == record.node and old.connected_at > record.connected_at)
-            ):
+            if old is not None and is_stale_claim(old, record):
                 return old  # a later handshake of this client already holds it
             live.clear()
             self._acks.pop(client_id, None)
