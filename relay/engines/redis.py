@@ -138,34 +138,21 @@ else
 end
 return old
 """
-_RELEASE_LUA: Final = """
-redis.call('HDEL', KEYS[1], 's:' .. ARGV[1])
-if redis.call('HGET', KEYS[1], 'session') ~= ARGV[1] then
+# Forget sessions in one record: ARGV[1] 'session' forgets session ARGV[2] (a release),
+# 'node' every session of node ARGV[2] (reaping a dead node). If the record named what was
+# forgotten, it is handed to another live session, or deleted. Returns 1 if it was named.
+_FORGET_LUA: Final = """
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, 1, 2) == 's:' and
+     ((ARGV[1] == 'session' and string.sub(f, 3) == ARGV[2]) or
+      (ARGV[1] == 'node' and all[i + 1] == ARGV[2])) then
+    redis.call('HDEL', KEYS[1], f)
+  end
+end
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
   return 0
-end
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if string.sub(all[i], 1, 2) == 's:' then
-    redis.call('HSET', KEYS[1], 'session', string.sub(all[i], 3), 'node', all[i + 1])
-    return 1
-  end
-end
-redis.call('DEL', KEYS[1])
-return 1
-"""
-# Forget a dead node's sessions in one record: drop its `s:` entries; if the record named
-# one of them, hand it to another live session or delete it.
-_REAP_LUA: Final = """
-local all = redis.call('HGETALL', KEYS[1])
-local fixed = 0
-for i = 1, #all, 2 do
-  if string.sub(all[i], 1, 2) == 's:' and all[i + 1] == ARGV[1] then
-    redis.call('HDEL', KEYS[1], all[i])
-    fixed = 1
-  end
-end
-if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then
-  return fixed
 end
 local rest = redis.call('HGETALL', KEYS[1])
 for i = 1, #rest, 2 do
@@ -357,10 +344,9 @@ class RedisEngine:
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
         self._history_script = self._redis.register_script(HISTORY_LUA)
         self._claim_script = self._redis.register_script(_CLAIM_LUA)
-        self._release_script = self._redis.register_script(_RELEASE_LUA)
+        self._forget_script = self._redis.register_script(_FORGET_LUA)
         self._ack_script = self._redis.register_script(_ACK_LUA)
         self._epoch_script = self._redis.register_script(_EPOCH_LUA)
-        self._reap_script = self._redis.register_script(_REAP_LUA)
         self._reap_after = max(60.0, 6 * self.options.node_ttl)
         self._reaped_at = 0.0
         self._reaper: asyncio.Task[None] | None = None
@@ -525,7 +511,7 @@ class RedisEngine:
         validate_client_id(client_id)
         async with self._guard("release_session"):
             removed = await self._evalsha(
-                self._release_script, [self._keys.session(client_id)], [session]
+                self._forget_script, [self._keys.session(client_id)], ["session", session]
             )
         return bool(removed)
 
@@ -611,7 +597,9 @@ class RedisEngine:
                 fixed = 0
                 async for key in self._redis.scan_iter(match=pattern, count=1000):
                     async with self._guard("reap"):
-                        fixed += int(await self._evalsha(self._reap_script, [_text(key)], [node]))
+                        fixed += int(
+                            await self._evalsha(self._forget_script, [_text(key)], ["node", node])
+                        )
                 self._log.info("engine.node_reaped", dead_node=node, records=fixed)
         except EngineError as exc:
             self._log.warning("engine.reap_failed", error=str(exc))
