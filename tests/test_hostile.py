@@ -30,6 +30,7 @@ from backend_adapter import issue_token
 from relay.engines.memory import MemoryEngine
 from relay.wire import History, StreamId
 from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
+from tests.support.ports import stuck_reader
 from tests.support.redis_server import RedisServer
 from tests.support.served import ServedNode
 
@@ -179,27 +180,13 @@ async def test_hostile_attack_gets_its_code_honest_client_gets_everything(
     assert not relay.node.by_client.get("mallory")
 
 
-def _raw_upgrade(port: int, path: str) -> socket.socket:
-    """A WebSocket that completes the handshake and then never reads."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.sendall(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    return sock
-
-
 async def test_hostile_slow_consumer_is_bounded_by_bytes(
     make_node: MakeNode, listeners: list[Listener]
 ) -> None:
     """Big frames overflow --send-queue-max-bytes long before the frame count: 4508."""
     relay = await make_node(send_queue_max=100_000, send_queue_max_bytes=1 << 20)
     honest = await listen(listeners, relay.ws_url("honest"))
-    stuck = _raw_upgrade(relay.settings.port, "/ws/stuck")
+    stuck = stuck_reader(relay.settings.port, "/ws/stuck")
     try:
         for _ in range(200):
             if relay.node.by_client.get("stuck"):
@@ -707,7 +694,7 @@ async def _flood_stuck_readers(node: ServedNode) -> dict[str, int]:
                 await publish("stuck", "big", {"blob": blob})
 
         for round_ in range(rounds):
-            stuck = _raw_upgrade(node.port, "/ws/stuck")
+            stuck = stuck_reader(node.port, "/ws/stuck")
             try:
                 for _ in range(200):
                     async with http.get(f"{node.base}/api/clients/stuck", headers=auth) as r:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 
 from relay.protocol import SUBPROTOCOL_MSGPACK
 from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
+from tests.support.ports import stuck_reader
 from tests.support.redis_server import RedisServer
 
 ENGINES = ["memory", "redis"]
@@ -231,27 +231,13 @@ async def test_oversize_message_is_closed_1009(
     assert await client.wait_closed() == 1009
 
 
-def _raw_upgrade(port: int, path: str) -> socket.socket:
-    """A WebSocket that completes the handshake and then never reads."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.sendall(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    return sock
-
-
 async def test_client_that_never_reads_is_closed_4508_others_unaffected(
     make_node: MakeNode, listeners: list[Listener]
 ) -> None:
     """A stuck client is closed with 4508 while an honest one receives every event."""
     relay = await make_node(send_queue_max=50, send_timeout=1.0)
     honest = await listen(listeners, relay.ws_url("honest"))
-    stuck = _raw_upgrade(relay.settings.port, "/ws/stuck")
+    stuck = stuck_reader(relay.settings.port, "/ws/stuck")
     try:
         for _ in range(100):
             if relay.node.by_client.get("stuck"):

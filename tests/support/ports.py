@@ -1,4 +1,4 @@
-"""Free loopback ports for private test servers."""
+"""Free loopback ports for private test servers, and raw sockets for misbehaving peers."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port}") from None
             time.sleep(0.02)
+
+
+def stuck_reader(port: int, path: str) -> socket.socket:
+    """A WebSocket that completes the handshake and then never reads (small receive buffer)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    return sock
