@@ -5,13 +5,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio
 
 from backend_adapter import AsyncPublisher, Publisher
+from tests.backend_adapter.sql_support import postgres_database, sqlite_url
 from tests.conftest import MS
+from tests.support.node import Listener, NodeUnderTest, node_settings
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
 
@@ -77,3 +80,37 @@ def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis(port=redis_server.port)
     yield client
     client.close()
+
+
+# -- a relay node and a client, and databases, for the end-to-end tests -------------------
+
+
+@pytest.fixture
+async def relay(redis_server: RedisServer) -> AsyncIterator[NodeUnderTest]:
+    """A relay node on the private Redis."""
+    node = await NodeUnderTest(node_settings(redis_url=redis_server.url)).start()
+    yield node
+    await node.stop()
+
+
+@pytest.fixture
+async def client(relay: NodeUnderTest) -> AsyncIterator[Listener]:
+    """A WebSocket client of BizId ``cml`` on ``relay``."""
+    listener = await Listener(relay.ws_url("cml")).connect()
+    yield listener
+    await listener.close()
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A private PostgreSQL database for this module, dropped afterwards."""
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+    return str(request.getfixturevalue("pg_url"))

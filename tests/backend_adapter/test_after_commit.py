@@ -11,7 +11,7 @@ import importlib.util
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ from backend_adapter import AsyncPublisher, InvalidInput, Publisher
 from backend_adapter.after_commit import AfterCommit, QueuedEvent, dbapi_transaction
 from relay.errors import ConfigError
 from tests.backend_adapter.conftest import dead_url
-from tests.backend_adapter.sql_support import fresh_engine, postgres_database, sqlite_url
-from tests.support.node import Listener, NodeUnderTest, node_settings
+from tests.backend_adapter.sql_support import fresh_engine
+from tests.support.node import Listener
 from tests.support.redis_server import RedisServer
 
 HAS_ASYNC = all(importlib.util.find_spec(m) for m in ("greenlet", "aiosqlite"))
@@ -45,39 +45,12 @@ class Label(Base):
     text: Mapped[str] = mapped_column(sa.String(200), unique=True)
 
 
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    return str(request.getfixturevalue("pg_url"))
-
-
 @pytest.fixture
 def engine(db_url: str) -> Iterator[sa.Engine]:
     engine = fresh_engine(db_url)
     Base.metadata.create_all(engine)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-async def relay(redis_server: RedisServer) -> AsyncIterator[NodeUnderTest]:
-    node = await NodeUnderTest(node_settings(redis_url=redis_server.url)).start()
-    yield node
-    await node.stop()
-
-
-@pytest.fixture
-async def client(relay: NodeUnderTest) -> AsyncIterator[Listener]:
-    listener = await Listener(relay.ws_url("cml")).connect()
-    yield listener
-    await listener.close()
 
 
 @pytest.fixture

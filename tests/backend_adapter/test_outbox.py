@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,26 +37,13 @@ from backend_adapter.outbox import (
     main,
 )
 from relay import wire
-from tests.backend_adapter.sql_support import fresh_engine, postgres_database, sqlite_url
-from tests.support.node import Listener, NodeUnderTest, node_settings
+from tests.backend_adapter.sql_support import fresh_engine, sqlite_url
+from tests.support.node import Listener
 from tests.support.redis_server import RedisServer
 
 KEYS = wire.KeySpace()
 ROOT = Path(__file__).resolve().parents[2]
 HAS_ASYNC = all(importlib.util.find_spec(m) for m in ("greenlet", "aiosqlite"))
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path)
-    return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture
@@ -73,20 +60,6 @@ def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
     create_outbox_table(engine)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-async def relay(redis_server: RedisServer) -> AsyncIterator[NodeUnderTest]:
-    node = await NodeUnderTest(node_settings(redis_url=redis_server.url)).start()
-    yield node
-    await node.stop()
-
-
-@pytest.fixture
-async def client(relay: NodeUnderTest) -> AsyncIterator[Listener]:
-    listener = await Listener(relay.ws_url("cml")).connect()
-    yield listener
-    await listener.close()
 
 
 def stream_mids(raw: redis.Redis, biz_id: str) -> list[str | None]:

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import orjson
 import pytest
 import redis
 
-from tests.support.node import API_KEY, Listener, NodeUnderTest, node_settings
+from tests.support.node import API_KEY, Listener, NodeUnderTest
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,20 +48,6 @@ def documented_keys(biz: str, mid: str | None) -> list[str]:
 
 def documented_args(payload: bytes, mid: str | None) -> list[Any]:
     return [payload, 100, 3600, mid or "", 600]
-
-
-@pytest.fixture
-async def relay(redis_server: RedisServer) -> AsyncIterator[NodeUnderTest]:
-    node = await NodeUnderTest(node_settings(redis_url=redis_server.url)).start()
-    yield node
-    await node.stop()
-
-
-@pytest.fixture
-async def client(relay: NodeUnderTest) -> AsyncIterator[Listener]:
-    listener = await Listener(relay.ws_url("cml")).connect()
-    yield listener
-    await listener.close()
 
 
 def test_wire_docs_quote_publish_lua_verbatim() -> None:
