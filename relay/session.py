@@ -85,6 +85,7 @@ class Session:
     """A client's live connection: position, recovery buffer, send queue, writer."""
 
     __slots__ = (
+        "_closed",
         "_closer",
         "_live",
         "_queue",
@@ -138,6 +139,7 @@ class Session:
         self._queued_bytes = 0
         self._live = False  # start() called: the welcome and replay are queued
         self._closer: asyncio.Task[None] | None = None
+        self._closed: asyncio.Future[None] | None = None  # set when close() has finished
         self._writer: asyncio.Task[None] | None = None
         self._write_now = getattr(transport, "write_now", None)
 
@@ -254,6 +256,18 @@ class Session:
             return
         self.closing = True
         self.close_code = int(code)
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            await self._close(code, reason, flush=flush)
+        finally:
+            self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until a close the server began has finished (no-op if none began)."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+    async def _close(self, code: int, reason: str, *, flush: bool) -> None:
         if flush and self._live:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained(), self.limits.close_flush_timeout)

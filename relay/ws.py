@@ -208,6 +208,14 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         log.error("session.connect_failed", client_id=client_id, error=type(exc).__name__)
         await ws.close(code=CloseCode.INTERNAL_ERROR, message=b"internal error")
         return ws
+    if session.closing:
+        # Replaced while it was connecting: its close handshake is under way and owns the
+        # socket's reader, so this handler must not read as well.
+        try:
+            await session.wait_closed()
+        finally:
+            await node.disconnect(session)
+        return ws
     try:
         await _read_loop(ws, node, session)
     except Exception as exc:
