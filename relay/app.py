@@ -24,13 +24,14 @@ from aiohttp import web
 
 from relay.api import add_routes
 from relay.config import Settings
+from relay.edge import Edge
 from relay.engine import Engine
 from relay.engines import create_engine
 from relay.metrics import Metrics
 from relay.node import Node
 from relay.ws import LB_RETRY_HEADER, NODE_KEY, websocket_handler
 
-__all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "serve"]
+__all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "listening_socket", "serve"]
 
 log = structlog.get_logger("relay.app")
 
@@ -56,7 +57,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     return app
 
 
-def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -100,9 +101,10 @@ async def serve(
         keepalive_timeout=settings.handshake_timeout,
     )
     await runner.setup()
-    sock = _listening_socket(settings.host, settings.port, reuse_port)
-    site = web.SockSite(runner, sock)
-    await site.start()
+    sock = listening_socket(settings.host, settings.port, reuse_port)
+    assert runner.server is not None  # made by setup()
+    edge = Edge(node, runner.server)
+    await edge.listen(sock)
     _tune_gc()
     log.info(
         "node.listening",
@@ -124,8 +126,9 @@ async def serve(
     # Stop listening first, and let connections accepted in the last instant send their
     # request (answered 1012/503): aiohttp's cleanup drops the data of a connection it
     # closes before its first request and then waits shutdown_timeout (5 s) for it.
-    await site.stop()
+    edge.stop_listening()
     await asyncio.sleep(0.1)
+    await edge.close()
     await runner.cleanup()
     # Closing the loop would restore the default dispositions, and a second SIGTERM
     # (a supervisor repeating itself) would then kill a process that drained cleanly

@@ -9,9 +9,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PURE = ["relay/errors.py", "relay/wire.py", "relay/protocol.py", "relay/auth.py", "relay/hub.py"]
+PURE = [
+    "relay/errors.py",
+    "relay/wire.py",
+    "relay/protocol.py",
+    "relay/auth.py",
+    "relay/hub.py",
+    "relay/frames.py",
+]
 IO_LIBS = {"asyncio", "aiohttp", "redis", "socket", "structlog"}
-ABOVE_ENGINES = {"relay.hub", "relay.node", "relay.session", "relay.ws", "relay.api", "relay.app"}
+ABOVE_ENGINES = {
+    "relay.hub",
+    "relay.node",
+    "relay.session",
+    "relay.ws",
+    "relay.edge",
+    "relay.api",
+    "relay.app",
+}
 
 
 def _imports(path: Path) -> set[str]:

@@ -14,8 +14,9 @@ import msgpack
 import orjson
 from aiohttp import web
 
-from relay.app import NODE_KEY, create_app
+from relay.app import NODE_KEY, create_app, listening_socket
 from relay.config import Settings
+from relay.edge import Edge
 from relay.engine import Engine
 from relay.node import Node
 from tests.support.ports import free_port
@@ -46,6 +47,7 @@ class NodeUnderTest:
         self.settings = settings
         self.app = create_app(settings, engine)
         self.runner: web.AppRunner | None = None
+        self.edge: Edge | None = None
 
     @property
     def node(self) -> Node:
@@ -62,13 +64,21 @@ class NodeUnderTest:
     async def start(self) -> NodeUnderTest:
         self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.settings.port).start()
+        assert self.runner.server is not None
+        # The listener `relay serve` uses: WebSocket upgrades on the edge, the rest aiohttp.
+        self.edge = Edge(self.node, self.runner.server)
+        await self.edge.listen(listening_socket("127.0.0.1", self.settings.port, False))
         return self
 
     async def stop(self) -> None:
+        if self.edge is not None:
+            self.edge.stop_listening()
         if self.runner is not None:
-            await self.runner.cleanup()
+            await self.runner.cleanup()  # drains the node: its sessions close 1012
             self.runner = None
+        if self.edge is not None:
+            await self.edge.close()
+            self.edge = None
 
     async def publish(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> Any:
         return await self.node.publish(biz_id, event, data, mid=mid)

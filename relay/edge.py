@@ -1,0 +1,521 @@
+"""The listener of ``relay serve``: WebSocket upgrades on the bare socket, the rest to aiohttp.
+
+An aiohttp WebSocket keeps a request, a response, a reader queue, two tasks and a
+heartbeat timer alive per connection: about 15 KB and 170 µs of CPU per connect before
+Relay does anything (docs/benchmarks.md). Here a connection that starts with
+``GET /ws/`` is one asyncio Protocol: the request head is parsed once and dropped, the
+frame parser is :mod:`relay.frames`, the protocol object is the session's Transport,
+and server pings come from one sweep over all connections instead of a timer each.
+Every other request (the API, health, metrics, a WebSocket on a keep-alive connection
+that began with another request) is handed, bytes and socket, to aiohttp's own
+protocol. With ``--compress`` every request goes to aiohttp, which does permessage-deflate.
+
+Validation, authentication and inbound frames are :mod:`relay.ws`'s, shared with the
+aiohttp route, so both answer alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final, cast
+from urllib.parse import parse_qsl, unquote
+
+import orjson
+import structlog
+
+from relay.errors import AuthError
+from relay.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameParser,
+    accept_key,
+    close_frame,
+    frame_header,
+    parse_close,
+)
+from relay.node import Node
+from relay.protocol import CloseCode
+from relay.session import Session
+from relay.ws import (
+    Admission,
+    Inbound,
+    Refused,
+    admit,
+    authenticate,
+    open_session,
+    session_failed,
+)
+
+__all__ = ["Edge", "EdgeConnection"]
+
+log = structlog.get_logger("relay.edge")
+
+WS_PREFIX: Final = b"GET /ws/"
+MAX_LINE: Final = 8190  # aiohttp's limits for a request line and for one header line
+MAX_HEADERS: Final = 100
+MAX_HEAD: Final = 32 * 1024
+CLOSE_TIMEOUT: Final = 2.0  # seconds to wait for the peer's close frame
+MAX_PENDING: Final = 32  # messages a client may send before its session is open
+
+_HEAD, _CONNECTING, _OPEN, _CLOSED = range(4)
+
+
+class _BadHandshake(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def _http_error(status: int, code: str, message: str, headers: dict[str, str]) -> bytes:
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        "Content-Type: application/json; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _tokens(value: str) -> set[str]:
+    return {token.strip().lower() for token in value.split(",")}
+
+
+def parse_head(head: bytes) -> tuple[str, dict[str, str], dict[str, str]]:
+    """Client id, query (first value of each name) and lower-case headers of a
+    ``GET /ws/<client_id>`` request head; raises _BadHandshake."""
+    lines = head.split(b"\r\n")
+    if any(len(line) > MAX_LINE for line in lines):
+        raise _BadHandshake(400, "request line or header too long")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise _BadHandshake(400, "too many headers")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        raise _BadHandshake(400, "bad request line")
+    try:
+        target = parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        raise _BadHandshake(400, "bad request target") from None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
+            raise _BadHandshake(400, "bad header line")
+        key = name.decode("latin-1").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    path, _, query_string = target.partition("?")
+    segment = path[len("/ws/") :]
+    if not segment or "/" in segment:
+        raise _BadHandshake(404, "not found")
+    query: dict[str, str] = {}
+    for field, content in parse_qsl(query_string, keep_blank_values=True):
+        query.setdefault(field, content)
+    return unquote(segment), query, headers
+
+
+def handshake_key(headers: dict[str, str]) -> str:
+    """The Sec-WebSocket-Key of a valid version 13 upgrade; raises _BadHandshake."""
+    if "websocket" not in _tokens(headers.get("upgrade", "")):
+        raise _BadHandshake(400, "not a WebSocket upgrade (Upgrade: websocket missing)")
+    if "upgrade" not in _tokens(headers.get("connection", "")):
+        raise _BadHandshake(400, "not a WebSocket upgrade (Connection: upgrade missing)")
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        raise _BadHandshake(400, "unsupported Sec-WebSocket-Version (13 is)")
+    key = headers.get("sec-websocket-key", "").strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise _BadHandshake(400, "bad Sec-WebSocket-Key") from None
+    return key
+
+
+class Edge:
+    """The protocol factory of the node's listening socket, and its connections."""
+
+    def __init__(self, node: Node, http: Callable[[], asyncio.BaseProtocol]) -> None:
+        self.node = node
+        self.http = http
+        self.connections: set[EdgeConnection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._server: asyncio.Server | None = None
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if self.node.settings.compress:
+            return self.http()
+        return EdgeConnection(self)
+
+    async def listen(self, sock: socket.socket) -> None:
+        """Serve connections on a bound, listening socket."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self, sock=sock, backlog=4096)
+        self._sweeper = loop.create_task(self._sweep())
+
+    def stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self) -> None:
+        """Stop listening and pinging; drop every connection still open (after a drain)."""
+        self.stop_listening()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for connection in list(self.connections):
+            connection.abort()
+
+    async def _sweep(self) -> None:
+        """Ping connections silent for a heartbeat; drop those that ignored the last ping."""
+        heartbeat = self.node.settings.heartbeat
+        while True:
+            await asyncio.sleep(min(heartbeat / 4, 5.0))
+            now = time.monotonic()
+            for connection in list(self.connections):
+                connection.check_alive(now, heartbeat)
+
+
+async def _guarded(session: Session, call: Awaitable[None]) -> None:
+    try:
+        await call
+    except Exception as exc:
+        await session_failed(session, exc)
+
+
+class EdgeConnection(asyncio.Protocol):
+    """One client socket: its handshake, then frames; the session's Transport."""
+
+    __slots__ = (
+        "_buffer",
+        "_closed",
+        "_deadline",
+        "_drain",
+        "_edge",
+        "_inbound",
+        "_lost",
+        "_opcode",
+        "_opener",
+        "_parser",
+        "_pending",
+        "_ping_sent",
+        "_state",
+        "_transport",
+        "last_seen",
+        "session",
+    )
+
+    def __init__(self, edge: Edge) -> None:
+        self._edge = edge
+        self._transport: asyncio.Transport | None = None
+        self._state = _HEAD
+        self._buffer = b""
+        self._deadline: asyncio.TimerHandle | None = None
+        self._parser: FrameParser | None = None
+        self._opcode = OP_TEXT
+        self._opener: asyncio.Task[None] | None = None
+        self._pending: list[bytes | str] | None = None
+        self._inbound: Inbound | None = None
+        self._closed: asyncio.Future[None] | None = None  # the peer's close frame, awaited
+        self._drain: asyncio.Future[None] | None = None
+        self._lost = False
+        self._ping_sent = 0.0
+        self.last_seen = 0.0
+        self.session: Session | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport is not an asyncio.Transport subclass, but quacks like one.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        self._edge.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(
+            self._edge.node.settings.handshake_timeout, transport.abort
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == _HEAD:
+            self._on_head_data(data)
+            return
+        parser = self._parser
+        if parser is None:
+            return  # a framing error ended the stream; only the close remains
+        self.last_seen = time.monotonic()
+        try:
+            messages = parser.feed(data)
+        except FrameError as exc:
+            self._parser = None
+            self._fail(exc.close_code)
+            return
+        for opcode, payload in messages:
+            self._on_message(opcode, payload)
+
+    def pause_writing(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._state = _CLOSED
+        self._edge.connections.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        for waiter in (self._closed, self._drain):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        session, self.session = self.session, None
+        if session is not None:
+            node = self._edge.node
+            node.spawn(node.disconnect(session))
+
+    # -- the handshake -------------------------------------------------------------------
+
+    def _on_head_data(self, data: bytes) -> None:
+        buffer = self._buffer = self._buffer + data
+        if not buffer.startswith(WS_PREFIX):
+            if len(buffer) < len(WS_PREFIX) and WS_PREFIX.startswith(buffer):
+                return  # too little to tell yet
+            self._hand_over()
+            return
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._refuse(400, "bad_request", "request head too large")
+            return
+        head, rest = buffer[:end], buffer[end + 4 :]
+        self._buffer = b""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        started_at = time.time()
+        node = self._edge.node
+        try:
+            client_id, query, headers = parse_head(head)
+            admission = admit(node, client_id, query, headers)
+            key = handshake_key(headers)
+        except _BadHandshake as exc:
+            self._refuse(exc.status, "bad_request" if exc.status == 400 else "not_found", str(exc))
+            return
+        except Refused as refused:
+            self._refuse(refused.status, refused.code, refused.message, refused.headers)
+            return
+        self._upgrade(key, admission, started_at)
+        if rest and self._parser is not None:
+            self.data_received(rest)
+
+    def _hand_over(self) -> None:
+        """Not a WebSocket upgrade on /ws/: aiohttp's protocol takes the socket from here."""
+        transport = self._transport
+        assert transport is not None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._edge.connections.discard(self)
+        self._transport = None
+        self._state = _CLOSED
+        http = self._edge.http()
+        transport.set_protocol(http)
+        http.connection_made(transport)
+        if isinstance(http, asyncio.Protocol):
+            http.data_received(self._buffer)
+        self._buffer = b""
+
+    def _refuse(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        transport = self._transport
+        self._state = _CLOSED
+        if transport is not None:
+            transport.write(_http_error(status, code, message, headers or {}))
+            transport.close()
+
+    def _upgrade(self, key: str, admission: Admission, started_at: float) -> None:
+        transport = self._transport
+        assert transport is not None
+        node = self._edge.node
+        response = (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
+        )
+        if admission.subprotocol:
+            response += f"Sec-WebSocket-Protocol: {admission.subprotocol}\r\n"
+        transport.write((response + "\r\n").encode("latin-1"))
+        self._state = _CONNECTING
+        self._parser = FrameParser(node.settings.max_message_size)
+        self._opcode = OP_BINARY if admission.fmt.binary else OP_TEXT
+        self.last_seen = time.monotonic()
+        if admission.format_error is not None:
+            self._close_soon(CloseCode.PROTOCOL_ERROR, admission.format_error)
+            return
+        try:
+            expires_at = authenticate(node, admission)
+        except AuthError as exc:
+            self._close_soon(exc.close_code, str(exc))
+            return
+        self._opener = asyncio.get_running_loop().create_task(
+            self._open(admission, expires_at, started_at)
+        )
+
+    async def _open(self, admission: Admission, expires_at: float | None, started: float) -> None:
+        node = self._edge.node
+        opened = await open_session(node, admission, self, expires_at, started)
+        self._opener = None
+        if isinstance(opened, tuple):
+            await self.close(*opened)
+            return
+        if self._lost:
+            await node.disconnect(opened)
+            return
+        self.session = opened
+        self._state = _OPEN
+        pending, self._pending = self._pending, None
+        for payload in pending or ():
+            self._on_data(payload)
+
+    def _close_soon(self, code: int, reason: str) -> None:
+        asyncio.get_running_loop().create_task(self.close(code, reason))
+
+    # -- frames --------------------------------------------------------------------------
+
+    def _on_message(self, opcode: int, payload: bytes | str) -> None:
+        if opcode in (OP_TEXT, OP_BINARY):
+            self._on_data(payload)
+        elif isinstance(payload, str):
+            return  # only text is decoded
+        elif opcode == OP_PING:
+            self._write(frame_header(OP_PONG, len(payload)) + payload)
+        elif opcode == OP_PONG:
+            self._ping_sent = 0.0
+        elif opcode == OP_CLOSE:
+            self._on_close(payload)
+
+    def _on_data(self, payload: bytes | str) -> None:
+        session = self.session
+        if session is None:
+            if self._state == _CONNECTING:
+                pending = self._pending = self._pending or []
+                if len(pending) < MAX_PENDING:
+                    pending.append(payload)
+            return
+        node = self._edge.node
+        inbound = self._inbound = self._inbound or Inbound()
+        try:
+            ack = inbound.handle(node, session, payload)
+        except Exception as exc:
+            node.spawn(session_failed(session, exc))
+            return
+        if ack is not None:
+            node.spawn(_guarded(session, ack))
+
+    def _on_close(self, payload: bytes) -> None:
+        try:
+            code, _ = parse_close(payload)
+        except FrameError as exc:
+            self._parser = None
+            self._fail(exc.close_code)
+            return
+        self._parser = None  # nothing may follow a close frame
+        closed = self._closed
+        if closed is None:
+            # The client closes: answer with its code, then hang up (the server closes TCP).
+            self._write(close_frame(1000 if code == 1005 else code))
+            self._closed = asyncio.get_running_loop().create_future()
+            self._closed.set_result(None)
+            if self._transport is not None:
+                self._transport.close()
+        elif not closed.done():
+            closed.set_result(None)
+
+    def _fail(self, code: int) -> None:
+        """The client broke the framing: close with ``code``, through the session if any."""
+        session = self.session
+        if session is not None:
+            self._edge.node.spawn(session.close(code, "", flush=False))
+        else:
+            self._close_soon(code, "")
+
+    def check_alive(self, now: float, heartbeat: float) -> None:
+        """One heartbeat tick: ping a silent client; abort one that missed its pong."""
+        if self._state != _OPEN:
+            return
+        if self._ping_sent:
+            if now - self._ping_sent > heartbeat / 2:
+                self.abort()
+        elif now - self.last_seen >= heartbeat:
+            self._ping_sent = now
+            self._write(frame_header(OP_PING, 0))
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    # -- the session's Transport ---------------------------------------------------------
+
+    async def send(self, frame: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        transport.write(frame_header(self._opcode, len(frame)) + frame)
+        if self._drain is not None:
+            await asyncio.shield(self._drain)
+
+    def write_now(self, frame: bytes) -> bool:
+        transport = self._transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        transport.write(frame_header(self._opcode, len(frame)) + frame)
+        return True
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send our close frame, wait (bounded) for the client's, then hang up."""
+        transport = self._transport
+        if transport is None or self._lost:
+            return
+        if self._closed is not None:  # a close is already under way
+            await asyncio.shield(self._closed)
+            return
+        self._closed = closed = asyncio.get_running_loop().create_future()
+        if not transport.is_closing():
+            transport.write(close_frame(code, reason))
+        if self._parser is None or transport.get_write_buffer_size() > 0:
+            # A broken stream cannot carry the answer; a peer that stopped reading keeps
+            # a graceful close pending forever.
+            transport.close() if self._parser is None else transport.abort()
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(closed), CLOSE_TIMEOUT)
+        except TimeoutError:
+            transport.abort()
+            return
+        transport.close()
+
+    def abort(self) -> None:
+        transport = self._transport
+        if transport is not None:
+            transport.abort()
