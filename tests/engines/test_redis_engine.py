@@ -8,9 +8,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
 from structlog.testing import capture_logs
 
 from relay.engine import Control, EngineOptions, SessionRecord
+from relay.engines._batch import pack_commands
 from relay.engines.redis import RedisEngine, decode_control, encode_control
 from relay.errors import EngineUnavailable, InvalidEnvelope
 from relay.wire import ID_ZERO, Event, encode_live, encode_payload, parse_id, prove_recovery
@@ -391,3 +394,75 @@ async def test_hung_redis_turns_unready_then_recovers(
     assert h.handler.resubscribes >= 1
     result = await h.engine.publish("hung", "e", None)
     await h.handler.wait_until(lambda: [e.id for e in h.handler.events] == [result.id])
+
+
+@REAL
+async def test_hung_redis_commands_give_up_with_engine_unavailable(
+    own_redis: RedisServer, start_engine: StartEngine
+) -> None:
+    """SIGSTOP: batched registry and history calls raise EngineUnavailable, not hang."""
+    h = await start_engine(url=own_redis.url, **FAST, command_timeout=0.5)
+    record = SessionRecord("stuck", h.node_id, "s-1", None, time.time())
+    await h.engine.history("stuck", None, 10)  # a pooled connection, already handshaken
+    own_redis.stop_process()
+    try:
+        calls = [
+            h.engine.claim_session(record),
+            h.engine.history("stuck", None, 10),
+            h.engine.release_session("stuck", "s-1"),
+            h.engine.publish("stuck", "e", None),
+        ]
+        async with asyncio.timeout(5):
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        own_redis.continue_process()
+    assert all(isinstance(outcome, EngineUnavailable) for outcome in outcomes), outcomes
+    assert all("TimeoutError" in str(outcome) for outcome in outcomes)
+
+
+@REAL
+async def test_subscribe_waiters_time_out_each_on_its_own_deadline(
+    own_redis: RedisServer, start_engine: StartEngine
+) -> None:
+    """Two subscribes of one channel to a hung Redis: each waits its full timeout, then
+    EngineUnavailable; a confirmed subscribe is never failed by a later timer."""
+    timeout = 0.4
+    h = await start_engine(url=own_redis.url, **{**FAST, "subscribe_timeout": timeout})
+    await h.engine.subscribe("early")
+    loop = asyncio.get_running_loop()
+
+    async def subscribe_timed() -> tuple[BaseException | None, float]:
+        began = loop.time()
+        try:
+            await h.engine.subscribe("hung-sub")
+        except EngineUnavailable as exc:
+            return exc, loop.time() - began
+        return None, loop.time() - began
+
+    own_redis.stop_process()
+    try:
+        first = asyncio.ensure_future(subscribe_timed())
+        await asyncio.sleep(timeout / 2)
+        second = asyncio.ensure_future(subscribe_timed())
+        async with asyncio.timeout(5):
+            (error1, waited1), (error2, waited2) = await asyncio.gather(first, second)
+    finally:
+        own_redis.continue_process()
+    assert isinstance(error1, EngineUnavailable) and isinstance(error2, EngineUnavailable)
+    assert waited1 >= timeout and waited2 >= timeout
+    await h.handler.wait_until(lambda: h.engine.ready, 6000)
+    result = await h.engine.publish("early", "e", None)
+    await h.handler.wait_until(lambda: result.id in [e.id for e in h.handler.events])
+
+
+def test_pack_commands_matches_redis_py() -> None:
+    """The batcher's packer writes redis-py's bytes, and refuses what redis-py refuses."""
+    conn = Connection()
+    commands: list[tuple[Any, ...]] = [
+        ("EVALSHA", "f" * 40, 1, "relay:{c}:session", "n1", "s-x", "", "1732612345.5", "1", ""),
+        ("SUBSCRIBE", b"relay:{a}:ch", b"relay:{b}:ch"),
+        ("SET", "k", 1.5, -7, b"\x00\xff", "é" * 3000),
+    ]
+    assert b"".join(pack_commands(conn, commands)) == b"".join(conn.pack_commands(commands))
+    with pytest.raises(DataError):
+        pack_commands(conn, [("SET", "k", True)])
