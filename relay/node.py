@@ -342,11 +342,16 @@ class Node:
         if old.node == self.id:
             self.on_control(control)
         else:
-            try:
-                await self.engine.send_control(old.node, control)
-            except EngineError as exc:
-                self.log.warning("session.kick_failed", old_node=old.node, error=str(exc))
+            # Not awaited: the new session does not depend on it, and after a node died
+            # every client of it would wait for a kick that reaches no one.
+            self.spawn(self._kick_remote(old.node, control))
         return True
+
+    async def _kick_remote(self, node_id: str, control: Control) -> None:
+        try:
+            await self.engine.send_control(node_id, control)
+        except EngineError as exc:
+            self.log.warning("session.kick_failed", old_node=node_id, error=str(exc))
 
     async def _attach(self, session: Session) -> Subscription[Session]:
         biz_id = session.client_id

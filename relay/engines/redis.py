@@ -609,8 +609,10 @@ class RedisEngine:
         )
 
     async def send_control(self, node_id: str, control: Control) -> None:
-        async with self._guard("send_control"):
-            await self._redis.publish(self._keys.control(node_id), encode_control(control))
+        # Batched: a reconnect herd from a dead node sends one kick per client at once,
+        # which one by one would exhaust the connection pool.
+        async with self._guard("send_control", batched=True):
+            await self._batch.call("PUBLISH", self._keys.control(node_id), encode_control(control))
 
     async def heartbeat(self, connections: int) -> None:
         """Write this node's hash with a TTL of ``node_ttl`` and its score in the node set."""
