@@ -746,6 +746,14 @@ class _Session:
     writes: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+def _hiredis_reader(conn: AbstractConnection) -> Any:
+    """The hiredis Reader under ``conn``'s parser, or None (no hiredis: redis-py's own
+    parser, read one reply at a time). ``gets()`` returns the next buffered reply, or a
+    sentinel when none is."""
+    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+    return reader if HIREDIS_AVAILABLE and callable(getattr(reader, "gets", None)) else None
+
+
 class _Subscriber:
     """The node's one pub/sub connection: subscriptions, the reader, reconnects, the canary."""
 
@@ -955,8 +963,19 @@ class _Subscriber:
         await conn.send_packed_command(conn.pack_commands(batches), check_health=False)
         read = conn.read_response
         dispatch = self._dispatch
+        buffered = _hiredis_reader(conn)
         while True:
             dispatch(session, await read(timeout=math.inf))
+            if buffered is None:
+                continue
+            # Flat out one socket read holds hundreds of messages: take them straight from
+            # hiredis instead of one read_response (and its bookkeeping) each.
+            while isinstance(reply := buffered.gets(), list):
+                dispatch(session, reply)
+            if isinstance(reply, redis_errors.ConnectionError):
+                raise reply
+            # Anything else is hiredis' "nothing buffered" sentinel, or a reply that is
+            # not a list, which _dispatch would ignore as well.
 
     async def _send(self, command: bytes, channel: bytes) -> None:
         """SUBSCRIBE or UNSUBSCRIBE on the live connection; the next one resubscribes anyway.
