@@ -190,3 +190,30 @@ async def test_compress_uses_the_aiohttp_route_with_permessage_deflate(
             assert (await ws.receive_json())["data"] == {"text": "x" * 1000}
         finally:
             await ws.close()
+
+
+async def test_client_gone_while_connecting_leaves_nothing_behind(
+    started_nodes: list[NodeUnderTest],
+) -> None:
+    """Hang-ups right after the head (a herd giving up) leave no session, subscription
+    or registry record; the node still serves."""
+    node = await start(started_nodes)
+    for i in range(50):
+        client = await RawClient.open(node)
+        client.writer.write(upgrade_request(f"/ws/quitter{i}")[0])
+        await client.writer.drain()
+        client.writer.transport.abort()
+    for _ in range(200):
+        if not node.node.sessions and not node.node.by_client:
+            break
+        await asyncio.sleep(0.01)
+    assert not node.node.sessions and not node.node.by_client
+    assert node.edge is not None
+    assert all(c.session is None for c in node.edge.connections)
+    for i in range(50):
+        status = await node.node.engine.client_status(f"quitter{i}")
+        assert not status.online
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(node.ws_url("after"))
+        assert (await ws.receive_json())["type"] == "welcome"
+        await ws.close()
