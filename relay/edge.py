@@ -69,12 +69,6 @@ MAX_PENDING: Final = 32  # messages a client may send before its session is open
 _HEAD, _CONNECTING, _OPEN, _CLOSED = range(4)
 
 
-class _BadHandshake(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -102,31 +96,31 @@ def _tokens(value: str) -> set[str]:
 
 def parse_head(head: bytes) -> tuple[str, dict[str, str], dict[str, str]]:
     """Client id, query (first value of each name) and lower-case headers of a
-    ``GET /ws/<client_id>`` request head; raises _BadHandshake."""
+    ``GET /ws/<client_id>`` request head; raises Refused."""
     lines = head.split(b"\r\n")
     if any(len(line) > MAX_LINE for line in lines):
-        raise _BadHandshake(400, "request line or header too long")
+        raise Refused(400, "bad_request", "request line or header too long")
     if len(lines) - 1 > MAX_HEADERS:
-        raise _BadHandshake(400, "too many headers")
+        raise Refused(400, "bad_request", "too many headers")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1":
-        raise _BadHandshake(400, "bad request line")
+        raise Refused(400, "bad_request", "bad request line")
     try:
         target = parts[1].decode("ascii")
     except UnicodeDecodeError:
-        raise _BadHandshake(400, "bad request target") from None
+        raise Refused(400, "bad_request", "bad request target") from None
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
-            raise _BadHandshake(400, "bad header line")
+            raise Refused(400, "bad_request", "bad header line")
         key = name.decode("latin-1").lower()
         text = value.strip(b" \t").decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     path, _, query_string = target.partition("?")
     segment = path[len("/ws/") :]
     if not segment or "/" in segment:
-        raise _BadHandshake(404, "not found")
+        raise Refused(404, "not_found", "not found")
     query: dict[str, str] = {}
     for field, content in parse_qsl(query_string, keep_blank_values=True):
         query.setdefault(field, content)
@@ -134,19 +128,19 @@ def parse_head(head: bytes) -> tuple[str, dict[str, str], dict[str, str]]:
 
 
 def handshake_key(headers: dict[str, str]) -> str:
-    """The Sec-WebSocket-Key of a valid version 13 upgrade; raises _BadHandshake."""
+    """The Sec-WebSocket-Key of a valid version 13 upgrade; raises Refused."""
     if "websocket" not in _tokens(headers.get("upgrade", "")):
-        raise _BadHandshake(400, "not a WebSocket upgrade (Upgrade: websocket missing)")
+        raise Refused(400, "bad_request", "not a WebSocket upgrade (Upgrade: websocket missing)")
     if "upgrade" not in _tokens(headers.get("connection", "")):
-        raise _BadHandshake(400, "not a WebSocket upgrade (Connection: upgrade missing)")
+        raise Refused(400, "bad_request", "not a WebSocket upgrade (Connection: upgrade missing)")
     if headers.get("sec-websocket-version", "").strip() != "13":
-        raise _BadHandshake(400, "unsupported Sec-WebSocket-Version (13 is)")
+        raise Refused(400, "bad_request", "unsupported Sec-WebSocket-Version (13 is)")
     key = headers.get("sec-websocket-key", "").strip()
     try:
         if len(base64.b64decode(key, validate=True)) != 16:
             raise ValueError
     except (ValueError, binascii.Error):
-        raise _BadHandshake(400, "bad Sec-WebSocket-Key") from None
+        raise Refused(400, "bad_request", "bad Sec-WebSocket-Key") from None
     return key
 
 
@@ -318,9 +312,6 @@ class EdgeConnection(asyncio.Protocol):
             client_id, query, headers = parse_head(head)
             admission = admit(node, client_id, query, headers)
             key = handshake_key(headers)
-        except _BadHandshake as exc:
-            self._refuse(exc.status, "bad_request" if exc.status == 400 else "not_found", str(exc))
-            return
         except Refused as refused:
             self._refuse(refused.status, refused.code, refused.message, refused.headers)
             return

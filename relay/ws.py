@@ -59,7 +59,7 @@ LB_RETRY_HEADER = "X-Relay-Lb-Retry"
 # -- shared by both servers ---------------------------------------------------------------
 
 
-class Refused(Exception):
+class Refused(RelayError):
     """A handshake answered with an HTTP error instead of an upgrade."""
 
     def __init__(
