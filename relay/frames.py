@@ -24,6 +24,7 @@ __all__ = [
     "FrameParser",
     "accept_key",
     "close_frame",
+    "close_reason",
     "frame_header",
     "parse_close",
 ]
@@ -68,9 +69,14 @@ def frame_header(opcode: int, size: int) -> bytes:
     return _HEAD64(first, 127, size)
 
 
+def close_reason(reason: str) -> bytes:
+    """A close reason within the 123 bytes a close frame allows, cut on a character."""
+    return reason.encode()[:120].decode("utf-8", "ignore").encode()
+
+
 def close_frame(code: int, reason: str = "") -> bytes:
-    """A close frame; the reason is cut (on a character) to the 123 bytes allowed."""
-    body = _LEN16.pack(code) + reason.encode()[:120].decode("utf-8", "ignore").encode()
+    """A close frame with ``code`` and the reason cut by :func:`close_reason`."""
+    body = _LEN16.pack(code) + close_reason(reason)
     return frame_header(OP_CLOSE, len(body)) + body
 
 

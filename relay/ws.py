@@ -22,7 +22,7 @@ from aiohttp import WSMsgType, web
 
 from relay.auth import bearer_token, verify_token
 from relay.errors import AuthError, InvalidInput, ProtocolViolation, RelayError
-from relay.frames import frame_header
+from relay.frames import close_reason, frame_header
 from relay.node import Node, NodeUnavailable
 from relay.protocol import (
     CloseCode,
@@ -216,11 +216,6 @@ async def session_failed(session: Session, exc: Exception) -> None:
         "session.failed", client_id=session.client_id, session=session.id, error=type(exc).__name__
     )
     await session.close(CloseCode.INTERNAL_ERROR, "internal error", flush=False)
-
-
-def close_reason(reason: str) -> bytes:
-    """A close reason within the 123 bytes a close frame allows, cut on a character."""
-    return reason.encode()[:120].decode("utf-8", "ignore").encode()
 
 
 def _origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
