@@ -41,25 +41,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
-import random
 import re
-import secrets
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-import orjson
 import redis.asyncio as aioredis
 import structlog
 from redis import exceptions as redis_errors
 from redis._parsers import _AsyncHiredisParser
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.utils import HIREDIS_AVAILABLE
 
 from relay.engine import (
@@ -70,12 +64,21 @@ from relay.engine import (
     NodeInfo,
     SessionRecord,
 )
-from relay.engines._batch import Batcher, pack_commands
+from relay.engines._batch import Batcher
+from relay.engines._subscriber import (
+    _reraise_swallowed_cancel,
+    _safely,
+    _stop,
+    _Subscriber,
+    _text,
+    _Timings,
+    decode_control,
+    encode_control,
+)
 from relay.errors import (
     ConfigError,
     EngineError,
     EngineUnavailable,
-    InvalidEnvelope,
     InvalidInput,
     RelayError,
 )
@@ -86,7 +89,6 @@ from relay.wire import (
     KeySpace,
     PublishResult,
     StreamId,
-    decode_live,
     decode_payload,
     encode_payload,
     format_id,
@@ -102,10 +104,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisEngine", "decode_control", "encode_control"]
 
-_SUBSCRIBE: Final = b"subscribe"
-_UNSUBSCRIBE: Final = b"unsubscribe"
-_MESSAGE: Final = b"message"
-_BATCH: Final = 1000  # channels per SUBSCRIBE command when resubscribing
 _CLIENT_NAME_UNSAFE: Final = re.compile(r"[^!-~]")
 
 # Registry scripts. Each touches one key, so they run in Redis Cluster too.
@@ -182,29 +180,6 @@ return 0
 """
 
 
-# -- control messages ---------------------------------------------------------------------
-
-
-def encode_control(control: Control) -> bytes:
-    """A control message as sent on ``<prefix>:ctl:<node>``: a JSON object."""
-    return orjson.dumps(asdict(control))
-
-
-def decode_control(data: bytes) -> Control:
-    """Inverse of :func:`encode_control`; anything malformed raises InvalidEnvelope."""
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise InvalidEnvelope("control message is not JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("action"), str):
-        raise InvalidEnvelope("control message is not an object with an action")
-    text = {name: body.get(name, "") for name in ("client_id", "session", "reason", "token")}
-    code = body.get("code", 4000)
-    if not all(isinstance(v, str) for v in text.values()) or type(code) is not int:
-        raise InvalidEnvelope("control message fields have the wrong types")
-    return Control(body["action"], code=code, **text)
-
-
 # -- helpers ------------------------------------------------------------------------------
 
 
@@ -279,12 +254,6 @@ class _Guard:
         error = _translate(self._what, exc)
         if error is not None:
             raise error from exc
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _float(value: Any) -> float:
@@ -712,508 +681,6 @@ class RedisEngine:
         if self._sub is None:
             raise EngineError("engine is not started")
         return self._sub
-
-
-# -- the pub/sub side -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Timings:
-    socket_timeout: float
-    canary_interval: float
-    canary_deadline: float
-    backoff_base: float
-    backoff_cap: float
-    subscribe_timeout: float
-
-
-@dataclass(eq=False, slots=True)
-class _Session:
-    """One pub/sub connection and what was asked of it.
-
-    ``sent`` holds channels whose latest command here was SUBSCRIBE; ``ops`` the commands
-    not yet confirmed, per channel, oldest first; ``awaiting`` the channels of the initial
-    batch still unconfirmed (the session is live once it is empty).
-    """
-
-    conn: AbstractConnection
-    sent: set[bytes] = field(default_factory=set)
-    ops: dict[bytes, deque[bytes]] = field(default_factory=dict)
-    awaiting: set[bytes] = field(default_factory=set)
-    live: bool = False
-    live_at: float = 0.0
-    outbox: list[tuple[bytes, bytes]] = field(default_factory=list)  # (UN)SUBSCRIBEs to write
-    writes: set[asyncio.Task[None]] = field(default_factory=set)
-
-
-def _hiredis_reader(conn: AbstractConnection) -> Any:
-    """The hiredis Reader under ``conn``'s parser, or None (no hiredis: redis-py's own
-    parser, read one reply at a time). ``gets()`` returns the next buffered reply, or a
-    sentinel when none is."""
-    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
-    return reader if HIREDIS_AVAILABLE and callable(getattr(reader, "gets", None)) else None
-
-
-class _Subscriber:
-    """The node's one pub/sub connection: subscriptions, the reader, reconnects, the canary."""
-
-    def __init__(
-        self,
-        pool: ConnectionPool,
-        redis: aioredis.Redis,
-        handler: EngineHandler,
-        control_channel: str,
-        client_name: str,
-        timings: _Timings,
-        log: Any,
-    ) -> None:
-        self._pool = pool
-        self._redis = redis
-        self._handler = handler
-        self._control_channel = control_channel.encode()
-        self._client_name = client_name
-        self._t = timings
-        self._log = log
-        self.ready = False
-        self._closed = False
-        self._channels: dict[bytes, str] = {}  # wanted BizId channels
-        # Callers waiting for a channel's confirmation, and when each gives up (oldest first).
-        self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._expiries: deque[tuple[float, asyncio.Future[None]]] = deque()
-        self._expiry_timer: asyncio.TimerHandle | None = None
-        self._session: _Session | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._canary: asyncio.Task[None] | None = None
-        self._canary_kick = asyncio.Event()
-        self._canary_prefix = secrets.token_hex(6) + ":"
-        self._canary_ok_at = 0.0
-        self._bad_window = 0.0  # engine.bad_message rate limit: window start, lines, left out
-        self._bad_logged = 0
-        self._bad_suppressed = 0
-        self._first_live: asyncio.Future[None] | None = None
-        self._ever_live = False
-
-    async def start(self) -> None:
-        """Connect and subscribe the control channel, or raise EngineUnavailable."""
-        self._first_live = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._run(), name="relay-redis-sub")
-        try:
-            async with asyncio.timeout(self._t.subscribe_timeout):
-                await asyncio.shield(self._first_live)
-        except TimeoutError:
-            raise EngineUnavailable("redis did not confirm the control subscription") from None
-        self.ready = True
-
-    def start_canary(self) -> None:
-        self._canary_ok_at = asyncio.get_running_loop().time()
-        self._canary = asyncio.create_task(self._run_canary(), name="relay-redis-canary")
-
-    async def close(self) -> None:
-        self._closed = True
-        self.ready = False
-        for task in (self._canary, self._task):
-            if task is not None:
-                await _stop(task)
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(EngineError("engine closed"))
-        self._waiters.clear()
-        if self._first_live is not None and not self._first_live.done():
-            self._first_live.cancel()
-
-    async def subscribe(self, channel: bytes, biz_id: str) -> None:
-        if channel in self._channels and self._is_live(channel):
-            return
-        loop = asyncio.get_running_loop()
-        waiters = self._waiters.get(channel)
-        if waiters is None:
-            waiters = self._waiters[channel] = []
-        waiter: asyncio.Future[None] = loop.create_future()
-        waiters.append(waiter)
-        if channel not in self._channels:
-            self._channels[channel] = biz_id
-            await self._send(b"SUBSCRIBE", channel)
-        self._expire_at(loop.time() + self._t.subscribe_timeout, waiter)
-        try:
-            await waiter
-        except TimeoutError:
-            if self._waiters.get(channel) is waiters:
-                del self._waiters[channel]
-            if self._channels.pop(channel, None) is not None:
-                await self._send(b"UNSUBSCRIBE", channel)
-            raise EngineUnavailable("redis did not confirm the subscription in time") from None
-
-    async def unsubscribe(self, channel: bytes) -> None:
-        if self._channels.pop(channel, None) is None:
-            return
-        _wake(self._waiters.pop(channel, ()))
-        await self._send(b"UNSUBSCRIBE", channel)
-
-    def _expire_at(self, deadline: float, waiter: asyncio.Future[None]) -> None:
-        """Fail ``waiter`` with TimeoutError at ``deadline`` unless it is done by then.
-
-        One timer serves every waiter (deadlines come in order), and each caller awaits its
-        own future: a timeout context and a shield per subscribe cost more than the wait.
-        """
-        expiries = self._expiries
-        while expiries and expiries[0][1].done():
-            expiries.popleft()
-        expiries.append((deadline, waiter))
-        if self._expiry_timer is None:
-            loop = asyncio.get_running_loop()
-            self._expiry_timer = loop.call_at(deadline, self._expire, deadline)
-
-    def _expire(self, due: float) -> None:
-        loop = asyncio.get_running_loop()
-        now = max(due, loop.time())
-        expiries = self._expiries
-        while expiries and (expiries[0][0] <= now or expiries[0][1].done()):
-            _, waiter = expiries.popleft()
-            if not waiter.done():
-                waiter.set_exception(TimeoutError())
-        self._expiry_timer = None
-        if expiries:
-            deadline = expiries[0][0]
-            self._expiry_timer = loop.call_at(deadline, self._expire, deadline)
-
-    # -- connection lifecycle ----------------------------------------------------------
-
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._t.backoff_cap, self._t.backoff_base * 2.0 ** min(attempt, 30))
-        return ceiling * random.uniform(0.5, 1.0)
-
-    async def _run(self) -> None:
-        """Keep one pub/sub connection subscribed to every wanted channel, forever."""
-        loop = asyncio.get_running_loop()
-        attempt = 0
-        number = 0
-        down_since: float | None = None
-        while True:
-            number += 1
-            try:
-                session = await self._open()
-            except Exception as exc:
-                self._log.debug(
-                    "engine.reconnect_failed", attempt=attempt + 1, error=type(exc).__name__
-                )
-            else:
-                if down_since is not None:
-                    self._log.info(
-                        "engine.reconnected",
-                        attempts=attempt + 1,
-                        down_for=round(loop.time() - down_since, 3),
-                    )
-                error = await self._serve(session)
-                self._log.warning("engine.disconnected", error=error, session=number)
-                self._set_health(False, reason="disconnected")
-                down_since = loop.time()
-                if session.live_at:
-                    attempt = 0
-            await asyncio.sleep(self._backoff(attempt))
-            attempt += 1
-
-    async def _open(self) -> _Session:
-        """A connection of the pool's kind, outside the pool, that never retries by itself."""
-        kwargs = dict(self._pool.connection_kwargs)
-        kwargs.update(
-            socket_timeout=None,  # reads block; the canary and the connect timeout bound them
-            socket_connect_timeout=self._t.socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            client_name=self._client_name,
-        )
-        conn: AbstractConnection = self._pool.connection_class(**kwargs)
-        try:
-            async with asyncio.timeout(self._t.socket_timeout * 2):
-                await conn.connect()  # type: ignore[no-untyped-call]  # unannotated upstream
-        except BaseException:
-            await _discard(conn)
-            raise
-        return _Session(conn)
-
-    async def _serve(self, session: _Session) -> str:
-        """Run the reader on ``session`` until it fails or is replaced; say why it ended."""
-        self._session = session
-        reader = self._reader = asyncio.create_task(self._read(session), name="relay-redis-read")
-        try:
-            await asyncio.wait([reader])
-        finally:
-            self._session = None
-            self._reader = None
-            await _stop(reader)
-            await _discard(session.conn)
-        if reader.cancelled():
-            return "replaced"
-        return type(reader.exception()).__name__
-
-    async def _read(self, session: _Session) -> None:
-        """Subscribe the wanted channels, then dispatch every reply until the socket fails."""
-        conn = session.conn
-        wanted = [self._control_channel, *self._channels]
-        initial = [channel for channel in wanted if channel not in session.sent]
-        session.sent.update(initial)
-        session.awaiting.update(initial)
-        for channel in initial:
-            session.ops[channel] = deque([_SUBSCRIBE])
-        batches: list[list[str | bytes]] = [
-            ["SUBSCRIBE", *initial[i : i + _BATCH]] for i in range(0, len(initial), _BATCH)
-        ]
-        await conn.send_packed_command(conn.pack_commands(batches), check_health=False)
-        read = conn.read_response
-        dispatch = self._dispatch
-        buffered = _hiredis_reader(conn)
-        while True:
-            dispatch(session, await read(timeout=math.inf))
-            if buffered is None:
-                continue
-            # Flat out one socket read holds hundreds of messages: take them straight from
-            # hiredis instead of one read_response (and its bookkeeping) each.
-            while isinstance(reply := buffered.gets(), list):
-                dispatch(session, reply)
-            if isinstance(reply, redis_errors.ConnectionError):
-                raise reply
-            # Anything else is hiredis' "nothing buffered" sentinel, or a reply that is
-            # not a list, which _dispatch would ignore as well.
-
-    async def _send(self, command: bytes, channel: bytes) -> None:
-        """SUBSCRIBE or UNSUBSCRIBE on the live connection; the next one resubscribes anyway.
-
-        Returns at once: the command is written with the others of this loop turn.
-        """
-        session = self._session
-        if session is None or not session.conn.is_connected:
-            return
-        if command == b"SUBSCRIBE":
-            if channel in session.sent:
-                return
-            session.sent.add(channel)
-            session.ops.setdefault(channel, deque()).append(_SUBSCRIBE)
-        else:
-            if channel not in session.sent:
-                return
-            session.sent.discard(channel)
-            session.ops.setdefault(channel, deque()).append(_UNSUBSCRIBE)
-            if channel in session.awaiting:
-                session.awaiting.discard(channel)
-                if not session.awaiting:
-                    self._session_live(session)
-        # Commands of one loop turn go out as one write, consecutive ones of a kind merged
-        # (a reconnect storm subscribes thousands of channels at once).
-        session.outbox.append((command, channel))
-        if len(session.outbox) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_outbox, session)
-
-    def _flush_outbox(self, session: _Session) -> None:
-        pending, session.outbox = session.outbox, []
-        commands: list[list[bytes]] = []
-        for command, channel in pending:
-            if commands and commands[-1][0] == command and len(commands[-1]) <= _BATCH:
-                commands[-1].append(channel)
-            else:
-                commands.append([command, channel])
-        task = asyncio.ensure_future(self._write(session, commands))
-        session.writes.add(task)
-        task.add_done_callback(session.writes.discard)
-
-    async def _write(self, session: _Session, commands: list[list[bytes]]) -> None:
-        try:
-            conn = session.conn
-            if conn.is_connected:
-                packed = pack_commands(conn, [tuple(command) for command in commands])
-                await conn.send_packed_command(packed, check_health=False)
-        except Exception as exc:
-            self._log.debug("engine.send_failed", error=type(exc).__name__)
-            if self._session is session and self._reader is not None:
-                self._reader.cancel()
-
-    def _is_live(self, channel: bytes) -> bool:
-        """Redis confirmed ``channel`` on the current connection and nothing is pending."""
-        session = self._session
-        return session is not None and channel in session.sent and channel not in session.ops
-
-    # -- what the reader sees ----------------------------------------------------------
-
-    def _dispatch(self, session: _Session, reply: Any) -> None:
-        if not isinstance(reply, list) or len(reply) < 3:
-            return
-        kind = reply[0]
-        if kind == _MESSAGE:
-            self._on_message(reply[1], reply[2])
-        elif kind in (_SUBSCRIBE, _UNSUBSCRIBE):
-            self._on_confirmation(session, kind, reply[1])
-
-    def _on_message(self, channel: bytes, data: bytes) -> None:
-        if channel == self._control_channel:
-            self._on_control(data)
-            return
-        biz_id = self._channels.get(channel)
-        if biz_id is None:
-            return  # unsubscribed a moment ago
-        try:
-            event = decode_live(data)
-        except InvalidEnvelope as exc:
-            self._bad_message(channel, data, str(exc))
-            return
-        if event.biz_id != biz_id:
-            self._bad_message(channel, data, "envelope biz does not match the channel")
-            return
-        try:
-            self._handler.on_event(event)
-        except Exception:
-            self._log.exception("engine.handler_failed", callback="on_event")
-
-    def _on_control(self, data: bytes) -> None:
-        try:
-            control = decode_control(data)
-        except InvalidEnvelope as exc:
-            self._bad_message(self._control_channel, data, str(exc))
-            return
-        if control.action == "canary":
-            if control.token.startswith(self._canary_prefix):
-                self._canary_ok_at = asyncio.get_running_loop().time()
-                self._set_health(True)
-            return
-        _safely(self._log, self._handler.on_control, control)
-
-    def _bad_message(self, channel: bytes, data: bytes, reason: str) -> None:
-        # Another publisher's bug can send junk at full speed: at most ten lines a second,
-        # each saying how many were left out before it.
-        now = time.monotonic()
-        if now - self._bad_window > 1.0:
-            self._bad_window, self._bad_logged = now, 0
-        if self._bad_logged >= 10:
-            self._bad_suppressed += 1
-            return
-        self._bad_logged += 1
-        suppressed, self._bad_suppressed = self._bad_suppressed, 0
-        self._log.warning(
-            "engine.bad_message",
-            source="pubsub",
-            channel=_text(channel),
-            size=len(data),
-            reason=reason,
-            suppressed=suppressed,
-        )
-
-    def _on_confirmation(self, session: _Session, kind: bytes, channel: bytes) -> None:
-        ops = session.ops.get(channel)
-        if ops and ops[0] == kind:
-            ops.popleft()
-            if not ops:
-                del session.ops[channel]
-        elif kind == _SUBSCRIBE:
-            # A confirmation nobody asked for: the subscription was re-established, and
-            # whatever was published before it may be lost.
-            self._log.warning("engine.resubscribed", reason="unexpected_confirmation")
-            _safely(self._log, self._handler.on_resubscribed)
-        if kind != _SUBSCRIBE or channel not in session.sent or channel in session.ops:
-            return
-        if channel in session.awaiting:
-            session.awaiting.discard(channel)
-            if not session.awaiting:
-                self._session_live(session)
-        _wake(self._waiters.pop(channel, ()))
-
-    def _session_live(self, session: _Session) -> None:
-        if session.live:
-            return
-        session.live = True
-        session.live_at = asyncio.get_running_loop().time()
-        if self._first_live is not None and not self._first_live.done():
-            self._first_live.set_result(None)
-        if self._ever_live:
-            self._log.info("engine.resubscribed", channels=len(self._channels) + 1)
-            _safely(self._log, self._handler.on_resubscribed)
-        self._ever_live = True
-        self._canary_kick.set()
-
-    # -- health ------------------------------------------------------------------------
-
-    def _set_health(self, healthy: bool, reason: str = "") -> None:
-        if self.ready == healthy or self._closed:
-            return
-        self.ready = healthy
-        if healthy:
-            self._log.info("engine.healthy")
-        else:
-            self._log.warning("engine.unhealthy", reason=reason)
-        _safely(self._log, self._handler.on_health, healthy)
-
-    async def _run_canary(self) -> None:
-        """Publish a canary to ourselves every interval; replace a deaf connection."""
-        loop = asyncio.get_running_loop()
-        count = 0
-        channel = self._control_channel.decode()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._t.canary_interval):
-                    await self._canary_kick.wait()
-            self._canary_kick.clear()
-            self._check_canary(loop.time())
-            session = self._session
-            if session is None or not session.live:
-                continue
-            count += 1
-            canary = Control("canary", token=f"{self._canary_prefix}{count}")
-            try:
-                async with asyncio.timeout(self._t.canary_interval):
-                    await self._redis.publish(channel, encode_control(canary))
-            except Exception as exc:
-                self._log.debug("engine.canary_failed", error=type(exc).__name__)
-            _reraise_swallowed_cancel(asyncio.current_task(), 0)
-            self._check_canary(loop.time())
-
-    def _check_canary(self, now: float) -> None:
-        session = self._session
-        if session is None or not session.live:
-            return
-        if now - max(self._canary_ok_at, session.live_at) <= self._t.canary_deadline:
-            return
-        session.live = False
-        self._log.warning("engine.canary_missed", deadline=self._t.canary_deadline)
-        self._set_health(False, reason="canary_missed")
-        if self._reader is not None:
-            self._reader.cancel()
-
-
-def _wake(waiters: Iterable[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(None)
-
-
-def _safely(log: Any, callback: Callable[..., None], *args: Any) -> None:
-    """Call a handler callback; its failure is logged and never reaches the reader."""
-    try:
-        callback(*args)
-    except Exception:
-        log.exception("engine.handler_failed", callback=getattr(callback, "__name__", "?"))
-
-
-def _reraise_swallowed_cancel(task: asyncio.Task[Any] | None, before: int) -> None:
-    """Raise CancelledError if the task was cancelled during a command that returned anyway.
-
-    On Python 3.11 redis-py writes through ``asyncio.wait_for``, which drops a cancellation
-    that races with the write completing; without this a cancelled task carries on.
-    """
-    if task is not None and task.cancelling() > before:
-        raise asyncio.CancelledError
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it, cancelling again if a cancellation was swallowed."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=1.0)
-    if not task.cancelled():
-        task.exception()  # retrieved, so asyncio does not report it at exit
-
-
-async def _discard(conn: AbstractConnection) -> None:
-    with contextlib.suppress(Exception):
-        await conn.disconnect(nowait=True)
 
 
 if TYPE_CHECKING:
