@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from relay.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, accept_key
+from tests.support.frames import client_frame
 from tests.support.node import Listener, NodeUnderTest, listen, node_settings
-from tests.test_frames import client_frame
 
 
 async def start(started: list[NodeUnderTest], **overrides: Any) -> NodeUnderTest:
