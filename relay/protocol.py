@@ -66,6 +66,7 @@ class CloseCode(enum.IntEnum):
     FORBIDDEN = 4003  # token does not grant this client_id
     TOKEN_EXPIRED = 4500  # get a new token, reconnect, resume
     TOO_SLOW = 4508  # send queue overflowed: reconnect at once, resume
+    FEED_GAP = 4509  # live feed gap the node cannot prove closed: reconnect at once, resume
 
     @staticmethod
     def is_terminal(code: int) -> bool:
