@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -116,6 +117,7 @@ def test_format_binary_only_for_msgpack() -> None:
         (CloseCode.FORBIDDEN, True, False),
         (CloseCode.TOKEN_EXPIRED, False, True),
         (CloseCode.TOO_SLOW, False, True),
+        (CloseCode.FEED_GAP, False, True),
         (4499, True, False),
         (4999, False, True),
         (5000, False, False),
@@ -141,7 +143,16 @@ def test_closecode_values_match_design() -> None:
         "FORBIDDEN": 4003,
         "TOKEN_EXPIRED": 4500,
         "TOO_SLOW": 4508,
+        "FEED_GAP": 4509,
     }
+
+
+def test_closecode_every_code_is_in_the_protocol_docs() -> None:
+    """docs/protocol.md's close-code table lists every code the server sends."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    table = text.split("## Close codes", 1)[1].split("\n## ", 1)[0]
+    rows = {int(line.split("|")[1]) for line in table.splitlines() if line[:3] in ("| 1", "| 4")}
+    assert {int(c) for c in CloseCode if c != CloseCode.NORMAL} <= rows
 
 
 # -- server frames -------------------------------------------------------------------------
