@@ -98,6 +98,27 @@ class Settings:
         default=20.0, metadata={"help": "inbound frames per second per session"}
     )
     client_burst: int = field(default=60, metadata={"help": "inbound frame burst per session"})
+    client_frame_rate: float = field(
+        default=100.0,
+        metadata={
+            "help": "WebSocket frames per second per connection, pings, pongs and fragments"
+            " included (1008 beyond the burst)"
+        },
+    )
+    client_frame_burst: int = field(
+        default=300, metadata={"help": "WebSocket frame burst per connection"}
+    )
+    client_ping_rate: float = field(
+        default=5.0,
+        metadata={"help": "WebSocket pings answered per second per connection (others dropped)"},
+    )
+    max_fragments: int = field(
+        default=128,
+        metadata={"help": "frames one inbound WebSocket message may span (1009 beyond)"},
+    )
+    close_timeout: float = field(
+        default=2.0, metadata={"help": "seconds to wait for the client's close frame after ours"}
+    )
     max_errors: int = field(
         default=10, metadata={"help": "error frames sent to a session before 1008"}
     )
@@ -151,6 +172,11 @@ class Settings:
             raise ConfigError("handshake_timeout must be positive")
         if self.heartbeat <= 0:
             raise ConfigError("heartbeat must be positive")
+        for name in ("client_frame_rate", "client_frame_burst", "client_ping_rate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_fragments < 1 or self.close_timeout <= 0:
+            raise ConfigError("max_fragments and close_timeout must be positive")
         if self.duplicates not in ("replace", "allow"):
             raise ConfigError("duplicates must be 'replace' or 'allow'")
 

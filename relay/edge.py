@@ -12,6 +12,13 @@ protocol. With ``--compress`` every request goes to aiohttp, which does permessa
 
 Validation, authentication and inbound frames are :mod:`relay.ws`'s, shared with the
 aiohttp route, so both answer alike.
+
+What one client costs is bounded whatever it sends (docs/security.md): every frame,
+control frames and empty fragments included, is charged against ``--client-frame-rate``
+(1008 beyond); pings are answered at most ``--client-ping-rate`` times a second and
+never into a write buffer above its high-water mark (RFC 6455 §5.5.3 lets a server
+answer only the latest); and a client that does not read what it is sent is not read
+either until its buffer drains. The bytes held per connection are :meth:`EdgeConnection.held`.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from relay.frames import (
 )
 from relay.node import Node
 from relay.protocol import CloseCode
-from relay.session import Session
+from relay.session import RateLimiter, Session
 from relay.ws import (
     Admission,
     Inbound,
@@ -63,7 +70,6 @@ WS_PREFIX: Final = b"GET /ws/"
 MAX_LINE: Final = 8190  # aiohttp's limits for a request line and for one header line
 MAX_HEADERS: Final = 100
 MAX_HEAD: Final = 32 * 1024
-CLOSE_TIMEOUT: Final = 2.0  # seconds to wait for the peer's close frame
 MAX_PENDING: Final = 32  # messages a client may send before its session is open
 
 _HEAD, _CONNECTING, _OPEN, _CLOSED = range(4)
@@ -204,13 +210,17 @@ class EdgeConnection(asyncio.Protocol):
         "_deadline",
         "_drain",
         "_edge",
+        "_frame_budget",
         "_inbound",
         "_lost",
         "_opcode",
         "_opener",
         "_parser",
         "_pending",
+        "_pending_size",
+        "_ping_budget",
         "_ping_sent",
+        "_pong_owed",
         "_state",
         "_transport",
         "last_seen",
@@ -227,6 +237,10 @@ class EdgeConnection(asyncio.Protocol):
         self._opcode = OP_TEXT
         self._opener: asyncio.Task[None] | None = None
         self._pending: list[bytes | str] | None = None
+        self._pending_size = 0
+        self._frame_budget: RateLimiter | None = None
+        self._ping_budget: RateLimiter | None = None
+        self._pong_owed: bytes | None = None  # the latest ping not answered yet
         self._inbound: Inbound | None = None
         self._closed: asyncio.Future[None] | None = None  # the peer's close frame, awaited
         self._drain: asyncio.Future[None] | None = None
@@ -252,25 +266,52 @@ class EdgeConnection(asyncio.Protocol):
             return
         parser = self._parser
         if parser is None:
-            return  # a framing error ended the stream; only the close remains
-        self.last_seen = time.monotonic()
-        try:
-            messages = parser.feed(data)
-        except FrameError as exc:
+            return  # a framing error or a close frame ended the stream
+        self.last_seen = now = time.monotonic()
+        counted = parser.frames
+        messages = parser.feed(data)
+        budget = self._frame_budget
+        assert budget is not None  # made with the parser
+        if parser.frames > counted and not budget.allow(now, parser.frames - counted):
             self._parser = None
-            self._fail(exc.close_code)
+            self._fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             return
         for opcode, payload in messages:
             self._on_message(opcode, payload)
+            if self._parser is None:
+                return  # a close frame: nothing after it counts
+        if parser.failure is not None:
+            self._parser = None
+            self._fail(parser.failure.close_code)
 
     def pause_writing(self) -> None:
+        # Backpressure both ways: a client that does not read what it is sent is not
+        # read either, so what it sends cannot pile up answers in the write buffer.
         if self._drain is None:
             self._drain = asyncio.get_running_loop().create_future()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
 
     def resume_writing(self) -> None:
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+            pong, self._pong_owed = self._pong_owed, None
+            if pong is not None and self._closed is None:
+                transport.write(frame_header(OP_PONG, len(pong)) + pong)
+
+    def held(self) -> int:
+        """Bytes this connection holds for what its client sent (or did not read)."""
+        held = len(self._buffer) + self._pending_size + len(self._pong_owed or b"")
+        if self._parser is not None:
+            held += self._parser.held
+        if self._transport is not None:
+            held += self._transport.get_write_buffer_size()
+        return held
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True
@@ -297,9 +338,11 @@ class EdgeConnection(asyncio.Protocol):
             self._hand_over()
             return
         end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buffer) > MAX_HEAD:
-                self._refuse(400, "bad_request", "request head too large")
+        if end < 0 and len(buffer) <= MAX_HEAD:
+            return
+        if end < 0 or end + 4 > MAX_HEAD:  # however the bytes arrived
+            self._buffer = b""
+            self._refuse(400, "bad_request", "request head too large")
             return
         head, rest = buffer[:end], buffer[end + 4 :]
         self._buffer = b""
@@ -357,7 +400,9 @@ class EdgeConnection(asyncio.Protocol):
             response += f"Sec-WebSocket-Protocol: {admission.subprotocol}\r\n"
         transport.write((response + "\r\n").encode("latin-1"))
         self._state = _CONNECTING
-        self._parser = FrameParser(node.settings.max_message_size)
+        settings = node.settings
+        self._parser = FrameParser(settings.max_message_size, settings.max_fragments)
+        self._frame_budget = RateLimiter(settings.client_frame_rate, settings.client_frame_burst)
         self._opcode = OP_BINARY if admission.fmt.binary else OP_TEXT
         self.last_seen = time.monotonic()
         if admission.format_error is not None:
@@ -385,11 +430,12 @@ class EdgeConnection(asyncio.Protocol):
         self.session = opened
         self._state = _OPEN
         pending, self._pending = self._pending, None
+        self._pending_size = 0
         for payload in pending or ():
             self._on_data(payload)
 
     def _close_soon(self, code: int, reason: str) -> None:
-        asyncio.get_running_loop().create_task(self.close(code, reason))
+        self._edge.node.spawn(self.close(code, reason))
 
     # -- frames --------------------------------------------------------------------------
 
@@ -399,7 +445,7 @@ class EdgeConnection(asyncio.Protocol):
         elif isinstance(payload, str):
             return  # only text is decoded
         elif opcode == OP_PING:
-            self._write(frame_header(OP_PONG, len(payload)) + payload)
+            self._on_ping(payload)
         elif opcode == OP_PONG:
             self._ping_sent = 0.0
         elif opcode == OP_CLOSE:
@@ -410,8 +456,11 @@ class EdgeConnection(asyncio.Protocol):
         if session is None:
             if self._state == _CONNECTING:
                 pending = self._pending = self._pending or []
-                if len(pending) < MAX_PENDING:
+                size = len(payload)
+                limit = self._edge.node.settings.max_message_size
+                if len(pending) < MAX_PENDING and self._pending_size + size <= limit:
                     pending.append(payload)
+                    self._pending_size += size
             return
         node = self._edge.node
         inbound = self._inbound = self._inbound or Inbound()
@@ -422,6 +471,22 @@ class EdgeConnection(asyncio.Protocol):
             return
         if ack is not None:
             node.spawn(_guarded(session, ack))
+
+    def _on_ping(self, payload: bytes) -> None:
+        """Answer at most --client-ping-rate pings a second, never into a full buffer;
+        a ping not answered now is owed (only the latest) until the buffer drains."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._closed is not None:
+            return  # after our close frame nothing else is sent
+        budget = self._ping_budget
+        if budget is None:
+            rate = self._edge.node.settings.client_ping_rate
+            budget = self._ping_budget = RateLimiter(rate, max(1, int(rate)))
+        if self._drain is not None or not budget.allow():
+            if self._drain is not None:
+                self._pong_owed = payload
+            return
+        transport.write(frame_header(OP_PONG, len(payload)) + payload)
 
     def _on_close(self, payload: bytes) -> None:
         try:
@@ -442,13 +507,13 @@ class EdgeConnection(asyncio.Protocol):
         elif not closed.done():
             closed.set_result(None)
 
-    def _fail(self, code: int) -> None:
-        """The client broke the framing: close with ``code``, through the session if any."""
+    def _fail(self, code: int, reason: str = "") -> None:
+        """The client broke the rules: close with ``code``, through the session if any."""
         session = self.session
         if session is not None:
-            self._edge.node.spawn(session.close(code, "", flush=False))
+            self._edge.node.spawn(session.close(code, reason, flush=False))
         else:
-            self._close_soon(code, "")
+            self._close_soon(code, reason)
 
     def check_alive(self, now: float, heartbeat: float) -> None:
         """One heartbeat tick: ping a silent client; abort one that missed its pong."""
@@ -494,13 +559,14 @@ class EdgeConnection(asyncio.Protocol):
         self._closed = closed = asyncio.get_running_loop().create_future()
         if not transport.is_closing():
             transport.write(close_frame(code, reason))
-        if self._parser is None or transport.get_write_buffer_size() > 0:
-            # A broken stream cannot carry the answer; a peer that stopped reading keeps
-            # a graceful close pending forever.
-            transport.close() if self._parser is None else transport.abort()
+        if transport.get_write_buffer_size() > 0:
+            transport.abort()  # a peer that stopped reading keeps a graceful close pending
+            return
+        if self._parser is None:
+            transport.close()  # a broken stream cannot carry the answer
             return
         try:
-            await asyncio.wait_for(asyncio.shield(closed), CLOSE_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(closed), self._edge.node.settings.close_timeout)
         except TimeoutError:
             transport.abort()
             return

@@ -1,8 +1,14 @@
 """WebSocket framing (RFC 6455 §5) for the server side: parse client frames, build ours.
 
-Pure: bytes in, messages and bytes out. ``relay.ws`` moves them between the socket and
+Pure: bytes in, messages and bytes out. ``relay.edge`` moves them between the socket and
 the session. Client frames are few and small (pings, acks), so clarity wins over speed
 here; server frames are built once per event elsewhere and only get a header.
+
+What a client can make the parser hold is bounded whatever it sends: at most one
+incomplete frame and one unfinished message, together never more than
+``max_size + MAX_OVERHEAD`` bytes (:attr:`FrameParser.held`), and a message may come in
+at most ``max_fragments`` frames. Every frame is counted (:attr:`FrameParser.frames`), so
+the caller can charge control frames and empty fragments against a budget too.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Final
 from relay.errors import RelayError
 
 __all__ = [
+    "MAX_OVERHEAD",
     "OP_BINARY",
     "OP_CLOSE",
     "OP_PING",
@@ -39,6 +46,16 @@ OP_PONG: Final = 0xA
 _DATA_OPCODES = frozenset((OP_CONTINUATION, OP_TEXT, OP_BINARY))
 _CONTROL_OPCODES = frozenset((OP_CLOSE, OP_PING, OP_PONG))
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_MAX_HEAD: Final = 14  # the longest frame header: 2 + 8 (64-bit length) + 4 (mask)
+_MAX_CONTROL: Final = 125
+
+MAX_OVERHEAD: Final = _MAX_HEAD + _MAX_CONTROL
+"""Bytes a parser may hold beyond ``max_size``: a control frame's header and payload,
+received in part while a message of ``max_size`` bytes is unfinished."""
+
+# Close codes a peer may send (RFC 6455 §7.4, and the IANA registry for 1012-1014);
+# 1004, 1005, 1006 and 1015 are never sent on the wire.
+_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015)))
 
 _LEN16 = struct.Struct("!H")
 _LEN64 = struct.Struct("!Q")
@@ -87,7 +104,7 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     if len(payload) == 1:
         raise FrameError("close frame with a one-byte payload", 1002)
     (code,) = _LEN16.unpack_from(payload)
-    if not (code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999):
+    if not (code in _VALID_CLOSE_CODES or 3000 <= code <= 4999):
         raise FrameError(f"invalid close code {code}", 1002)
     try:
         reason = payload[2:].decode()
@@ -110,60 +127,94 @@ class FrameParser:
     """Incremental parser of one client's frames: masked, maybe fragmented, bounded.
 
     :meth:`feed` returns every complete message and control frame as ``(opcode,
-    payload)``; text arrives decoded (``str``), everything else as ``bytes``. A message
-    over ``max_size`` is refused from its header, before its payload is buffered.
+    payload)``; text arrives decoded (``str``), everything else as ``bytes``. It never
+    raises: the first violation is kept in :attr:`failure` (its ``close_code`` is what to
+    close with), the frames before it in the same read are still returned, and nothing
+    after it is parsed. A message over ``max_size`` is refused from its header, before
+    its payload is buffered; one in more than ``max_fragments`` frames when the next
+    fragment arrives.
     """
 
-    __slots__ = ("_buffer", "_fragments", "_fragments_size", "_message_opcode", "max_size")
+    __slots__ = (
+        "_buffer",
+        "_fragment_count",
+        "_fragments",
+        "_message_opcode",
+        "failure",
+        "frames",
+        "max_fragments",
+        "max_size",
+    )
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, max_fragments: int = 128) -> None:
         self.max_size = max_size
+        self.max_fragments = max_fragments
+        self.frames = 0  # every frame parsed so far, control frames and empty ones included
+        self.failure: FrameError | None = None
         self._buffer = b""
-        self._fragments: list[bytes] = []
-        self._fragments_size = 0
+        self._fragments = bytearray()  # not a list: empty fragments must cost nothing
+        self._fragment_count = 0
         self._message_opcode = 0  # opcode of the fragmented message under way, 0 if none
 
+    @property
+    def held(self) -> int:
+        """Bytes held for an incomplete frame and an unfinished message."""
+        return len(self._buffer) + len(self._fragments)
+
     def feed(self, data: bytes) -> list[tuple[int, bytes | str]]:
-        buffer = self._buffer + data if self._buffer else data
         out: list[tuple[int, bytes | str]] = []
-        pos, end = 0, len(buffer)
-        while end - pos >= 2:
-            first, second = buffer[pos], buffer[pos + 1]
-            fin, opcode = first & 0x80, first & 0x0F
-            if first & 0x70:
-                raise FrameError("reserved bits set (no extension was negotiated)", 1002)
-            if not second & 0x80:
-                raise FrameError("client frames must be masked", 1002)
-            size = second & 0x7F
-            head = 2
-            if size == 126:
-                if end - pos < 4:
-                    break
-                (size,) = _LEN16.unpack_from(buffer, pos + 2)
-                head = 4
-            elif size == 127:
-                if end - pos < 10:
-                    break
-                (size,) = _LEN64.unpack_from(buffer, pos + 2)
-                if size >> 63:
-                    raise FrameError("frame length out of range", 1002)
-                head = 10
-            self._check(opcode, fin, size)
-            if end - pos < head + 4 + size:
-                break
-            mask = buffer[pos + head : pos + head + 4]
-            start = pos + head + 4
-            payload = _unmask(buffer[start : start + size], mask)
-            pos = start + size
-            message = self._assemble(opcode, bool(fin), payload)
-            if message is not None:
-                out.append(message)
-        self._buffer = buffer[pos:] if pos < end else b""
+        if self.failure is not None:
+            return out
+        try:
+            self._parse(data, out)
+        except FrameError as exc:
+            self.failure = exc
+            self._buffer = b""
+            self._fragments = bytearray()
         return out
+
+    def _parse(self, data: bytes, out: list[tuple[int, bytes | str]]) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        pos, end = 0, len(buffer)
+        try:
+            while end - pos >= 2:
+                first, second = buffer[pos], buffer[pos + 1]
+                fin, opcode = first & 0x80, first & 0x0F
+                if first & 0x70:
+                    raise FrameError("reserved bits set (no extension was negotiated)", 1002)
+                if not second & 0x80:
+                    raise FrameError("client frames must be masked", 1002)
+                size = second & 0x7F
+                head = 2
+                if size == 126:
+                    if end - pos < 4:
+                        break
+                    (size,) = _LEN16.unpack_from(buffer, pos + 2)
+                    head = 4
+                elif size == 127:
+                    if end - pos < 10:
+                        break
+                    (size,) = _LEN64.unpack_from(buffer, pos + 2)
+                    if size >> 63:
+                        raise FrameError("frame length out of range", 1002)
+                    head = 10
+                self._check(opcode, fin, size)
+                if end - pos < head + 4 + size:
+                    break
+                mask = buffer[pos + head : pos + head + 4]
+                start = pos + head + 4
+                payload = _unmask(buffer[start : start + size], mask)
+                pos = start + size
+                self.frames += 1
+                message = self._assemble(opcode, bool(fin), payload)
+                if message is not None:
+                    out.append(message)
+        finally:
+            self._buffer = buffer[pos:] if pos < end else b""
 
     def _check(self, opcode: int, fin: int, size: int) -> None:
         if opcode in _CONTROL_OPCODES:
-            if not fin or size > 125:
+            if not fin or size > _MAX_CONTROL:
                 raise FrameError("control frames must be final and at most 125 bytes", 1002)
             return
         if opcode not in _DATA_OPCODES:
@@ -172,8 +223,10 @@ class FrameParser:
             raise FrameError("continuation frame without a message to continue", 1002)
         if opcode != OP_CONTINUATION and self._message_opcode:
             raise FrameError("new message before the fragmented one ended", 1002)
-        if self._fragments_size + size > self.max_size:
+        if len(self._fragments) + size > self.max_size:
             raise FrameError("message too big", 1009)
+        if opcode == OP_CONTINUATION and self._fragment_count >= self.max_fragments:
+            raise FrameError("message in too many fragments", 1009)
 
     def _assemble(self, opcode: int, fin: bool, payload: bytes) -> tuple[int, bytes | str] | None:
         if opcode in _CONTROL_OPCODES:
@@ -181,15 +234,15 @@ class FrameParser:
         if not fin:
             if opcode != OP_CONTINUATION:
                 self._message_opcode = opcode
-            self._fragments.append(payload)
-            self._fragments_size += len(payload)
+            self._fragments += payload
+            self._fragment_count += 1
             return None
         if opcode == OP_CONTINUATION:
             opcode = self._message_opcode
-            self._fragments.append(payload)
-            payload = b"".join(self._fragments)
-            self._fragments = []
-            self._fragments_size = 0
+            self._fragments += payload
+            payload = bytes(self._fragments)
+            self._fragments = bytearray()
+            self._fragment_count = 0
             self._message_opcode = 0
         if opcode == OP_TEXT:
             try:

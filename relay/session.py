@@ -71,12 +71,12 @@ class RateLimiter:
         self.tokens = float(burst)
         self.stamp = time.monotonic()
 
-    def allow(self, now: float | None = None) -> bool:
+    def allow(self, now: float | None = None, cost: int = 1) -> bool:
         now = time.monotonic() if now is None else now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False
 

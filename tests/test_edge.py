@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import struct
 from typing import Any
@@ -12,8 +13,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
-from relay.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, accept_key
+from relay.edge import Edge, EdgeConnection
+from relay.engines.memory import MemoryEngine
+from relay.frames import MAX_OVERHEAD, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, accept_key
+from relay.metrics import Metrics
+from relay.node import Node
 from tests.support.frames import client_frame
 from tests.support.node import Listener, NodeUnderTest, listen, node_settings
 
@@ -217,3 +224,308 @@ async def test_client_gone_while_connecting_leaves_nothing_behind(
         ws = await http.ws_connect(node.ws_url("after"))
         assert (await ws.receive_json())["type"] == "welcome"
         await ws.close()
+
+
+async def _wait_eof(client: RawClient, timeout: float) -> float:
+    """Seconds until the node hung up; asserts it sent nothing more before."""
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(client.reader.read(), timeout) == b""
+    return asyncio.get_running_loop().time() - started
+
+
+@pytest.mark.parametrize("cause", ["connection-limit-1013", "drain-1012"])
+async def test_edge_echoed_close_code_ends_tcp_at_once(
+    started_nodes: list[NodeUnderTest], cause: str
+) -> None:
+    """A client that answers the node's 1013 or 1012 with the same code (as browsers do)
+    is hung up on at once, not after the close timeout, and gets no 1002."""
+    node = await start(started_nodes, max_connections=1)
+    first = await RawClient.open(node)
+    first.writer.write(upgrade_request("/ws/first")[0])
+    await first.response_head()
+    await first.frame()  # welcome
+    if cause == "drain-1012":
+        client, expected = first, 1012
+        drain = asyncio.get_running_loop().create_task(node.node.drain(0.0))
+    else:
+        client, expected = await RawClient.open(node), 1013
+        client.writer.write(upgrade_request("/ws/second")[0])
+        await client.response_head()
+    opcode, payload = await client.frame()
+    assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, expected)
+    client.writer.write(client_frame(OP_CLOSE, payload[:2]))
+    assert await _wait_eof(client, 5) < 1.0  # the close timeout is 2 s
+    if cause == "drain-1012":
+        await drain
+    else:
+        first.close()
+    client.close()
+
+
+async def test_edge_frames_before_a_bad_frame_in_one_read_are_served(
+    started_nodes: list[NodeUnderTest],
+) -> None:
+    """A ping and an unmasked frame in one write: the pong comes, then close 1002."""
+    node = await start(started_nodes)
+    client = await RawClient.open(node)
+    client.writer.write(upgrade_request("/ws/mixed")[0])
+    await client.response_head()
+    await client.frame()  # welcome
+    client.writer.write(
+        client_frame(OP_TEXT, b'{"type":"ping"}') + client_frame(OP_TEXT, b"x", masked=False)
+    )
+    assert await client.frame() == (OP_TEXT, b'{"type":"pong"}')
+    opcode, payload = await client.frame()
+    assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, 1002)
+    client.close()
+
+
+async def test_edge_ping_flood_gets_few_pongs_then_1008(
+    started_nodes: list[NodeUnderTest],
+) -> None:
+    """A thousand WebSocket pings in a burst: at most --client-ping-rate pongs a second,
+    then close 1008 "rate limit exceeded" once the frame budget is spent."""
+    node = await start(started_nodes, client_ping_rate=5.0, client_frame_burst=300)
+    client = await RawClient.open(node)
+    client.writer.write(upgrade_request("/ws/pinger")[0])
+    await client.response_head()
+    await client.frame()  # welcome
+    pings = b"".join(client_frame(OP_PING, b"p" * 125) for _ in range(50))
+    client.writer.write(pings)
+    assert await client.frame() == (OP_PONG, b"p" * 125)
+    for _ in range(19):
+        client.writer.write(pings)
+        with contextlib.suppress(ConnectionError):
+            await client.writer.drain()
+    pongs = 1
+    while True:
+        opcode, payload = await client.frame()
+        if opcode != OP_PONG:
+            break
+        pongs += 1
+    assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, 1008)
+    assert payload[2:] == b"rate limit exceeded"
+    assert 1 <= pongs <= 10
+    client.close()
+
+
+class UnreadPeerTransport(asyncio.Transport):
+    """The socket under one EdgeConnection, whose peer reads only when the test says so.
+
+    Writes pile up in a buffer with asyncio's default marks (pause_writing above 64 KiB,
+    resume_writing at 16 KiB); pause_reading stops the test from delivering bytes, as
+    the kernel would; connection_lost comes on the next loop turn, as it does for real.
+    """
+
+    HIGH = 64 * 1024
+    LOW = 16 * 1024
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.buffered = 0
+        self.peak = 0
+        self.paused = False
+        self.reading = True
+        self.closing = False
+        self.lost = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closing:
+            return
+        self.buffered += len(data)
+        self.peak = max(self.peak, self.buffered)
+        if not self.paused and self.buffered > self.HIGH:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def peer_reads(self, size: int) -> None:
+        self.buffered -= min(size, self.buffered)
+        if self.paused and self.buffered <= self.LOW:
+            self.paused = False
+            self.protocol.resume_writing()
+        if self.closing and not self.buffered:
+            self._lose()
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+        if not self.buffered:
+            self._lose()
+
+    def abort(self) -> None:
+        self.closing = True
+        self.buffered = 0
+        self._lose()
+
+    def _lose(self) -> None:
+        if not self.lost:
+            self.lost = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+
+EDGE_MAX_SIZE = 2048
+
+
+@st.composite
+def client_messages(draw: st.DrawFn) -> bytes:
+    """One client message in 1-12 fragments (empty ones too) with pings between them,
+    left unfinished now and then; or a burst of pings; or, rarely, a broken frame."""
+    kind = draw(st.sampled_from(["message"] * 3 + ["pings"] * 4 + ["broken"]))
+    if kind == "pings":
+        return client_frame(OP_PING, b"p" * 125) * draw(st.integers(1, 200))
+    if kind == "broken":
+        return draw(
+            st.sampled_from(
+                [
+                    client_frame(OP_TEXT, b"x", masked=False),
+                    client_frame(OP_TEXT, b"\xff"),
+                    client_frame(OP_CLOSE, struct.pack("!H", 1000)),
+                    client_frame(OP_BINARY, b"x" * (EDGE_MAX_SIZE + 1)),
+                ]
+            )
+        )
+    body = draw(st.sampled_from([b'{"type":"ping"}', b"junk", b"a" * (EDGE_MAX_SIZE - 1)]))
+    opcode = draw(st.sampled_from([OP_TEXT, OP_BINARY]))
+    count = draw(st.integers(1, 12))
+    cuts = sorted(draw(st.lists(st.integers(0, len(body)), min_size=count - 1, max_size=count - 1)))
+    parts = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    unfinished = draw(st.integers(0, 5)) == 0
+    frames = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1 and not unfinished
+        frames.append(
+            client_frame(
+                OP_TEXT if i == 0 and opcode == OP_TEXT else (opcode if i == 0 else 0),
+                part,
+                fin=last,
+            )
+        )
+        if draw(st.booleans()):
+            frames.append(client_frame(draw(st.sampled_from([OP_PING, OP_PONG])), b"c" * 125))
+    return b"".join(frames)
+
+
+@st.composite
+def edge_actions(draw: st.DrawFn) -> list[tuple[str, bytes | int]]:
+    """A client's life on the edge: writes (cut anywhere) of random messages, turns of
+    the event loop, and reads of what the node sent it (mostly none)."""
+    actions: list[tuple[str, bytes | int]] = []
+    for _ in range(draw(st.integers(1, 40))):
+        kind = draw(st.sampled_from(["write", "write", "write", "turn", "peer_reads"]))
+        if kind == "turn":
+            actions.append(("turn", 0))
+        elif kind == "peer_reads":
+            actions.append(("peer_reads", draw(st.sampled_from([1, 4096, 1 << 20]))))
+        else:
+            data = draw(client_messages())
+            cut = draw(st.integers(0, len(data)))
+            actions += [("write", data[:cut]), ("write", data[cut:])]
+    return actions
+
+
+def edge_bound(max_size: int) -> int:
+    """docs/security.md: what one client's input can make an edge connection hold."""
+    parser = max_size + MAX_OVERHEAD
+    pending = max_size  # messages sent before the session opened
+    owed_pong = 125
+    write_buffer = UnreadPeerTransport.HIGH + 4096  # high-water mark + one frame of ours
+    return parser + pending + owed_pong + write_buffer
+
+
+async def drive_edge(actions: list[tuple[str, bytes | int]]) -> tuple[int, int]:
+    settings = node_settings(
+        max_message_size=EDGE_MAX_SIZE,
+        max_fragments=8,
+        client_frame_burst=3000,  # high enough for pongs to reach the high-water mark
+        client_ping_rate=10_000.0,
+        client_rate=1000.0,
+        client_burst=1000,
+        max_errors=1000,
+    )
+    node = Node(settings, MemoryEngine(settings.engine_options), Metrics())
+    await node.start()
+    edge = Edge(node, lambda: asyncio.Protocol())
+    connection = EdgeConnection(edge)
+    transport = UnreadPeerTransport(connection)
+    connection.connection_made(transport)
+    backlog: list[bytes] = [upgrade_request("/ws/prop")[0]]
+    peak = 0
+    try:
+        for kind, value in actions:
+            if kind == "write":
+                assert isinstance(value, bytes)
+                backlog.append(value)
+            elif kind == "peer_reads":
+                assert isinstance(value, int)
+                transport.peer_reads(value)
+            await asyncio.sleep(0)
+            while backlog and transport.reading and not transport.lost:
+                connection.data_received(backlog.pop(0))
+                peak = max(peak, connection.held())
+                assert connection.held() <= edge_bound(EDGE_MAX_SIZE)
+        transport.peer_reads(1 << 30)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return peak, transport.peak
+    finally:
+        transport.abort()
+        await asyncio.sleep(0)
+        await node.close()
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(edge_actions())
+def test_edge_memory_per_connection_stays_bounded(actions: list[tuple[str, bytes | int]]) -> None:
+    """Random frame sequences against an EdgeConnection whose peer reads when it likes:
+    the bytes held for it never exceed the documented bound."""
+    peak, write_peak = asyncio.run(drive_edge(actions))
+    event(f"held peak {peak // 1024} KiB, write buffer peak {write_peak // 1024} KiB")
+    assert peak <= edge_bound(EDGE_MAX_SIZE)
+
+
+def test_edge_pongs_wait_while_the_client_does_not_read() -> None:
+    """Pings from a client that reads nothing: pongs stop at the write buffer's
+    high-water mark, the socket is no longer read, and only the latest ping is answered
+    once the client reads again."""
+
+    async def scenario() -> None:
+        settings = node_settings(client_ping_rate=10_000.0, client_frame_burst=100_000)
+        node = Node(settings, MemoryEngine(settings.engine_options), Metrics())
+        await node.start()
+        connection = EdgeConnection(Edge(node, asyncio.Protocol))
+        transport = UnreadPeerTransport(connection)
+        connection.connection_made(transport)
+        connection.data_received(upgrade_request("/ws/deaf")[0])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        pings = 0
+        while transport.reading:
+            connection.data_received(client_frame(OP_PING, (b"%07d" % pings).ljust(125)))
+            pings += 1
+        assert transport.paused and pings < 600  # 64 KiB of pongs at most
+        assert transport.buffered <= UnreadPeerTransport.HIGH + 200
+        connection.data_received(client_frame(OP_PING, b"latest"))  # what a kernel had
+        written = transport.buffered
+        transport.peer_reads(1 << 30)
+        assert transport.reading and transport.buffered == len(b"latest") + 2
+        assert written <= UnreadPeerTransport.HIGH + 200
+        transport.abort()
+        await asyncio.sleep(0)
+        await node.close()
+
+    asyncio.run(scenario())

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.frames import (
+    MAX_OVERHEAD,
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
@@ -102,17 +103,62 @@ def test_any_split_of_the_stream_gives_the_same_messages(
     ],
 )
 def test_violations_have_their_close_code(data: bytes, code: int) -> None:
-    with pytest.raises(FrameError) as raised:
-        FrameParser(1024).feed(data)
-    assert raised.value.close_code == code
+    parser = FrameParser(1024)
+    assert parser.feed(data) == []
+    assert parser.failure is not None and parser.failure.close_code == code
+    assert parser.feed(client_frame(OP_PING, b"after")) == []  # nothing after a violation
+    assert parser.held == 0
+
+
+def test_frames_before_a_violation_in_the_same_read_are_kept() -> None:
+    """An ack then a bad frame in one read: the ack is returned, then the failure."""
+    parser = FrameParser(1 << 16)
+    data = (
+        client_frame(OP_TEXT, b'{"type":"ack","id":"1-0"}')
+        + client_frame(OP_PING, b"p")
+        + client_frame(OP_TEXT, b"x", masked=False)
+        + client_frame(OP_TEXT, b"never")
+    )
+    assert parser.feed(data) == [(OP_TEXT, '{"type":"ack","id":"1-0"}'), (OP_PING, b"p")]
+    assert parser.failure is not None and parser.failure.close_code == 1002
 
 
 def test_oversize_refused_from_the_header_alone() -> None:
     """A 10 MiB frame is refused before its payload arrives: nothing is buffered."""
     head = bytes((0x82, 0x80 | 127)) + struct.pack("!Q", 10 << 20) + b"mask"
-    with pytest.raises(FrameError) as raised:
-        FrameParser(65536).feed(head)
-    assert raised.value.close_code == 1009
+    parser = FrameParser(65536)
+    assert parser.feed(head) == []
+    assert parser.failure is not None and parser.failure.close_code == 1009
+    assert parser.held == 0
+
+
+def test_fragments_per_message_are_capped_empty_ones_included() -> None:
+    """Empty continuations cost a frame each: past max_fragments the message is 1009,
+    and while it is unfinished the parser holds its payload bytes only."""
+    parser = FrameParser(1 << 16, max_fragments=4)
+    stream = client_frame(OP_TEXT, b"a", fin=False) + client_frame(0, b"", fin=False) * 2
+    assert parser.feed(stream) == []
+    assert (parser.frames, parser.held, parser.failure) == (3, 1, None)
+    assert parser.feed(client_frame(0, b"b")) == [(OP_TEXT, "ab")]  # the 4th frame ends it
+    parser.feed(client_frame(OP_TEXT, b"", fin=False) + client_frame(0, b"", fin=False) * 4)
+    assert parser.failure is not None and parser.failure.close_code == 1009
+    assert parser.frames == 8
+
+
+def test_one_byte_fragments_hold_their_bytes_not_a_list() -> None:
+    """A message in 1-byte fragments holds about as many bytes as it carries."""
+    parser = FrameParser(1 << 16, max_fragments=10_000)
+    parser.feed(client_frame(OP_BINARY, b"x", fin=False))
+    for _ in range(3000):
+        parser.feed(client_frame(0, b"x", fin=False))
+    assert parser.held == 3001 and parser.failure is None
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, *range(1007, 1015), 3000, 4001, 4999])
+def test_every_close_code_a_client_may_send_is_accepted(code: int) -> None:
+    """1012 (drain), 1013 (limit) and 1014 echoed back by a client are valid (RFC 6455
+    §7.4 and the IANA registry)."""
+    assert parse_close(struct.pack("!H", code) + b"bye") == (code, "bye")
 
 
 def test_close_payloads() -> None:
@@ -121,6 +167,10 @@ def test_close_payloads() -> None:
     for bad, code in [
         (b"\x03", 1002),
         (struct.pack("!H", 1005), 1002),
+        (struct.pack("!H", 1015), 1002),
+        (struct.pack("!H", 1004), 1002),
+        (struct.pack("!H", 2999), 1002),
+        (struct.pack("!H", 5000), 1002),
         (struct.pack("!H", 999), 1002),
         (struct.pack("!H", 1000) + b"\xff", 1007),
     ]:
@@ -136,3 +186,38 @@ def test_server_frames() -> None:
     frame = close_frame(4000, "é" * 100)  # cut to 120 bytes on a character
     assert frame[:2] == b"\x88\x7a" and frame[2:4] == struct.pack("!H", 4000)
     assert frame[4:].decode() == "é" * 60
+
+
+MAX_SIZE = 1024
+
+
+@st.composite
+def client_streams(draw: st.DrawFn) -> list[bytes]:
+    """Random client frames (data, fragments, control, now and then a broken one), as
+    one byte stream cut into reads anywhere."""
+    frames = []
+    for _ in range(draw(st.integers(1, 40))):
+        opcode = draw(st.sampled_from([OP_TEXT, OP_BINARY, 0, 0, 0, OP_PING, OP_PONG, OP_CLOSE]))
+        size = draw(st.sampled_from([0, 1, 7, 125, 126, 600, MAX_SIZE, MAX_SIZE + 1]))
+        fin = draw(st.booleans())
+        if opcode in (OP_PING, OP_PONG, OP_CLOSE) and draw(st.integers(0, 9)):
+            size, fin = min(size, 125), True  # mostly valid control frames
+        frames.append(
+            client_frame(opcode, b"a" * size, fin=fin, masked=draw(st.integers(0, 30)) > 0)
+        )
+    stream = b"".join(frames)
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+
+@given(client_streams(), st.integers(1, 8))
+def test_parser_holds_at_most_max_size_plus_overhead(reads: list[bytes], fragments: int) -> None:
+    """Whatever frames arrive, cut anywhere: the parser never holds more than
+    max_size + MAX_OVERHEAD bytes, and every frame it parsed is counted."""
+    parser = FrameParser(MAX_SIZE, max_fragments=fragments)
+    for data in reads:
+        parser.feed(data)
+        assert parser.held <= MAX_SIZE + MAX_OVERHEAD
+        if parser.failure is not None:
+            assert parser.held == 0
+    assert parser.frames <= sum(len(r) for r in reads) // 6  # a client frame is >= 6 bytes

@@ -220,6 +220,12 @@ MALFORMED = {
     + b"\r\n",
     "tls-hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100) + b"\r\n\r\n",
     "no-upgrade": b"GET /ws/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    # A valid upgrade with a 55 KiB head (7 headers of 8,000 B), all in one write.
+    "head-55k-one-write": b"GET /ws/a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 8000) for i in range(7))
+    + b"\r\n",
     "no-ws-key": b"GET /ws/a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
 }
