@@ -21,7 +21,7 @@ run: $(STAMP)
 	@echo ""
 	@echo "Relay: one node, memory engine, http://$(HOST):$(PORT) — ANONYMOUS (demo only), API key 'dev-key'"
 	@echo ""
-	@echo "  watch a client:   $(VENV)/bin/relay tail demo --url ws://$(HOST):$(PORT)"
+	@echo "  watch a client:   $(VENV)/bin/relay tail demo --url ws://$(HOST):$(PORT) --api-key dev-key"
 	@echo "  publish (CLI):    $(VENV)/bin/relay publish demo label.created '{\"id\": 1}' --http http://$(HOST):$(PORT) --api-key dev-key"
 	@echo "  publish (curl):   curl -s -H 'Authorization: Bearer dev-key' -d '{\"biz_id\":\"demo\",\"event\":\"label.created\",\"data\":{\"id\":1}}' http://$(HOST):$(PORT)/api/publish"
 	@echo "  health:           curl -s http://$(HOST):$(PORT)/readyz"

@@ -274,7 +274,7 @@ EOF
     fi
     echo "  API key    $RELAY_API_KEY"
     echo ""
-    echo "  watch:     $RELAY_BIN tail demo --url ws://127.0.0.1:$BASE_PORT"
+    echo "  watch:     $RELAY_BIN tail demo --url ws://127.0.0.1:$BASE_PORT --api-key $RELAY_API_KEY"
     echo "  publish:   $RELAY_BIN publish demo label.created '{\"id\": 1}' --redis-url $REDIS_URL"
     echo "  nodes:     $RELAY_BIN nodes --redis-url $REDIS_URL"
     echo "  stop:      $0 stop --dir $DIR"

@@ -29,7 +29,7 @@ from relay.engine import Engine
 from relay.engines import create_engine
 from relay.metrics import Metrics
 from relay.node import Node
-from relay.ws import LB_RETRY_HEADER, NODE_KEY, websocket_handler
+from relay.ws import LB_RETRY_HEADER, NODE_KEY, observer_handler, websocket_handler
 
 __all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "listening_socket", "serve"]
 
@@ -45,6 +45,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     )
     app[NODE_KEY] = node
     app.router.add_get("/ws/{client_id}", websocket_handler)
+    app.router.add_get("/observe/{client_id}", observer_handler)
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

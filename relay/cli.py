@@ -1,4 +1,4 @@
-"""``relay serve | publish | tail | clients | nodes | outbox-dispatch | bench``.
+"""``relay serve | publish | tail | token | clients | nodes | outbox-dispatch | bench``.
 
 Every ``serve`` flag also reads ``RELAY_<FLAG>``. The other commands talk to Redis
 (``--redis-url``) or to a node's HTTP API (``--http URL --api-key K``).
@@ -203,7 +203,33 @@ async def _with_redis_engine(args: argparse.Namespace, method: str, *call_args: 
 async def _tail(args: argparse.Namespace) -> int:
     from relay.client import tail
 
-    await tail(args.url, args.client_id, since=args.since, token=args.token, fmt=args.format)
+    if not args.as_client and not args.api_key:
+        raise ConfigError(
+            "relay tail watches as an observer, which needs the node's API key: give "
+            "--api-key (or RELAY_API_KEY). --as-client connects as the client itself "
+            "instead, and replaces the client's own session."
+        )
+    await tail(
+        args.url,
+        args.client_id,
+        since=args.since,
+        token=args.token,
+        api_key=None if args.as_client else args.api_key,
+        fmt=args.format,
+    )
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from backend_adapter import issue_token
+    from relay.wire import validate_client_id
+
+    if not args.auth_secret:
+        raise ConfigError("give --auth-secret (or RELAY_AUTH_SECRET): the nodes' token secret")
+    if args.ttl <= 0:
+        raise ConfigError("--ttl must be a positive number of seconds")
+    secret = args.auth_secret.split(",")[0].strip()  # the first of a rotation list signs
+    print(issue_token(secret, validate_client_id(args.client_id), ttl=args.ttl))
     return 0
 
 
@@ -233,13 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
     _target_flags(publish)
     publish.set_defaults(run=lambda a: asyncio.run(_publish(a)))
 
-    tail = sub.add_parser("tail", help="connect as CLIENT_ID and print its events")
+    tail = sub.add_parser(
+        "tail",
+        help="print CLIENT_ID's events as they arrive (an observer: the client stays connected)",
+    )
     tail.add_argument("client_id")
     tail.add_argument("--url", default=os.environ.get("RELAY_URL", "ws://127.0.0.1:8080"))
-    tail.add_argument("--since")
+    tail.add_argument("--since", help="replay what is still in history after this id first")
+    tail.add_argument(
+        "--api-key", default=os.environ.get("RELAY_API_KEY"), help="the node's API key"
+    )
+    tail.add_argument(
+        "--as-client",
+        action="store_true",
+        help="connect as the client itself (with --token): replaces the client's session",
+    )
     tail.add_argument("--token", default=os.environ.get("RELAY_TOKEN"))
     tail.add_argument("--format", choices=("json", "msgpack"), default="json")
     tail.set_defaults(run=lambda a: asyncio.run(_tail(a)))
+
+    token = sub.add_parser("token", help="print a connection token for CLIENT_ID")
+    token.add_argument("client_id")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.add_argument("--auth-secret", default=os.environ.get("RELAY_AUTH_SECRET"))
+    token.set_defaults(run=_token)
 
     clients = sub.add_parser("clients", help="show where client ids are connected")
     clients.add_argument("client_ids", nargs="+", metavar="CLIENT_ID")

@@ -159,18 +159,22 @@ def connect_url(
     token: str | None = None,
     since: str | None = None,
     attempt: str | None = None,
+    observe: bool = False,
 ) -> URL:
     """``{url}/ws/{client_id}?token=…&since=…&attempt=…``; ``url`` may end in ``/ws/{id}``.
 
     The token goes in the query string, which every client (WebSocketSharp included) can
     set; the node also accepts an ``Authorization: Bearer`` header. ``attempt`` is
     ``<instance>.<n>``: a stale handshake this client gave up on then never replaces
-    the newer one.
+    the newer one. ``observe`` makes it ``/observe/{client_id}``, the operator's view.
     """
     target = URL(url)
     path = target.path.rstrip("/")
-    if not path.endswith(f"/ws/{client_id}"):
-        target = target.with_path(f"{path}/ws/{client_id}", keep_query=True)
+    for kind in ("ws", "observe"):
+        if path.endswith(f"/{kind}/{client_id}"):
+            path = path[: -len(f"/{kind}/{client_id}")]
+    kind = "observe" if observe else "ws"
+    target = target.with_path(f"{path}/{kind}/{client_id}", keep_query=True)
     pairs = (("token", token), ("since", since), ("attempt", attempt))
     extra = {k: v for k, v in pairs if v is not None}
     return target.update_query(extra) if extra else target
@@ -219,6 +223,7 @@ class RelayClient:
         on_welcome: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None,
         on_close: Callable[[int, str], Awaitable[None] | None] | None = None,
         on_gap: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None,
+        observe_key: str | None = None,
     ) -> None:
         if format not in ("json", "msgpack"):
             raise ValueError("format must be 'json' or 'msgpack'")
@@ -241,6 +246,7 @@ class RelayClient:
         self.on_welcome = on_welcome
         self.on_close = on_close
         self.on_gap = on_gap
+        self._observe_key = observe_key
         self._rng = random.Random()
 
         self.welcome: dict[str, Any] | None = None
@@ -470,19 +476,23 @@ class RelayClient:
         if self._token is None and self._token_factory is not None:
             await self._renew_token()
         self._attempts += 1
+        observe = self._observe_key is not None
         url = connect_url(
             self.url,
             self.client_id,
-            token=self._token,
+            token=None if observe else self._token,
             since=self.last_id,
-            attempt=f"{self._instance}.{self._attempts}",
+            attempt=None if observe else f"{self._instance}.{self._attempts}",
+            observe=observe,
         )
+        headers = {"Authorization": f"Bearer {self._observe_key}"} if observe else None
         subprotocol = SUBPROTOCOL_MSGPACK if self.format == "msgpack" else SUBPROTOCOL_JSON
         try:
             async with asyncio.timeout(self._connect_timeout):
                 ws = await self._http.ws_connect(
                     url,
                     protocols=(subprotocol,),
+                    headers=headers,
                     heartbeat=self._heartbeat,
                     timeout=_WS_TIMEOUT,
                 )
@@ -667,13 +677,17 @@ async def tail(
     *,
     since: str | None = None,
     token: str | None = None,
+    api_key: str | None = None,
     fmt: Format = "json",
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> None:
     """Print one JSON line per message to ``out``, and welcome/close lines to ``err``.
 
-    Runs until cancelled (Ctrl-C) or a terminal close, which it raises as RelayClosed.
+    With ``api_key`` it watches as an observer (``/observe/{client_id}``), which never
+    takes the client's place; without, it connects as the client (``token``) and so
+    replaces the client's own session. Runs until cancelled (Ctrl-C) or a terminal
+    close, which it raises as RelayClosed.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -694,6 +708,7 @@ async def tail(
         format=fmt,
         on_welcome=on_welcome,
         on_close=on_close,
+        observe_key=api_key,
     )
     async with client:
         async for msg in client:

@@ -194,11 +194,14 @@ class Node:
         expires_at: float | None = None,
         started_at: float | None = None,
         attempt: str | None = None,
+        observe: bool = False,
     ) -> Session:
         """Open a session: subscribe, claim and replay, go live. Raises NodeUnavailable.
 
         ``started_at`` is when the handshake arrived: of two handshakes of one client on
         this node, the later one wins even if the earlier one finishes last.
+        ``observe`` opens an observer (``relay tail``): the client's events, replay
+        included, without claiming its session, so the client itself is never replaced.
         """
         if not self.accepting:
             raise NodeUnavailable("node is draining", CloseCode.SERVICE_RESTART)
@@ -213,7 +216,7 @@ class Node:
         self._pending_connects += 1
         try:
             return await self._connect(
-                client_id, fmt, transport, since, expires_at, started_at, attempt
+                client_id, fmt, transport, since, expires_at, started_at, attempt, observe
             )
         finally:
             self._pending_connects -= 1
@@ -227,20 +230,23 @@ class Node:
         expires_at: float | None,
         started_at: float | None,
         attempt: str | None,
+        observe: bool,
     ) -> Session:
         session = Session(client_id, _new_session_id(), fmt, transport, self.limits, since)
         session.expires_at = expires_at
         if started_at is not None:
             session.connected_at = started_at
         session.attempt = attempt
+        session.observer = observe
         self.sessions[session.id] = session
-        self.by_client.setdefault(client_id, []).append(session)
+        if not observe:
+            self.by_client.setdefault(client_id, []).append(session)
         try:
             sub = await self._attach(session)
             # History must be read after the subscription is live; the claim need not wait
             # for either, so it goes with the history read: one round trip instead of two.
             held, history = await asyncio.gather(
-                self._claim(session),
+                self._observe() if observe else self._claim(session),
                 self.engine.history(client_id, since, self.settings.replay_limit),
                 return_exceptions=True,
             )
@@ -347,6 +353,10 @@ class Node:
             self.spawn(self._kick_remote(old.node, control))
         return True
 
+    async def _observe(self) -> bool:
+        """An observer's stand-in for the claim: it holds no record, so it always goes live."""
+        return True
+
     async def _kick_remote(self, node_id: str, control: Control) -> None:
         try:
             await self.engine.send_control(node_id, control)
@@ -380,7 +390,7 @@ class Node:
         if self.sessions.pop(session.id, None) is None:
             return
         peers = self.by_client.get(session.client_id)
-        if peers is not None:
+        if peers is not None and not session.observer:
             peers.remove(session)
             if not peers:
                 del self.by_client[session.client_id]
@@ -399,7 +409,8 @@ class Node:
         try:
             if self.hub.remove(session.client_id, session):
                 await self.engine.unsubscribe(session.client_id)
-            await self._release(session.client_id, session.id)
+            if not session.observer:
+                await self._release(session.client_id, session.id)
         except EngineError as exc:
             # A session that went live wrote its record; one that failed while
             # connecting (Redis down) almost surely did not, and is not kept.
@@ -419,6 +430,8 @@ class Node:
         self.log.info("session.releases_retried", count=count)
 
     async def acknowledge(self, session: Session, message_id: StreamId) -> None:
+        if session.observer:
+            return  # an observer's position is its own, not the client's
         try:
             await self.engine.record_ack(session.client_id, session.id, format_id(message_id))
         except EngineError as exc:

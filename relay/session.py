@@ -104,6 +104,7 @@ class Session:
         "id",
         "last",
         "limits",
+        "observer",
         "recovering",
         "sending_since",
         "since",
@@ -130,6 +131,7 @@ class Session:
         self.held: list[Event] = []
         self.connected_at = time.time()
         self.attempt: str | None = None  # "<instance>.<n>" from the client, if it sent one
+        self.observer = False  # an operator watching the client's events: holds no claim
         self.expires_at: float | None = None
         self.errors = 0
         self.closing = False

@@ -1,4 +1,4 @@
-"""The WebSocket endpoint ``/ws/{client_id}``: validate, upgrade, authenticate, relay.
+"""The WebSocket endpoints: ``/ws/{client_id}`` for clients, ``/observe/{client_id}`` for operators.
 
 Two servers share everything here but the socket handling: :mod:`relay.edge` (what
 ``relay serve`` listens with: lean, no aiohttp objects per connection) and the aiohttp
@@ -6,8 +6,12 @@ route :func:`websocket_handler` (an Application mounted anywhere else, and
 permessage-deflate). What can be refused before the upgrade (a bad client_id, ``since``
 or ``format``) gets HTTP 400, a browser Origin outside ``--allowed-origins`` 403.
 Everything after it is a close code with a reason, because WebSocketSharp and browsers
-cannot read an HTTP status (DESIGN.md, close-code table; docs/security.md). Unexpected
+cannot read an HTTP status (docs/protocol.md, close codes; docs/security.md). Unexpected
 errors close 1011.
+
+An observer (``relay tail``) is authorised by the API key, not a client token, and sees a
+client's events without claiming its session: watching a client never replaces it.
+Observers are rare, so they only take the aiohttp route.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import WSMsgType, web
 
-from relay.auth import bearer_token, verify_token
+from relay.auth import api_key_matches, bearer_token, verify_token
 from relay.errors import AuthError, InvalidInput, ProtocolViolation, RelayError
 from relay.frames import close_reason, frame_header
 from relay.node import Node, NodeUnavailable
@@ -43,6 +47,7 @@ __all__ = [
     "Refused",
     "admit",
     "authenticate",
+    "observer_handler",
     "open_session",
     "session_failed",
     "websocket_handler",
@@ -143,6 +148,8 @@ async def open_session(
     transport: Transport,
     expires_at: float | None,
     started_at: float,
+    *,
+    observe: bool = False,
 ) -> Session | tuple[int, str]:
     """Connect the session, or the close code and reason to refuse it with."""
     client_id = admission.client_id
@@ -155,6 +162,7 @@ async def open_session(
             expires_at=expires_at,
             started_at=started_at,
             attempt=admission.attempt,
+            observe=observe,
         )
     except NodeUnavailable as exc:
         return exc.close_code, str(exc)
@@ -277,7 +285,29 @@ class AiohttpTransport:
             transport.abort()
 
 
+def _authorise_observer(node: Node, headers: Mapping[str, str]) -> None:
+    """An observer presents the node's API key as a Bearer token; raises AuthError (4001)."""
+    api_key = node.settings.api_key
+    if not api_key:
+        raise AuthError(
+            "observing needs the node's API key: start it with --api-key",
+            CloseCode.UNAUTHORIZED,
+        )
+    if not api_key_matches(headers.get("authorization"), api_key):
+        raise AuthError("missing or wrong API key", CloseCode.UNAUTHORIZED)
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """``GET /ws/{client_id}``: a client's session (the edge serves it under ``relay serve``)."""
+    return await _serve(request, observe=False)
+
+
+async def observer_handler(request: web.Request) -> web.StreamResponse:
+    """``GET /observe/{client_id}``: a client's events for an operator, claiming nothing."""
+    return await _serve(request, observe=True)
+
+
+async def _serve(request: web.Request, *, observe: bool) -> web.StreamResponse:
     started_at = time.time()
     node = request.app[NODE_KEY]
     settings = node.settings
@@ -309,12 +339,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await ws.close(code=CloseCode.PROTOCOL_ERROR, message=close_reason(admission.format_error))
         return ws
     try:
-        expires_at = authenticate(node, admission)
+        if observe:
+            _authorise_observer(node, headers)
+            expires_at = None
+        else:
+            expires_at = authenticate(node, admission)
     except AuthError as exc:
         await ws.close(code=exc.close_code, message=close_reason(str(exc)))
         return ws
     transport = AiohttpTransport(ws, request, admission.fmt, bool(ws.compress))
-    opened = await open_session(node, admission, transport, expires_at, started_at)
+    opened = await open_session(node, admission, transport, expires_at, started_at, observe=observe)
     if isinstance(opened, tuple):
         code, reason = opened
         await ws.close(code=code, message=close_reason(reason))

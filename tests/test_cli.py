@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jwt
+
+from relay.auth import verify_token
 from tests.support.ports import free_port, wait_port
 
 RELAY = [sys.executable, "-m", "relay"]
@@ -89,3 +93,41 @@ def test_publish_over_http_prints_the_result() -> None:
     finally:
         node.send_signal(signal.SIGTERM)
         assert node.wait(20) == 0
+
+
+def test_token_prints_a_token_the_node_accepts() -> None:
+    """`relay token ID --ttl N` prints an HS256 token for ID, expiring in N s; secret from env."""
+
+    secret = "cli-test-secret-of-at-least-32-bytes!"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    before = time.time()
+    out = subprocess.run(
+        [*RELAY, "token", "cml", "--ttl", "600"],
+        cwd=ROOT,
+        env={**env, "RELAY_AUTH_SECRET": secret},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    token = out.strip()
+    assert out == token + "\n"
+    verify_token(token, (secret,), "cml")  # what a node checks; raises if refused
+    claims = jwt.decode(token, secret, algorithms=["HS256"])
+    assert claims["sub"] == "cml"
+    assert before + 600 - 1 <= claims["exp"] <= time.time() + 600 + 1
+    flag = subprocess.run(
+        [*RELAY, "token", "cml", "--auth-secret", secret],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    verify_token(flag, (secret,), "cml")
+    assert jwt.decode(flag, secret, algorithms=["HS256"])["exp"] >= before + 3600 - 1
+    missing = subprocess.run(
+        [*RELAY, "token", "cml"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert missing.returncode == 2 and "--auth-secret" in missing.stderr

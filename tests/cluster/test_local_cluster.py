@@ -31,7 +31,7 @@ def test_nginx_template_balances_websockets_with_timeouts_beyond_the_heartbeat()
     assert "least_conn;" in text
     assert "proxy_http_version 1.1;" in text
     assert re.search(r"map \$http_upgrade \$relay_connection", text)
-    ws = text[text.index("location /ws/") :]
+    ws = text[text.index("location ~ ^/(ws|observe)/") :]
     ws = ws[: ws.index("}")]
     # A location with one proxy_set_header inherits none: the upgrade headers must be here.
     assert "proxy_set_header Upgrade $http_upgrade;" in ws
