@@ -7,12 +7,18 @@ dispatcher publishes the committed rows afterwards, however long Redis is away.
 
 - :func:`enqueue` (or :func:`enqueue_async`) writes one row in the caller's transaction.
 - :class:`OutboxDispatcher` publishes pending rows in id order with
-  ``mid = "<mid_prefix>:<row id>"`` and marks them ``published_at``; ``run_forever``
+  ``mid = "<mid_prefix>:<row uid>"`` and marks them ``published_at``; ``run_forever``
   retries with full-jitter backoff while Redis (or the database) is down.
 - :func:`main` is ``relay outbox-dispatch --db-url ... --redis-url ...``.
 
 Guarantees (docs/backend.md explains them at length):
 
+- Mids unique by construction: each row carries a random ``uid`` (written by
+  :func:`enqueue`, or by the dispatcher before a row's first publish), never the row
+  id, which repeats in every other database and in a recreated or restored one. Redis
+  would take such a repeat for a duplicate and drop it. A ``duplicate`` answer for a row
+  whose mid another event holds is the warning ``outbox.unexpected_duplicate``, and the
+  row goes out again under a new uid.
 - No loss: a row stays pending until a publish of it succeeded and the mark committed.
 - No duplicate in the BizId's history: a row published but not marked (a crash, a lost
   connection) is published again with the same ``mid``, which Redis recognises for
@@ -44,6 +50,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -51,14 +58,16 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import orjson
+import redis
 import sqlalchemy as sa
+from redis.client import NEVER_DECODE
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from backend_adapter._core import RetryPolicy, is_transient
 from backend_adapter._sync import Publisher
-from relay.errors import ConfigError, InvalidInput, PublishFailed, RelayError
-from relay.wire import PublishResult, encode_payload
+from relay.errors import ConfigError, InvalidEnvelope, InvalidInput, PublishFailed, RelayError
+from relay.wire import PublishResult, decode_payload, encode_payload
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -94,8 +103,10 @@ def define_outbox_table(
     """Add an outbox table to ``metadata`` (for your own Alembic metadata, say).
 
     ``data`` holds the event's data as JSON text, so a backend in another language can
-    INSERT rows too. The partial indexes cover only pending rows: the claim and the
-    per-BizId order check stay fast however many published rows are kept.
+    INSERT rows too. ``uid`` (32 hex digits, random) makes the row's ``mid`` unique
+    across databases; a row written without one gets it from the dispatcher. The
+    partial indexes cover only pending rows: the claim and the per-BizId order check
+    stay fast however many published rows are kept.
     """
     pending = sa.text("published_at IS NULL")
     published = sa.text("published_at IS NOT NULL")
@@ -121,6 +132,9 @@ def define_outbox_table(
         sa.Column("stream_id", sa.String(41)),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column("last_error", sa.Text()),
+        # Last, so that a table upgraded with ALTER TABLE ADD COLUMN has the same shape.
+        # Nullable: a row INSERTed without one gets it from the dispatcher.
+        sa.Column("uid", sa.String(32)),
         sa.Index(f"{name}_pending", "id", postgresql_where=pending, sqlite_where=pending),
         sa.Index(
             f"{name}_pending_biz", "biz_id", "id", postgresql_where=pending, sqlite_where=pending
@@ -131,8 +145,8 @@ def define_outbox_table(
             postgresql_where=published,
             sqlite_where=published,
         ),
-        # SQLite would otherwise reuse the id of a deleted newest row, and with it a mid
-        # that Redis may still remember.
+        # Ids increase for good, as on PostgreSQL: a row id names one event in logs and
+        # lookups even after the newest rows were purged.
         sqlite_autoincrement=True,
         schema=schema,
     )
@@ -144,18 +158,71 @@ OUTBOX: Final = define_outbox_table(METADATA)
 
 
 def create_outbox_table(engine: Engine, table: sa.Table = OUTBOX) -> None:
-    """CREATE the outbox table and its indexes if they do not exist."""
-    table.create(engine, checkfirst=True)
+    """CREATE the outbox table and its indexes if they do not exist; upgrade an old one.
+
+    A table made before rows had a ``uid`` gets the column (``ALTER TABLE ... ADD
+    COLUMN uid VARCHAR(32)``, nullable, so no rewrite); the dispatcher gives its pending
+    rows one. Safe to call on every start, from several processes.
+    """
+    with engine.begin() as conn:
+        table.create(conn, checkfirst=True)
+    for column in _missing_columns(engine, table):
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(_add_column(engine, table, column))
+        except sa.exc.DBAPIError:
+            if column in _missing_columns(engine, table):
+                raise
+            # Another process added it in the meantime.
+
+
+def _missing_columns(engine: Engine, table: sa.Table) -> list[sa.Column[Any]]:
+    """Columns of ``table`` that the database's table lacks (added by later versions)."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns(table.name, schema=table.schema)}
+    return [c for c in table.columns if c.name not in have]
+
+
+def _add_column(engine: Engine, table: sa.Table, column: sa.Column[Any]) -> str:
+    name = engine.dialect.identifier_preparer.format_table(table)
+    return f"ALTER TABLE {name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+
+
+def _check_table(engine: Engine, table: sa.Table) -> None:
+    """Raise ConfigError, saying what to run, if the table is missing or older than us."""
+    if not sa.inspect(engine).has_table(table.name, schema=table.schema):
+        raise ConfigError(
+            f"outbox table {table.name!r} does not exist: create it with "
+            "create_outbox_table(engine), `relay outbox-dispatch --create-table`, or the SQL "
+            "in docs/backend.md"
+        )
+    missing = _missing_columns(engine, table)
+    if missing:
+        raise ConfigError(
+            f"outbox table {table.name!r} lacks column(s) "
+            f"{', '.join(c.name for c in missing)} (it was made by an older version): "
+            "upgrade it with create_outbox_table(engine), `relay outbox-dispatch "
+            "--create-table`, or "
+            + "; ".join(_add_column(engine, table, column) for column in missing)
+        )
 
 
 # -- writing events --------------------------------------------------------------------------
+
+
+def _new_uid() -> str:
+    return uuid.uuid4().hex
 
 
 def _row(biz_id: str, event: str, data: Any) -> dict[str, Any]:
     # Validate now, in the caller's transaction: a row the dispatcher cannot publish
     # would hold up its BizId's later events.
     encode_payload(biz_id, event, data)
-    return {"biz_id": biz_id, "event": event, "data": orjson.dumps(data).decode()}
+    return {
+        "biz_id": biz_id,
+        "event": event,
+        "data": orjson.dumps(data).decode(),
+        "uid": _new_uid(),
+    }
 
 
 def _inserted_id(result: sa.Result[Any]) -> int:
@@ -171,7 +238,8 @@ def enqueue(
 
     ``target`` is a Core ``Connection`` or an ORM ``Session``. Raises InvalidInput /
     PayloadTooLarge before writing anything. The event is published with
-    ``mid = "outbox:<row id>"`` once the transaction commits and a dispatcher runs.
+    ``mid = "outbox:<uid>"`` (a random uid written with the row) once the transaction
+    commits and a dispatcher runs.
     """
     result = target.execute(table.insert().values(_row(biz_id, event, data)))
     return _inserted_id(result)
@@ -215,8 +283,13 @@ class DispatchStats:
     """Rows published and marked, duplicates included."""
     duplicates: int = 0
     """Of those, rows Redis had already seen (a previous round published but did not mark)."""
+    collisions: int = 0
+    """Rows whose mid another event holds: not published, given a new uid for next round."""
+    uids_assigned: int = 0
+    """Rows written without a uid that were given one: published next round."""
     held_back: int = 0
-    """Rows left pending to keep their BizId's order (an earlier row is not ours or failed)."""
+    """Rows left pending to keep their BizId's order (an earlier row is not ours, failed
+    or had no uid yet)."""
     failed: int = 0
     """Poison rows: publishing failed for good; ``attempts`` and ``last_error`` recorded."""
 
@@ -227,6 +300,7 @@ class _Row:
     biz_id: str
     event: str
     data: str
+    uid: str | None
 
 
 @dataclass(slots=True)
@@ -234,6 +308,30 @@ class _Outcome:
     done: list[tuple[int, PublishResult]] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     held_back: int = 0
+    # (row id, uid it has now or None, new uid): rows without one, and collisions.
+    new_uids: list[tuple[int, str | None, str]] = field(default_factory=list)
+    collisions: int = 0
+
+
+def _with_uids(rows: list[_Row]) -> tuple[list[_Row], list[tuple[int, str | None, str]]]:
+    """Split off rows without a uid (written by something other than :func:`enqueue`).
+
+    They get one now, recorded with this round's marks, and go out next round: a row is
+    only ever published under a uid already committed, or a crash between publish and
+    mark would give it a second one. Each BizId's rows after such a row wait with it.
+    """
+    new_uids: list[tuple[int, str | None, str]] = []
+    blocked: set[str] = set()
+    kept: list[_Row] = []
+    for row in rows:
+        if row.uid is None:
+            new_uids.append((row.id, None, _new_uid()))
+            blocked.add(row.biz_id)
+        elif row.biz_id not in blocked:
+            kept.append(row)
+    if not new_uids:
+        return rows, new_uids
+    return kept, new_uids
 
 
 def _normalise_url(url: str) -> str:
@@ -293,6 +391,7 @@ class OutboxDispatcher:
         self._wakeup = threading.Event()
         # BizIds behind a poison row: left out of claims until (monotonic time, delay).
         self._parked: dict[str, tuple[float, float]] = {}
+        self._checked = False  # the table has been found, with every column
 
     # -- one round -----------------------------------------------------------------------
 
@@ -301,8 +400,12 @@ class OutboxDispatcher:
 
         Raises PublishFailed when Redis is unreachable (nothing is marked; the rows stay
         pending and the next round publishes them again, with their mids) and
-        SQLAlchemy's errors when the database is.
+        SQLAlchemy's errors when the database is. The first round checks the table and
+        raises ConfigError, saying what to run, if it is missing or older than this code.
         """
+        if not self._checked:
+            _check_table(self.engine, self.table)
+            self._checked = True
         with self.engine.connect() as conn:
             if self._locking:
                 # READ COMMITTED whatever the engine's default: the order check must see
@@ -315,20 +418,27 @@ class OutboxDispatcher:
                     rows = self._claim(conn)
                     claimed = len(rows)
                     rows, gaps = self._in_order(conn, rows)
-                    outcome = self._publish(rows)
-                    outcome.held_back += gaps
+                    ready, new_uids = _with_uids(rows)
+                    outcome = self._publish(ready)
+                    outcome.held_back += gaps + len(rows) - len(ready)
+                    outcome.new_uids += new_uids
                     self._record(conn, outcome)
             else:
                 with conn.begin():
                     rows = self._claim(conn)
                 claimed = len(rows)
-                outcome = self._publish(rows)
+                ready, new_uids = _with_uids(rows)
+                outcome = self._publish(ready)
+                outcome.held_back += len(rows) - len(ready)
+                outcome.new_uids += new_uids
                 with conn.begin():
                     self._record(conn, outcome)
         return DispatchStats(
             claimed=claimed,
             published=len(outcome.done),
             duplicates=sum(1 for _, result in outcome.done if result.duplicate),
+            collisions=outcome.collisions,
+            uids_assigned=len(outcome.new_uids) - outcome.collisions,
             held_back=outcome.held_back,
             failed=len(outcome.failed),
         )
@@ -336,7 +446,7 @@ class OutboxDispatcher:
     def _claim(self, conn: Connection) -> list[_Row]:
         t = self.table
         query = (
-            sa.select(t.c.id, t.c.biz_id, t.c.event, t.c.data)
+            sa.select(t.c.id, t.c.biz_id, t.c.event, t.c.data, t.c.uid)
             .where(t.c.published_at.is_(None))
             .order_by(t.c.id)
             .limit(self.batch_size)
@@ -379,8 +489,11 @@ class OutboxDispatcher:
         kept = [row for row in rows if row.id < gap.get(row.biz_id, row.id + 1)]
         return kept, len(rows) - len(kept)
 
+    def _mid(self, row: _Row) -> str:
+        return f"{self._mid_prefix}:{row.uid}"
+
     def _item(self, row: _Row) -> tuple[str, str, Any, str]:
-        return (row.biz_id, row.event, orjson.loads(row.data), f"{self._mid_prefix}:{row.id}")
+        return (row.biz_id, row.event, orjson.loads(row.data), self._mid(row))
 
     def _publish(self, rows: list[_Row]) -> _Outcome:
         if not rows:
@@ -394,6 +507,8 @@ class OutboxDispatcher:
             if exc.__cause__ is None or is_transient(exc.__cause__):
                 raise
             outcome = self._publish_one_by_one(rows)
+        if any(result.duplicate for _, result in outcome.done):
+            self._check_duplicates(rows, outcome)
         if self._parked:  # a BizId whose rows went out is no longer behind a poison row
             failed = {row_id for row_id, _ in outcome.failed}
             still = {row.biz_id for row in rows if row.id in failed}
@@ -402,6 +517,59 @@ class OutboxDispatcher:
                 if row.id in published and row.biz_id not in still:
                     self._parked.pop(row.biz_id, None)
         return outcome
+
+    def _check_duplicates(self, rows: list[_Row], outcome: _Outcome) -> None:
+        """Tell a row published before from a row whose mid another event holds.
+
+        Redis answers ``duplicate`` with the id of the event that first used the mid. If
+        that event is this row's (same event and data), a previous round published the
+        row and did not mark it: expected after a crash. If it is another event, the
+        row was never published and the uid is not unique after all (a row copied by
+        hand, a writer that chose its own uids): a loud warning, a new uid, and the row
+        goes out in the next round instead of being lost. An original no longer in the
+        history (trimmed) cannot be compared; a random uid makes it this row's.
+        """
+        by_id = {row.id: row for row in rows}
+        dups = [(by_id[row_id], result) for row_id, result in outcome.done if result.duplicate]
+        keys = self.publisher._codec.keys
+        # The publisher's own client and pool: one round trip for the whole batch. Raw
+        # bytes whatever the client's decode_responses: the payload is MessagePack.
+        pipe: Any = self.publisher._client.pipeline(transaction=False)  # untyped in redis-py
+        for row, result in dups:
+            xrange = ("XRANGE", keys.log(row.biz_id), result.id, result.id, "COUNT", 1)
+            pipe.execute_command(*xrange, **{NEVER_DECODE: True})
+        try:
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            raise PublishFailed(f"reading back {len(dups)} duplicate(s) failed: {exc}") from exc
+        collided: set[int] = set()
+        for (row, result), entries in zip(dups, replies, strict=True):
+            if not entries:
+                continue
+            sid, fields = entries[0]
+            try:
+                original = decode_payload(sid, fields[b"prev"], fields[b"p"])
+            except (InvalidEnvelope, KeyError):
+                continue
+            if (original.event, original.data) == (row.event, orjson.loads(row.data)):
+                continue
+            log.warning(
+                "outbox.unexpected_duplicate: row %d (BizId %r, event %r) was never "
+                "published, but its mid %r belongs to event %s (%r); publishing it again "
+                "under a new uid: find what wrote two rows with uid %r",
+                row.id,
+                row.biz_id,
+                row.event,
+                self._mid(row),
+                result.id,
+                original.event,
+                row.uid,
+            )
+            collided.add(row.id)
+            outcome.new_uids.append((row.id, row.uid, _new_uid()))
+        if collided:
+            outcome.done = [(row_id, r) for row_id, r in outcome.done if row_id not in collided]
+            outcome.collisions += len(collided)
 
     def _validate(self, row: _Row) -> tuple[str, str, Any, str]:
         item = self._item(row)
@@ -499,6 +667,21 @@ class OutboxDispatcher:
                 .values(attempts=t.c.attempts + 1, last_error=sa.bindparam("error")),
                 [{"row_id": row_id, "error": error} for row_id, error in outcome.failed],
             )
+        if outcome.new_uids:
+            # Compare and set: a row given a uid elsewhere meanwhile keeps that one. The
+            # row is published only with a uid committed before, so never under two.
+            conn.execute(
+                t.update()
+                .where(
+                    t.c.id == sa.bindparam("row_id"),
+                    t.c.uid.is_not_distinct_from(sa.bindparam("old_uid", type_=t.c.uid.type)),
+                )
+                .values(uid=sa.bindparam("new_uid")),
+                [
+                    {"row_id": row_id, "old_uid": old, "new_uid": new}
+                    for row_id, old, new in outcome.new_uids
+                ],
+            )
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -529,7 +712,11 @@ class OutboxDispatcher:
     # -- running -----------------------------------------------------------------------------
 
     def run_forever(self, *, purge_every: float = 60.0) -> None:
-        """Dispatch until :meth:`stop`; never raises for a Redis or database outage."""
+        """Dispatch until :meth:`stop`; never raises for a Redis or database outage.
+
+        Raises ConfigError at once if the table is missing or older than this code:
+        retrying cannot fix that.
+        """
         failures = 0
         next_purge = time.monotonic()
         while not self._stopping.is_set():
@@ -539,6 +726,9 @@ class OutboxDispatcher:
                 if self.retention is not None and time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + purge_every
                     self.purge(self.retention)
+            except ConfigError as exc:
+                log.error("outbox.dispatch_stopped: %s", exc)
+                raise
             except Exception as exc:
                 delay = self._retry.delay(min(failures, 30))
                 failures += 1
@@ -557,7 +747,8 @@ class OutboxDispatcher:
             if stats.failed or (stats.claimed < self.batch_size and not stats.held_back):
                 self._wakeup.wait(self.poll_interval)
             elif stats.held_back:
-                # Another dispatcher holds an earlier row of some BizId; it is done soon.
+                # Another dispatcher holds an earlier row of some BizId, or rows were just
+                # given a uid: either goes out in a moment.
                 self._stopping.wait(min(self.poll_interval, 0.01))
 
     def wake(self) -> None:
@@ -609,7 +800,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url", default=_env("REDIS_URL"), help="Redis of the relay (env RELAY_REDIS_URL)"
     )
     parser.add_argument("--table", default=_env("OUTBOX_TABLE", "relay_outbox"))
-    parser.add_argument("--create-table", action="store_true", help="create the table if missing")
+    parser.add_argument(
+        "--create-table",
+        action="store_true",
+        help="create the table if missing, and upgrade one made by an older version",
+    )
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds (default 0.5)")
     parser.add_argument("--max-backoff", type=float, default=5.0, help="seconds (default 5)")
@@ -668,19 +863,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relay outbox-dispatch: {exc}", file=sys.stderr)
         return 2
     with publisher, dispatcher:
-        if args.create_table:
-            create_outbox_table(dispatcher.engine, table)
-        if args.once:
-            return _drain(dispatcher)
+        try:
+            if args.create_table:
+                create_outbox_table(dispatcher.engine, table)
+            if args.once:
+                return _drain(dispatcher)
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("outbox.stopping: signal %d", signum)
-            dispatcher.stop()
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                log.info("outbox.stopping: signal %d", signum)
+                dispatcher.stop()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        log.info("outbox.started: table %s, batch %d", table.name, args.batch_size)
-        dispatcher.run_forever()
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            log.info("outbox.started: table %s, batch %d", table.name, args.batch_size)
+            dispatcher.run_forever()
+        except ConfigError as exc:
+            print(f"relay outbox-dispatch: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -690,8 +889,11 @@ def _drain(dispatcher: OutboxDispatcher) -> int:
         while True:
             stats = dispatcher.run_once()
             total += stats.published
-            if stats.published == 0 or stats.claimed < dispatcher.batch_size:
+            renewed = stats.collisions or stats.uids_assigned  # ready for the next round
+            if not renewed and (stats.published == 0 or stats.claimed < dispatcher.batch_size):
                 break
+    except ConfigError:
+        raise
     except Exception as exc:
         log.error("outbox.drain_failed after %d row(s): %s", total, exc)
         return 1

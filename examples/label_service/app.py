@@ -67,7 +67,7 @@ def make_engine(db_url: str) -> sa.Engine:
             dbapi_connection.execute("PRAGMA busy_timeout=5000")
 
     metadata.create_all(engine)
-    create_outbox_table(engine)
+    create_outbox_table(engine)  # or upgrade one an older version made
     return engine
 
 

@@ -6,16 +6,20 @@ import asyncio
 import signal
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.conftest import MS
 from tests.support.node import Listener, NodeUnderTest, node_settings
 from tests.support.ports import free_port, wait_port
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
+WAIT = 10_000 * MS
 
 
 @pytest.fixture
@@ -25,8 +29,8 @@ async def relay(redis_server: RedisServer) -> AsyncIterator[NodeUnderTest]:
     await node.stop()
 
 
-@pytest.fixture
-async def label_service(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[str]:
+@asynccontextmanager
+async def running_service(redis_url: str, db: Path) -> AsyncIterator[str]:
     """``python -m examples.label_service`` on a free port; yields its base URL."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
@@ -34,9 +38,9 @@ async def label_service(redis_server: RedisServer, tmp_path: Path) -> AsyncItera
         "-m",
         "examples.label_service",
         "--db",
-        f"sqlite:///{tmp_path / 'labels.db'}",
+        f"sqlite:///{db}",
         "--redis-url",
-        redis_server.url,
+        redis_url,
         "--port",
         str(port),
         cwd=ROOT,
@@ -49,6 +53,20 @@ async def label_service(redis_server: RedisServer, tmp_path: Path) -> AsyncItera
             proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 10)
     assert code == 0  # stopped cleanly: dispatcher thread joined, pool closed
+
+
+@pytest.fixture
+async def label_service(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[str]:
+    async with running_service(redis_server.url, tmp_path / "labels.db") as url:
+        yield url
+
+
+async def create_label(service: str, text: str) -> dict[str, Any]:
+    body = {"biz_id": "cml", "text": text}
+    async with aiohttp.ClientSession(service) as http, http.post("/labels", json=body) as resp:
+        assert resp.status == 201
+        label: dict[str, Any] = await resp.json()
+        return label
 
 
 async def test_example_label_service_events_reach_a_client(
@@ -74,3 +92,24 @@ async def test_example_label_service_events_reach_a_client(
         ("label.created", {"id": label["id"], "biz_id": "cml", "text": "hello"}),
         ("label.deleted", {"id": label["id"], "biz_id": "cml"}),
     ]
+
+
+async def test_example_label_service_survives_a_recreated_database(
+    relay: NodeUnderTest, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Database deleted and created again: its labels (ids from 1 again) still reach the client."""
+    db = tmp_path / "labels.db"
+    client = await Listener(relay.ws_url("cml")).connect()
+    try:
+        async with running_service(redis_server.url, db) as service:
+            first = [await create_label(service, f"first {n}") for n in range(2)]
+            await client.wait_messages(2, timeout=WAIT)
+        for path in tmp_path.glob("labels.db*"):  # the file and its WAL
+            path.unlink()
+        async with running_service(redis_server.url, db) as service:
+            second = [await create_label(service, f"second {n}") for n in range(2)]
+            messages = await client.wait_messages(4, timeout=WAIT)
+    finally:
+        await client.close()
+    assert [label["id"] for label in second] == [label["id"] for label in first] == [1, 2]
+    assert [m["data"] for m in messages] == [*first, *second]

@@ -3,7 +3,8 @@
 What the outbox promises is checked where it can break: Redis gone while rows are
 committed, a dispatcher SIGKILLed between publish and mark, two dispatchers racing on
 one PostgreSQL table. Delivery is read back from the BizIds' Streams (every entry names
-its ``mid``, ``outbox:<row id>``) or from a real client.
+its ``mid``, ``outbox:<row uid>``) or from a real client. Mids unique across databases
+are tested in test_outbox_mids.py.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class CountingDispatcher(OutboxDispatcher):
 async def test_outbox_committed_event_reaches_client_rolled_back_does_not(
     engine: sa.Engine, sync_publisher: Publisher, client: Listener, raw: redis.Redis
 ) -> None:
-    """Commit → published with mid outbox:<id> and marked; rollback or raise → no row."""
+    """Commit → published with mid outbox:<uid> and marked; rollback or raise → no row."""
     with engine.begin() as conn:
         kept = enqueue(conn, "cml", "label.created", {"id": 1})
     with engine.connect() as conn:
@@ -135,7 +136,7 @@ async def test_outbox_committed_event_reaches_client_rolled_back_does_not(
     [row] = rows(engine)
     assert (row.id, row.stream_id, row.attempts) == (kept, message["id"], 0)
     assert row.published_at is not None
-    assert stream_mids(raw, "cml") == [f"outbox:{kept}"]
+    assert stream_mids(raw, "cml") == [f"outbox:{row.uid}"]
 
 
 def test_outbox_enqueue_validates_in_the_transaction(engine: sa.Engine) -> None:
@@ -162,7 +163,8 @@ async def test_outbox_enqueue_async_in_async_session(
         row_id = await enqueue_async(session, "cml", "e", {"async": True})
     await async_engine.dispose()
     assert OutboxDispatcher(sync_engine, sync_publisher).run_once().published == 1
-    assert stream_mids(raw, "cml") == [f"outbox:{row_id}"]
+    [row] = rows(sync_engine)
+    assert row.id == row_id and stream_mids(raw, "cml") == [f"outbox:{row.uid}"]
     sync_engine.dispose()
 
 
@@ -178,9 +180,9 @@ def test_outbox_publishes_in_id_order_across_batches(
         while dispatcher.run_once().claimed:
             pass
     assert [s.published for s in dispatcher.rounds] == [50, 50, 50, 50, 30, 0]
-    ids = {biz: [r.id for r in rows(engine) if r.biz_id == biz] for biz in {b for b, *_ in items}}
-    for biz, row_ids in ids.items():
-        assert stream_mids(raw, biz) == [f"outbox:{i}" for i in row_ids]
+    uids = {biz: [r.uid for r in rows(engine) if r.biz_id == biz] for biz in {b for b, *_ in items}}
+    for biz, row_uids in uids.items():
+        assert stream_mids(raw, biz) == [f"outbox:{uid}" for uid in row_uids]
 
 
 # -- Redis down -----------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def test_outbox_redis_down_while_committing_100_delivers_each_once_in_order(
     published = rows(engine)
     assert len(published) == 100 and all(r.published_at for r in published)
     for biz in bizs:
-        expected = [f"outbox:{r.id}" for r in published if r.biz_id == biz]
+        expected = [f"outbox:{r.uid}" for r in published if r.biz_id == biz]
         assert stream_mids(raw, biz) == expected
     assert sum(raw.xlen(KEYS.log(biz)) for biz in bizs) == 100
     raw.close()
@@ -267,7 +269,7 @@ async def test_outbox_dispatcher_killed_between_publish_and_mark_delivers_nothin
     wait_until(lambda: dispatcher.run_once().published > 0 or dispatcher.pending() == 0)
     assert (dispatcher.total("published"), dispatcher.total("duplicates")) == (20, 20)
     assert all(r.published_at for r in rows(engine))
-    assert stream_mids(raw, "cml") == [f"outbox:{r.id}" for r in rows(engine)]
+    assert stream_mids(raw, "cml") == [f"outbox:{r.uid}" for r in rows(engine)]
     sync_publisher.publish("cml", "sentinel", None)
     messages = await client.wait_messages(21)
     assert [m["data"] for m in messages] == [*range(20), None]
@@ -341,7 +343,7 @@ def test_outbox_two_dispatchers_on_postgres_deliver_every_event_once_in_order(
     assert [d.total("duplicates") for d in dispatchers] == [0, 0]  # nobody published twice
     all_rows = rows(pg_engine)
     for biz in bizs:
-        assert stream_mids(raw, biz) == [f"outbox:{r.id}" for r in all_rows if r.biz_id == biz]
+        assert stream_mids(raw, biz) == [f"outbox:{r.uid}" for r in all_rows if r.biz_id == biz]
 
 
 def test_outbox_dispatcher_skips_bizid_whose_earlier_row_another_holds(
@@ -359,9 +361,7 @@ def test_outbox_dispatcher_skips_bizid_whose_earlier_row_another_holds(
         other.rollback()
     stats = OutboxDispatcher(pg_engine, sync_publisher).run_once()
     assert (stats.published, stats.held_back) == (2, 0)
-    assert [m.split(":")[1] for m in stream_mids(raw, "a") if m] == [
-        str(r.id) for r in rows(pg_engine) if r.biz_id == "a"
-    ]
+    assert stream_mids(raw, "a") == [f"outbox:{r.uid}" for r in rows(pg_engine) if r.biz_id == "a"]
 
 
 # -- poison rows, purge, CLI ----------------------------------------------------------------------
@@ -373,7 +373,7 @@ def test_outbox_poison_row_holds_back_its_bizid_only(
     """Unpublishable data: error recorded, its BizId waits behind it, others go on."""
     with engine.begin() as conn:
         enqueue(conn, "cml", "e", 1)
-        conn.execute(OUTBOX.insert().values(biz_id="cml", event="e", data="{not json"))
+        conn.execute(OUTBOX.insert().values(biz_id="cml", event="e", data="{not json", uid="x"))
         enqueue_many(conn, [("cml", "e", 3), ("other", "e", 4)])
     dispatcher = OutboxDispatcher(engine, sync_publisher)
     stats = dispatcher.run_once()
@@ -386,7 +386,7 @@ def test_outbox_poison_row_holds_back_its_bizid_only(
         conn.execute(OUTBOX.update().where(OUTBOX.c.id == poison.id).values(data="2"))
     stats = OutboxDispatcher(engine, sync_publisher).run_once()
     assert (stats.published, stats.failed) == (2, 0)
-    assert stream_mids(raw, "cml") == [f"outbox:{r.id}" for r in rows(engine) if r.biz_id == "cml"]
+    assert stream_mids(raw, "cml") == [f"outbox:{r.uid}" for r in rows(engine) if r.biz_id == "cml"]
 
 
 def test_outbox_redis_refusing_one_bizid_holds_back_only_that_bizid(
