@@ -78,6 +78,13 @@ class Settings:
         default=65536, metadata={"help": "bytes per inbound WebSocket message (1009 beyond)"}
     )
     replay_limit: int = field(default=1000, metadata={"help": "entries replayed on resume at most"})
+    gap_repair_timeout: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds to retry history reads that fill a live-feed gap before the "
+            "BizId's sessions end with 4509 (reconnect and resume)"
+        },
+    )
     send_queue_max: int = field(
         default=2000, metadata={"help": "frames queued per session before 4508"}
     )
@@ -168,6 +175,8 @@ class Settings:
             raise ConfigError("port must be 0-65535")
         if self.token_leeway < 0 or self.max_since_age < 0:
             raise ConfigError("token_leeway and max_since_age must not be negative")
+        if self.gap_repair_timeout < 0:
+            raise ConfigError("gap_repair_timeout must not be negative")
         if self.handshake_timeout <= 0:
             raise ConfigError("handshake_timeout must be positive")
         if self.heartbeat <= 0:

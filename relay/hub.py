@@ -6,7 +6,8 @@ says a session is the first for it, and to unsubscribe after the last one leaves
 Every event names the id before it (``prev``). The hub keeps the newest id delivered per
 BizId and sorts each live event into one of four verdicts, so a lost pub/sub message (a
 silent resubscribe, a Redis restart) becomes a visible gap that the node fills from
-history, and a repeat becomes a no-op.
+history, and a repeat becomes a no-op. The same rule (:func:`follows`) guards each
+session: nothing is ever delivered past a hole.
 """
 
 from __future__ import annotations
@@ -17,9 +18,20 @@ from typing import Generic, TypeVar
 
 from relay.wire import ID_ZERO, Event, StreamId
 
-__all__ = ["Hub", "Subscription", "Verdict"]
+__all__ = ["Hub", "Subscription", "Verdict", "follows"]
 
 S = TypeVar("S")
+
+
+def follows(event: Event, last: StreamId | None) -> bool:
+    """True when nothing can lie between ``last`` and ``event`` in the BizId's stream.
+
+    Each entry names its predecessor (``prev``). A fresh stream (prev 0-0) follows any
+    position: an older incarnation expires only after ``history_ttl`` without a publish,
+    and its entries were delivered live before then. Without a position (None) there is
+    nothing to follow.
+    """
+    return last is None or event.prev in (last, ID_ZERO)
 
 
 class Verdict(enum.Enum):
@@ -51,9 +63,7 @@ class Subscription(Generic[S]):
         if self.repairing:
             self.held.append(event)
             return Verdict.HELD
-        # A fresh stream (prev 0-0) cannot be proven gap-free from here, and history
-        # would hold the same entries: deliver.
-        if last is None or event.prev == last or event.prev == ID_ZERO:
+        if follows(event, last):
             self.last = event.key
             return Verdict.DELIVER
         self.repairing = True
@@ -71,15 +81,34 @@ class Subscription(Generic[S]):
         if self.last is None or key > self.last:
             self.last = key
 
-    def end_repair(self) -> list[Event]:
-        """Finish a repair: return the held events still ahead of the position, in order."""
-        held, self.held, self.repairing = self.held, [], False
-        out = []
-        for event in held:
-            if self.last is None or event.key > self.last:
-                self.last = event.key
-                out.append(event)
-        return out
+    def end_repair(self) -> tuple[list[Event], bool]:
+        """Release the held events that continue the position, in order; True if all did.
+
+        At the first held event that does not follow (another hole, opened while the
+        repair read history), the repair goes on: that event and the rest stay held.
+        """
+        held = self.held
+        out: list[Event] = []
+        for i, event in enumerate(held):
+            if self.last is not None and event.key <= self.last:
+                continue
+            if not follows(event, self.last):
+                self.held = held[i:]
+                return out, False
+            self.last = event.key
+            out.append(event)
+        self.held, self.repairing = [], False
+        return out, True
+
+    def reset(self) -> list[Event]:
+        """Forget the position and drop what is held; return the dropped events.
+
+        For a hole nobody can prove closed: the node ends the BizId's sessions (4509), and
+        the next session's own history read sets a new position.
+        """
+        held = self.held
+        self.held, self.last, self.repairing = [], None, False
+        return held
 
 
 class Hub(Generic[S]):

@@ -29,6 +29,7 @@ from relay.metrics import Metrics
 from relay.protocol import CloseCode, Format, encode_message, encode_welcome
 from relay.session import Session, SessionLimits, Transport
 from relay.wire import (
+    ID_ZERO,
     Event,
     History,
     PublishResult,
@@ -306,13 +307,12 @@ class Node:
         return prove_recovery(since, history, self._ttl_ms)
 
     def _go_live(self, session: Session) -> None:
+        """Release the live events held while connecting; past a hole the session ends 4509."""
         held, session.held = session.held, []
         session.recovering = False
         for event in held:
-            frame = self._encode(event, session.format)
-            if event.key > session.last and frame is not None:
-                session.last = event.key
-                session.send(frame)
+            if event.key > session.last:
+                session.push(event, self._encode(event, session.format))
 
     async def _claim(self, session: Session) -> bool:
         """Record this session as the client_id's holder; with ``replace``, kick the old.
@@ -480,8 +480,7 @@ class Node:
             frame = (
                 frames[fmt] if fmt in frames else frames.setdefault(fmt, self._encode(event, fmt))
             )
-            if frame is not None:
-                session.push(event, frame)
+            session.push(event, frame)
         metrics = self.metrics
         metrics.messages_out += len(sessions)
         metrics.latency.observe(time.time() - event.ts)
@@ -494,37 +493,85 @@ class Node:
             return None
 
     async def _repair(self, sub: Subscription[Session]) -> None:
-        """Fill a live-feed gap from history, then release what was held meanwhile."""
+        """Fill a live-feed gap from history, then release what was held meanwhile.
+
+        A hole is never skipped. When history cannot prove it closed (trimmed past it,
+        expired, or unreadable for --gap-repair-timeout), the sessions it affects end with
+        4509 and resume with ``since=``: their welcome's ``recovered`` tells the truth.
+        """
         biz_id = sub.biz_id
         while True:
             since = sub.last
             assert since is not None
-            history = None
-            for attempt in range(5):
-                try:
-                    history = await self.engine.history(biz_id, since, self.settings.replay_limit)
-                    break
-                except EngineError as exc:
-                    self.log.warning("gap.repair_failed", biz_id=biz_id, error=str(exc))
-                    await asyncio.sleep(0.2 * 2**attempt)
-            if history is not None:
-                replayed = 0
-                for entry in history.entries:
-                    if sub.last is None or entry.key > sub.last:
-                        sub.advance(entry.key)
-                        self._fan_out(sub, entry)
-                        replayed += 1
+            history = await self._repair_history(biz_id, since)
+            if history is None:
+                self._abandon(sub, since, "history unreadable")
+                return
+            entries = [e for e in history.entries if e.key > since]
+            if prove_recovery(since, history, self._ttl_ms):
                 self.metrics.gaps.inc()
-                if prove_recovery(since, history, self._ttl_ms):
-                    self.log.info("gap.repaired", biz_id=biz_id, replayed=replayed)
-                else:
-                    self.log.warning("gap.unrecoverable", biz_id=biz_id, since=format_id(since))
+                self.log.info("gap.repaired", biz_id=biz_id, replayed=len(entries))
+            elif entries and entries[0].prev != ID_ZERO:
+                # History was trimmed past the hole. What it kept is contiguous, so it
+                # still continues any session whose own position reaches it (one that
+                # connected meanwhile); every other session ends 4509 in Session.push.
+                self.log.warning(
+                    "gap.unrecoverable",
+                    biz_id=biz_id,
+                    since=format_id(since),
+                    resumes_after=format_id(entries[0].prev),
+                )
+            else:
+                self._abandon(sub, since, "history does not reach back to the hole")
+                return
+            for entry in entries:
+                sub.advance(entry.key)
+                self._fan_out(sub, entry)
             if biz_id in self._repair_again:
                 self._repair_again.discard(biz_id)
                 continue
-            for event in sub.end_repair():
+            released, complete = sub.end_repair()
+            for event in released:
                 self._fan_out(sub, event)
-            return
+            if complete:
+                return
+            # A held event does not follow: another hole opened during the read.
+
+    async def _repair_history(self, biz_id: str, since: StreamId) -> History | None:
+        """History after ``since``, retried with backoff; None once the time is up."""
+        deadline = time.monotonic() + self.settings.gap_repair_timeout
+        pause = 0.1
+        while True:
+            try:
+                return await self.engine.history(biz_id, since, self.settings.replay_limit)
+            except EngineError as exc:
+                self.log.warning("gap.repair_failed", biz_id=biz_id, error=str(exc))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(pause, left))
+            pause *= 2
+
+    def _abandon(self, sub: Subscription[Session], since: StreamId, why: str) -> None:
+        """No history continues the feed: end every session of the BizId here with 4509.
+
+        Sessions still connecting end too (their own history read may predate the hole).
+        The held events are dropped, never delivered past the hole; the position is
+        forgotten, so a session that connects next starts from its own history read.
+        """
+        self._repair_again.discard(sub.biz_id)
+        dropped = sub.reset()
+        sessions = [s for s in sub.sessions if not s.closing]
+        self.log.warning(
+            "gap.unrecoverable",
+            biz_id=sub.biz_id,
+            since=format_id(since),
+            reason=why,
+            sessions=len(sessions),
+            dropped=len(dropped),
+        )
+        for session in sessions:
+            session.gap()
 
     def on_resubscribed(self) -> None:
         """The live feed was re-established: every BizId may have a gap."""

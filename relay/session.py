@@ -150,15 +150,24 @@ class Session:
 
     # -- fan-out side (never awaits) -------------------------------------------------
 
-    def push(self, event: Event, frame: bytes) -> None:
-        """Queue a live event's pre-encoded frame, unless it is behind our position."""
-        if event.key <= self.last:
+    def push(self, event: Event, frame: bytes | None) -> None:
+        """Queue a live event's pre-encoded frame, unless it is behind our position.
+
+        An event that does not follow the position (a hole nobody filled) is never sent:
+        the session ends with 4509 and the client resumes from what it has. ``None`` is
+        an event with no encoding in this format: skipped, but the position passes it.
+        """
+        if event.key <= self.last or self.closing:
             return
         if self.recovering:
             self.held.append(event)
             return
+        if event.prev not in (self.last, ID_ZERO):  # hub.follows, inlined: the hot path
+            self.gap()
+            return
         self.last = event.key
-        self.send(frame)
+        if frame is not None:
+            self.send(frame)
 
     def send(self, frame: bytes) -> None:
         """Queue a frame for the writer; past the limits the session is closed 4508."""
@@ -198,8 +207,27 @@ class Session:
         )
         self._queue = None
         self._queued_bytes = 0
+        self._close_soon(CloseCode.TOO_SLOW, "send queue overflow", flush=False)
+
+    def gap(self) -> None:
+        """The live feed has a hole before the next event: end the session with 4509.
+
+        What is queued still goes out (it precedes the hole); nothing after it does. The
+        client reconnects with ``since=`` and the welcome's ``recovered`` tells whether
+        history still closes the hole.
+        """
+        if self.closing:
+            return
+        log.warning("session.gap_detected", client_id=self.client_id, session=self.id)
+        self._close_soon(CloseCode.FEED_GAP, "live feed gap: reconnect and resume")
+
+    def _close_soon(self, code: int, reason: str, *, flush: bool = True) -> None:
+        """Close from synchronous code: closing now (nothing more is queued), the rest in a task."""
+        if self.closing:
+            return
+        self._begin_close(code)
         self._closer = asyncio.get_running_loop().create_task(
-            self.close(CloseCode.TOO_SLOW, "send queue overflow", flush=False)
+            self._finish_close(code, reason, flush=flush)
         )
 
     @property
@@ -256,9 +284,16 @@ class Session:
         """
         if self.closing:
             return
+        self._begin_close(code)
+        await self._finish_close(code, reason, flush=flush)
+
+    def _begin_close(self, code: int) -> None:
         self.closing = True
         self.close_code = int(code)
         self._closed = asyncio.get_running_loop().create_future()
+
+    async def _finish_close(self, code: int, reason: str, *, flush: bool) -> None:
+        assert self._closed is not None
         try:
             await self._close(code, reason, flush=flush)
         finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.hub import Hub, Subscription, Verdict
+from relay.hub import Hub, Subscription, Verdict, follows
 from relay.wire import ID_ZERO, Event, StreamId, format_id
 
 
@@ -165,7 +165,7 @@ def test_subscription_end_repair_returns_newer_held_in_order() -> None:
     assert [sub.offer(e) for e in (e8, e9, e10)] == [Verdict.HELD] * 3
     for key in [(6, 0), (7, 0), (8, 0)]:  # history replayed up to 8-0
         sub.advance(key)
-    assert sub.end_repair() == [e9, e10]
+    assert sub.end_repair() == ([e9, e10], True)
     assert sub.last == (10, 0) and sub.held == [] and not sub.repairing
 
 
@@ -175,7 +175,7 @@ def test_subscription_end_repair_all_covered() -> None:
     sub.advance((5, 0))
     sub.offer(event((7, 0), (6, 0)))
     sub.advance((7, 0))
-    assert sub.end_repair() == []
+    assert sub.end_repair() == ([], True)
     assert sub.last == (7, 0)
 
 
@@ -195,4 +195,41 @@ def test_subscription_end_repair_without_position() -> None:
     sub.repairing = True
     events = chain(1, 2)
     assert [sub.offer(e) for e in events] == [Verdict.HELD, Verdict.HELD]
-    assert sub.end_repair() == events and sub.last == (2, 0)
+    assert sub.end_repair() == (events, True) and sub.last == (2, 0)
+
+
+def test_subscription_end_repair_stops_at_a_second_hole() -> None:
+    """A held event that does not follow stays held, with the rest: the repair goes on."""
+    sub: Subscription[str] = Subscription("cml")
+    sub.advance((5, 0))
+    e7, e8 = event((7, 0), (6, 0)), event((8, 0), (7, 0))
+    e11, e12 = event((11, 0), (10, 0)), event((12, 0), (11, 0))
+    for e in (e7, e8, e11, e12):
+        sub.offer(e)
+    sub.advance((6, 0))  # history replayed up to 6-0
+    assert sub.end_repair() == ([e7, e8], False)
+    assert sub.repairing and sub.held == [e11, e12] and sub.last == (8, 0)
+    assert sub.offer(event((13, 0), (12, 0))) is Verdict.HELD
+    sub.advance((10, 0))  # the next read replays 9-0 and 10-0
+    released, complete = sub.end_repair()
+    assert [e.key for e in released] == [(11, 0), (12, 0), (13, 0)] and complete
+    assert not sub.repairing and sub.last == (13, 0)
+
+
+def test_subscription_reset_forgets_position_and_drops_held() -> None:
+    """reset() drops the held events; the next event is delivered as if on a new subscription."""
+    sub: Subscription[str] = Subscription("cml")
+    sub.advance((5, 0))
+    held = event((9, 0), (8, 0))
+    sub.offer(held)
+    assert sub.reset() == [held]
+    assert sub.last is None and sub.held == [] and not sub.repairing
+    assert sub.offer(event((20, 0), (19, 0))) is Verdict.DELIVER and sub.last == (20, 0)
+
+
+def test_follows_prev_chain_fresh_stream_and_no_position() -> None:
+    """An event follows its prev, any position when its prev is 0-0, and no position at all."""
+    assert follows(event((6, 0), (5, 0)), (5, 0))
+    assert not follows(event((7, 0), (6, 0)), (5, 0))
+    assert follows(event((900, 0), ID_ZERO), (5, 0))
+    assert follows(event((7, 0), (6, 0)), None)

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from relay.protocol import SUBPROTOCOL_MSGPACK
+from relay.protocol import SUBPROTOCOL_MSGPACK, CloseCode
 from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
 from tests.support.ports import stuck_reader
 from tests.support.redis_server import RedisServer
@@ -340,24 +340,30 @@ async def test_publish_mid_is_idempotent(make_node: MakeNode, listeners: list[Li
     assert [m["data"]["n"] for m in messages] == [1, 2]
 
 
-async def test_restarted_redis_resumes_live_delivery(
+async def test_restarted_redis_without_persistence_ends_session_4509_then_resumes_live(
     own_redis: RedisServer, listeners: list[Listener]
 ) -> None:
-    """Redis killed and restarted under a live subscription: delivery resumes by itself."""
+    """Redis restarted without AOF lost its data: the session ends 4509 (no proof nothing
+    was lost), a resume is told recovered=false, and live delivery goes on."""
     relay = await NodeUnderTest(node_settings(redis_url=own_redis.url)).start()
     try:
         client = await listen(listeners, relay.ws_url("ned"))
         await relay.publish("ned", "e", {"seq": 0})
         await client.wait_messages(1)
         own_redis.restart()
-        for _ in range(200):
-            try:
-                await relay.publish("ned", "e", {"seq": 1})
+        assert await client.wait_closed(timeout=15) == CloseCode.FEED_GAP
+        assert [m["data"]["seq"] for m in client.messages] == [0]
+        since = client.messages[-1]["id"]
+        again = None
+        for _ in range(300):  # refused with 1013 until the node proves its feed live again
+            again = await listen(listeners, relay.ws_url("ned", since=since))
+            if again.close_code is None:
                 break
-            except Exception:
-                await asyncio.sleep(0.05)
-        messages = await client.wait_messages(2, timeout=15)
-        assert [m["data"]["seq"] for m in messages] == [0, 1]
+            await asyncio.sleep(0.05)
+        assert again is not None and again.welcome["recovered"] is False
+        await relay.publish("ned", "e", {"seq": 1})
+        messages = await again.wait_messages(1, timeout=15)
+        assert [m["data"]["seq"] for m in messages] == [1]
     finally:
         await relay.stop()
 

@@ -242,6 +242,36 @@ async def test_session_write_error_stops_writer(make_session: Factory) -> None:
     assert session.queued == 0
 
 
+async def test_session_push_past_a_hole_closes_4509_after_what_was_queued(
+    make_session: Factory,
+) -> None:
+    """An event that does not follow the position is never sent: queued frames go, then 4509."""
+    transport = RecordingTransport()
+    session = make_session(transport, SessionLimits(close_linger=0), since=(5, 0))
+    session.start()
+    session.push(event(6), b"6")
+    session.push(event(9), b"9")  # names 8-0 as its predecessor: 7-0 and 8-0 are missing
+    session.push(event(10), b"10")
+    session.push(Event("11-0", (11, 0), (0, 0), "cml", "e", 11, 1.0), b"fresh-stream")
+    await eventually(lambda: transport.closes)
+    assert transport.frames == [b"6"] and transport.closes == [CloseCode.FEED_GAP]
+    assert session.close_code == 4509 and session.last == (6, 0)
+    assert transport.reason == "live feed gap: reconnect and resume"
+
+
+async def test_session_push_unsendable_event_still_moves_the_position(
+    make_session: Factory,
+) -> None:
+    """An event with no encoding in this format (frame None) is skipped, not taken for a hole."""
+    transport = RecordingTransport()
+    session = make_session(transport, since=(5, 0))
+    session.start()
+    session.push(event(6), None)
+    session.push(event(7), b"7")
+    await eventually(lambda: transport.frames)
+    assert transport.frames == [b"7"] and session.last == (7, 0) and not session.closing
+
+
 # -- Session: overflow ---------------------------------------------------------------------
 
 
