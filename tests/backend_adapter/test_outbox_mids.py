@@ -159,6 +159,68 @@ async def test_outbox_recreated_database_delivers_its_new_rows(
     assert drained == (3, 0)  # published, duplicates
 
 
+async def test_outbox_restored_backup_delivers_rows_written_after_the_restore(
+    tmp_path: Path, sync_publisher: Publisher, client: Listener
+) -> None:
+    """Backup, more rows published, backup restored: the ids drawn again still arrive."""
+    url = sqlite_url(tmp_path)
+    database = tmp_path / "app.db"
+    engine = outbox_engine(url)
+    with engine.begin() as conn:
+        enqueue_many(conn, [("cml", "e", "before backup")])
+    assert drain(engine, sync_publisher) == (1, 0)
+    engine.dispose()
+    backup = database.read_bytes()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        enqueue_many(conn, [("cml", "e", "lost with the disk")])
+    assert drain(engine, sync_publisher) == (1, 0)
+    engine.dispose()
+
+    database.write_bytes(backup)
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            enqueue(conn, "cml", "e", "after restore")
+        assert [r.id for r in outbox_rows(engine)] == [1, 2]  # id 2 drawn a second time
+        assert drain(engine, sync_publisher) == (1, 0)
+    finally:
+        engine.dispose()
+    received = await all_messages(client, sync_publisher, 3)
+    assert received == ["before backup", "lost with the disk", "after restore"]
+
+
+async def test_outbox_copied_database_delivers_shared_rows_once_and_new_rows_each(
+    tmp_path: Path,
+    sync_publisher: Publisher,
+    client: Listener,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file copied with pending rows: those go out once, each copy's new rows go out."""
+    (tmp_path / "copy").mkdir()
+    original = outbox_engine(sqlite_url(tmp_path))
+    with original.begin() as conn:
+        enqueue_many(conn, [("cml", "e", "pending 1"), ("cml", "e", "pending 2")])
+    original.dispose()
+    (tmp_path / "copy" / "app.db").write_bytes((tmp_path / "app.db").read_bytes())
+    copy = sa.create_engine(sqlite_url(tmp_path / "copy"))
+    original = sa.create_engine(sqlite_url(tmp_path))
+    try:
+        with original.begin() as conn:
+            enqueue(conn, "cml", "e", "original 3")
+        with copy.begin() as conn:
+            enqueue(conn, "cml", "e", "copy 3")
+        with caplog.at_level(logging.WARNING, logger="backend_adapter.outbox"):
+            drained = [drain(original, sync_publisher), drain(copy, sync_publisher)]
+    finally:
+        original.dispose()
+        copy.dispose()
+    received = await all_messages(client, sync_publisher, 4)
+    assert received == ["pending 1", "pending 2", "original 3", "copy 3"]
+    assert drained == [(3, 0), (3, 2)]  # the copy's two shared rows: duplicates, marked
+    assert caplog.records == []
+
+
 async def test_outbox_row_written_without_uid_gets_one_before_publish(
     db_url: str, sync_publisher: Publisher, client: Listener, raw: redis.Redis
 ) -> None:
