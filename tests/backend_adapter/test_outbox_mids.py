@@ -11,6 +11,7 @@ every event.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from tests.support.node import Listener
 from tests.support.redis_server import RedisServer
 
 KEYS = wire.KeySpace()
+ROOT = Path(__file__).resolve().parents[2]
 WAIT = 10_000 * MS
 
 # The table as Relay created it before rows had a uid (docs/backend.md of that time).
@@ -218,7 +220,7 @@ async def test_outbox_copied_database_delivers_shared_rows_once_and_new_rows_eac
     received = await all_messages(client, sync_publisher, 4)
     assert received == ["pending 1", "pending 2", "original 3", "copy 3"]
     assert drained == [(3, 0), (3, 2)]  # the copy's two shared rows: duplicates, marked
-    assert caplog.records == []
+    assert [r for r in caplog.records if r.name == "backend_adapter.outbox"] == []
 
 
 async def test_outbox_row_written_without_uid_gets_one_before_publish(
@@ -297,7 +299,8 @@ async def test_outbox_duplicate_of_the_same_event_is_quiet(
             assert drain(engine, sync_publisher) == (3, 1)
     finally:
         engine.dispose()
-    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    outbox_logs = [r for r in caplog.records if r.name == "backend_adapter.outbox"]
+    assert [r for r in outbox_logs if r.levelno >= logging.WARNING] == []
     assert await all_messages(client, sync_publisher, 3) == [data[2], data[0], data[1]]
 
 
@@ -331,6 +334,24 @@ def test_outbox_old_table_is_a_clear_error_until_upgraded(
             ('"before"', 32),
             ('"after"', 32),
         ]
+    finally:
+        engine.dispose()
+
+
+def test_outbox_documented_upgrade_gives_the_table_the_code_expects(
+    db_url: str, sync_publisher: Publisher
+) -> None:
+    """The ALTER TABLE in docs/backend.md turns an old table into today's, on each database."""
+    text = (ROOT / "docs" / "backend.md").read_text()
+    match = re.search(r"<!-- outbox-sql: upgrade -->\s*```sql\n(.*?)```", text, re.S)
+    assert match, "docs/backend.md has no upgrade SQL"
+    engine = legacy_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(match.group(1).strip().rstrip(";"))
+        columns = [c["name"] for c in sa.inspect(engine).get_columns("relay_outbox")]
+        assert columns == [c.name for c in OUTBOX.columns]
+        assert drain(engine, sync_publisher) == (1, 0)
     finally:
         engine.dispose()
 
