@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Relay on loopback: a private redis-server, N relay nodes and an nginx that balances
-# WebSockets across them with deploy/nginx/relay.conf.template. For development, demos
-# and the multi-node tests (tests/cluster drives this very script). Needs no root: every
-# file it writes (config, pids, logs, nginx temp files, Redis data) lives in --dir.
+# Relay on loopback: a private redis-server, N relay nodes and a load balancer across
+# them: nginx with deploy/nginx/relay.conf.template (the default), or HAProxy with
+# deploy/haproxy/relay.cfg.template. For development, demos and the multi-node tests
+# (tests/cluster drives this very script). Needs no root: every file it writes (config,
+# pids, logs, balancer temp files, Redis data) lives in --dir.
 set -euo pipefail
 shopt -u patsub_replacement 2>/dev/null || true # `&` in a ${x//a/b} replacement is literal
 
@@ -13,24 +14,27 @@ usage() {
     cat <<'EOF'
 usage: deploy/local-cluster.sh COMMAND [options]
 
-  start [-n N] [--base-port P] [--dir D] [--redis-url URL]
-        start redis-server (unless --redis-url), N relay nodes and nginx, wait until all
-        are ready, print the URLs and return; everything keeps running in the background
+  start [-n N] [--base-port P] [--dir D] [--redis-url URL] [--balancer nginx|haproxy]
+        start redis-server (unless --redis-url), N relay nodes and the balancer (nginx
+        unless told otherwise), wait until all are ready, print the URLs and return;
+        everything keeps running in the background
   run   [same options]    start, then stop everything on Ctrl-C (what `make cluster` does)
-  stop   [--dir D]        stop nginx, then the nodes (SIGTERM: they drain), then Redis
+  stop   [--dir D]        stop the balancer, then the nodes (SIGTERM: they drain), then Redis
   status [--dir D]        show every process, its port and its readiness
   stop-node K [--kill] [--dir D]   SIGTERM (or SIGKILL) node K and print its exit code
   start-node K [--dir D]           start node K again with the cluster's settings
 
-Ports: nginx on P (default 8080), Redis on P+1, node K (1..N) on P+1+K; all 127.0.0.1.
-The directory (default $TMPDIR/relay-cluster-$UID) holds cluster.env, *.pid, node K's exit
-code in nodeK.exit, logs/ and the rendered nginx config.
+Ports: the balancer on P (default 8080), Redis on P+1, node K (1..N) on P+1+K; all
+127.0.0.1. The directory (default $TMPDIR/relay-cluster-$UID) holds cluster.env, *.pid,
+node K's exit code in nodeK.exit, logs/ and the rendered balancer config.
 
 Nodes are `relay serve --host 127.0.0.1 --port … --redis-url … --node-id nodeK` and read
 every other setting from RELAY_* variables in the environment (RELAY_AUTH_SECRET,
 RELAY_DRAIN_GRACE, RELAY_HEARTBEAT, RELAY_LOG_FORMAT, …). Without RELAY_AUTH_SECRET they
 run with --allow-anonymous (demo only). RELAY_API_KEY defaults to "dev-key".
-Binaries: RELAY_BIN (default .venv/bin/relay, else relay on PATH), NGINX_BIN, REDIS_BIN.
+Binaries: RELAY_BIN (default .venv/bin/relay, else relay on PATH), NGINX_BIN, HAPROXY_BIN,
+REDIS_BIN. NGINX_SERVER_PARAMS replaces the parameters of each nginx `server` line
+(default `max_fails=0`; only for comparing settings, see docs/operations.md).
 EOF
 }
 
@@ -55,6 +59,7 @@ NODES=3
 BASE_PORT=8080
 DIR=${RELAY_CLUSTER_DIR:-${TMPDIR:-/tmp}/relay-cluster-$(id -u)}
 EXTERNAL_REDIS=""
+BALANCER=nginx
 KILL=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -62,12 +67,14 @@ while [ $# -gt 0 ]; do
     --base-port) BASE_PORT=${2:?}; shift 2 ;;
     --dir) DIR=${2:?}; shift 2 ;;
     --redis-url) EXTERNAL_REDIS=${2:?}; shift 2 ;;
+    --balancer) BALANCER=${2:?}; shift 2 ;;
     --kill) KILL=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
     esac
 done
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive number"
+[[ "$BALANCER" =~ ^(nginx|haproxy)$ ]] || die "--balancer wants nginx or haproxy"
 [[ "$BASE_PORT" =~ ^[0-9]+$ ]] && [ "$BASE_PORT" -ge 1024 ] && [ $((BASE_PORT + NODES + 1)) -le 65535 ] ||
     die "--base-port wants a port from 1024 that leaves room for $((NODES + 1)) more"
 mkdir -p "$DIR"
@@ -78,6 +85,9 @@ if [ -z "${RELAY_BIN:-}" ]; then
     if [ -x "$ROOT/.venv/bin/relay" ]; then RELAY_BIN="$ROOT/.venv/bin/relay"; else RELAY_BIN="$(command -v relay || true)"; fi
 fi
 NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
+HAPROXY_BIN=${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}
+# No passive failure accounting: see the header of deploy/nginx/relay.conf.template.
+NGINX_SERVER_PARAMS=${NGINX_SERVER_PARAMS-max_fails=0}
 REDIS_BIN=${REDIS_BIN:-$(command -v redis-server || echo /usr/bin/redis-server)}
 export RELAY_API_KEY=${RELAY_API_KEY:-dev-key}
 
@@ -188,22 +198,29 @@ stop_node() {
     while [ ! -f "$DIR/node$k.exit" ] && [ $SECONDS -lt $deadline ]; do sleep 0.05; done
 }
 
-# -- nginx ----------------------------------------------------------------------------------
+# -- balancers -----------------------------------------------------------------------------
 
-render_nginx() {
-    local servers="" k conf
+# Render balancer template $1 into $2: the listen address, and placeholder $3 replaced by
+# one line per node made by `server_line K PORT`, indented as the template wants.
+render_balancer() {
+    local lines="" k conf
     for k in $(seq 1 "$NODES"); do
-        [ -n "$servers" ] && servers+=$'\n    '
-        servers+="server 127.0.0.1:$(node_port "$k") max_fails=1 fail_timeout=5s;"
+        [ -n "$lines" ] && lines+=$'\n    '
+        lines+=$(server_line "$k" "$(node_port "$k")")
     done
-    mkdir -p "$DIR/nginx/tmp"
-    conf=$(<"$HERE/nginx/relay.conf.template")
+    conf=$(<"$1")
     conf=${conf//@@RELAY_LISTEN@@/127.0.0.1:$BASE_PORT}
-    conf=${conf//@@RELAY_UPSTREAMS@@/$servers}
-    printf '%s\n' "$conf" >"$DIR/nginx/relay.conf"
-    conf=$(<"$HERE/nginx/nginx-local.conf.template")
-    conf=${conf//@@CLUSTER_DIR@@/$DIR}
-    printf '%s\n' "$conf" >"$DIR/nginx/nginx.conf"
+    conf=${conf//@@$3@@/$lines}
+    printf '%s\n' "$conf" >"$2"
+}
+
+# Wait until the balancer ($1) on BASE_PORT answers path $2 with 200.
+wait_balancer() {
+    local deadline=$((SECONDS + 10))
+    until [ "$(http_status "$BASE_PORT" "$2")" = 200 ]; do
+        [ $SECONDS -ge $deadline ] && die "$1 does not pass $2 through on $BASE_PORT"
+        sleep 0.05
+    done
 }
 
 nginx_cmd() {
@@ -213,16 +230,41 @@ nginx_cmd() {
 start_nginx() {
     [ -x "$NGINX_BIN" ] || die "nginx not found (set NGINX_BIN, or apt-get install nginx-light)"
     port_free "$BASE_PORT" || die "port $BASE_PORT (nginx) is taken"
-    render_nginx
+    server_line() { echo "server 127.0.0.1:$2${NGINX_SERVER_PARAMS:+ $NGINX_SERVER_PARAMS};"; }
+    mkdir -p "$DIR/nginx/tmp"
+    render_balancer "$HERE/nginx/relay.conf.template" "$DIR/nginx/relay.conf" RELAY_UPSTREAMS
+    local conf
+    conf=$(<"$HERE/nginx/nginx-local.conf.template")
+    conf=${conf//@@CLUSTER_DIR@@/$DIR}
+    printf '%s\n' "$conf" >"$DIR/nginx/nginx.conf"
     nginx_cmd -q -t </dev/null >/dev/null 2>>"$DIR/logs/nginx-error.log" ||
         die "nginx rejected its config: see $DIR/logs/nginx-error.log"
     nginx_cmd </dev/null >/dev/null 2>>"$DIR/logs/nginx-error.log" ||
         die "nginx failed to start: see $DIR/logs/nginx-error.log"
-    local deadline=$((SECONDS + 10))
-    until [ "$(http_status "$BASE_PORT" /healthz)" = 200 ]; do
-        [ $SECONDS -ge $deadline ] && die "nginx does not pass /healthz through on $BASE_PORT"
-        sleep 0.05
-    done
+    wait_balancer nginx /healthz
+}
+
+haproxy_cmd() {
+    "$HAPROXY_BIN" -f "$DIR/haproxy/global.cfg" -f "$DIR/haproxy/relay.cfg" "$@"
+}
+
+start_haproxy() {
+    [ -x "$HAPROXY_BIN" ] || die "haproxy not found (set HAPROXY_BIN, or apt-get install haproxy)"
+    port_free "$BASE_PORT" || die "port $BASE_PORT (haproxy) is taken"
+    server_line() { echo "server node$1 127.0.0.1:$2 check"; }
+    mkdir -p "$DIR/haproxy"
+    render_balancer "$HERE/haproxy/relay.cfg.template" "$DIR/haproxy/relay.cfg" RELAY_SERVERS
+    cp "$HERE/haproxy/haproxy-local.cfg.template" "$DIR/haproxy/global.cfg"
+    haproxy_cmd -c -q </dev/null >/dev/null 2>>"$DIR/logs/haproxy.log" ||
+        die "haproxy rejected its config: see $DIR/logs/haproxy.log"
+    haproxy_cmd -D -p "$DIR/haproxy/haproxy.pid" </dev/null >/dev/null 2>>"$DIR/logs/haproxy.log" ||
+        die "haproxy failed to start: see $DIR/logs/haproxy.log"
+    # Every server starts up for HAProxy; /readyz passes once the first check went through.
+    wait_balancer haproxy /readyz
+}
+
+balancer_pidfile() {
+    if [ "$BALANCER" = haproxy ]; then echo "$DIR/haproxy/haproxy.pid"; else echo "$DIR/nginx/nginx.pid"; fi
 }
 
 # -- commands -------------------------------------------------------------------------------
@@ -231,14 +273,14 @@ cmd_start() {
     if [ -f "$STATE" ]; then
         (
             load_state
-            for f in "$DIR"/nginx/nginx.pid "$DIR"/redis.pid "$DIR"/node*.pid; do
+            for f in "$DIR"/nginx/nginx.pid "$DIR"/haproxy/haproxy.pid "$DIR"/redis.pid "$DIR"/node*.pid; do
                 alive "$(pid_of "$f")" && exit 1
             done
             exit 0
         ) || die "a cluster is already running in $DIR: stop it first"
     fi
     [ -n "$RELAY_BIN" ] && [ -x "$RELAY_BIN" ] || die "relay not found (make setup, or set RELAY_BIN)"
-    rm -f "$DIR"/*.pid "$DIR"/*.exit "$DIR/nginx/nginx.pid"
+    rm -f "$DIR"/*.pid "$DIR"/*.exit "$DIR/nginx/nginx.pid" "$DIR/haproxy/haproxy.pid"
     mkdir -p "$DIR/logs"
     local own_redis=1
     if [ -n "$EXTERNAL_REDIS" ]; then
@@ -252,6 +294,7 @@ NODES=$NODES
 BASE_PORT=$BASE_PORT
 REDIS_URL='$REDIS_URL'
 OWN_REDIS=$own_redis
+BALANCER=$BALANCER
 EOF
     # Whatever fails from here (die exits), stop what was started.
     trap 'echo "local-cluster: start failed; stopping what was started" >&2; cmd_stop >/dev/null 2>&1 || true' EXIT
@@ -259,9 +302,9 @@ EOF
     local k
     for k in $(seq 1 "$NODES"); do launch_node "$k"; done
     for k in $(seq 1 "$NODES"); do wait_node_ready "$k"; done
-    start_nginx
+    if [ "$BALANCER" = haproxy ]; then start_haproxy; else start_nginx; fi
     trap - EXIT
-    echo "Relay local cluster: $NODES nodes behind nginx (state and logs in $DIR)"
+    echo "Relay local cluster: $NODES nodes behind $BALANCER (state and logs in $DIR)"
     echo "  balancer   http://127.0.0.1:$BASE_PORT    ws://127.0.0.1:$BASE_PORT/ws/<client_id>"
     for k in $(seq 1 "$NODES"); do
         echo "  node$k      http://127.0.0.1:$(node_port "$k")"
@@ -283,7 +326,7 @@ EOF
 cmd_stop() {
     load_state
     local pid k
-    pid=$(pid_of "$DIR/nginx/nginx.pid")
+    pid=$(pid_of "$(balancer_pidfile)")
     if alive "$pid"; then
         kill -TERM "$pid" 2>/dev/null || true
         wait_gone "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
@@ -304,7 +347,7 @@ cmd_stop() {
             wait_gone "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
         fi
     fi
-    rm -f "$DIR"/node*.pid "$DIR/redis.pid" "$DIR/nginx/nginx.pid"
+    rm -f "$DIR"/node*.pid "$DIR/redis.pid" "$DIR/nginx/nginx.pid" "$DIR/haproxy/haproxy.pid"
     echo "stopped the cluster in $DIR"
 }
 
@@ -322,7 +365,7 @@ cmd_status() {
         printf '  %-8s %-6s %s\n' "$1" "$3" "$state"
     }
     echo "Relay local cluster in $DIR"
-    describe nginx "$(pid_of "$DIR/nginx/nginx.pid")" "$BASE_PORT" /healthz
+    describe "$BALANCER" "$(pid_of "$(balancer_pidfile)")" "$BASE_PORT" /healthz
     for k in $(seq 1 "$NODES"); do
         describe "node$k" "$(pid_of "$DIR/node$k.pid")" "$(node_port "$k")" /readyz
         if [ -f "$DIR/node$k.exit" ]; then echo "           exited with code $(cat "$DIR/node$k.exit")"; fi

@@ -42,6 +42,7 @@ NOT_SETTINGS = {
     "RELAY_CLUSTER_DIR": "local-cluster.sh: its state directory",
     "RELAY_LISTEN": "nginx template placeholder",
     "RELAY_UPSTREAMS": "nginx template placeholder",
+    "RELAY_SERVERS": "haproxy template placeholder",
 }
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
@@ -359,6 +360,44 @@ def test_compose_nginx_renders_the_template_for_every_node(tmp_path: Path) -> No
         capture_output=True, text=True, timeout=10,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_balancer_templates_never_mark_nodes_down_passively() -> None:
+    """nginx servers carry max_fails=0 everywhere; HAProxy checks /readyz and never observes."""
+    compose = (DEPLOY / "docker/compose.yaml").read_text()
+    script = (DEPLOY / "local-cluster.sh").read_text()
+    for text in (compose, script, (DEPLOY / "nginx/relay.conf.template").read_text()):
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        assert not re.search(r"max_fails=[1-9]", code)
+    assert compose.count("max_fails=0") == len(_relay_services(yaml.safe_load(compose)))
+    assert "NGINX_SERVER_PARAMS-max_fails=0" in script
+    haproxy = (DEPLOY / "haproxy/relay.cfg.template").read_text()
+    assert "option httpchk GET /readyz" in haproxy
+    assert "observe layer7" not in haproxy.replace("No `observe layer7`", "")
+    assert "on-marked-down" not in haproxy.replace("(no on-marked-down)", "")
+
+
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed")
+def test_haproxy_template_renders_and_passes_haproxy_check(tmp_path: Path) -> None:
+    """The HAProxy template, rendered as local-cluster.sh does, is accepted by `haproxy -c`."""
+    assert HAPROXY is not None
+    text = (DEPLOY / "haproxy/relay.cfg.template").read_text()
+    text = text.replace("@@RELAY_LISTEN@@", "127.0.0.1:8080").replace(
+        "@@RELAY_SERVERS@@",
+        "server node1 127.0.0.1:8081 check\n    server node2 127.0.0.1:8082 check",
+    )
+    assert "@@" not in text
+    (tmp_path / "relay.cfg").write_text(text)
+    glob = DEPLOY / "haproxy/haproxy-local.cfg.template"
+    result = subprocess.run(
+        [HAPROXY, "-c", "-f", str(glob), "-f", str(tmp_path / "relay.cfg")],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ALERT" not in result.stdout + result.stderr
 
 
 # -- systemd -------------------------------------------------------------------------------

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cluster.support import LocalCluster, nginx_available
+from tests.cluster.support import HAPROXY_BIN, LocalCluster, nginx_available
 
 MakeCluster = Callable[..., Awaitable[LocalCluster]]
 
@@ -23,6 +24,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             if not nginx_available():
                 item.add_marker(
                     pytest.mark.skip(reason="nginx is not installed (.ci/run installs it)")
+                )
+            elif "haproxy" in item.name and not os.access(HAPROXY_BIN, os.X_OK):
+                item.add_marker(
+                    pytest.mark.skip(reason="haproxy is not installed (.ci/run installs it)")
                 )
 
 

@@ -37,6 +37,7 @@ from relay.wire import StreamId, parse_id
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "local-cluster.sh"
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
+HAPROXY_BIN = shutil.which("haproxy") or "/usr/sbin/haproxy"
 API_KEY = "cluster-test-key"
 
 
@@ -73,6 +74,7 @@ def node_env(**settings: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env["RELAY_API_KEY"] = API_KEY
     env["NGINX_BIN"] = NGINX_BIN
+    env["HAPROXY_BIN"] = HAPROXY_BIN
     for name, value in settings.items():
         env[f"RELAY_{name.upper()}"] = str(value)
     return env
@@ -82,11 +84,18 @@ class LocalCluster:
     """Redis (or an external one) + N relay nodes + nginx, via deploy/local-cluster.sh."""
 
     def __init__(
-        self, directory: Path, nodes: int = 3, *, redis_url: str | None = None, **settings: Any
+        self,
+        directory: Path,
+        nodes: int = 3,
+        *,
+        redis_url: str | None = None,
+        balancer: str = "nginx",
+        **settings: Any,
     ) -> None:
         self.dir = directory
         self.nodes = nodes
         self.external_redis = redis_url
+        self.balancer = balancer
         self.env = node_env(**settings)
         self.base_port = 0
         self.started = False
@@ -111,7 +120,7 @@ class LocalCluster:
         return result
 
     def start(self) -> LocalCluster:
-        args = ["start", "-n", str(self.nodes)]
+        args = ["start", "-n", str(self.nodes), "--balancer", self.balancer]
         if self.external_redis:
             args += ["--redis-url", self.external_redis]
         for attempt in range(3):  # a port taken between the probe and the start: try again
@@ -133,6 +142,13 @@ class LocalCluster:
 
     def start_node(self, k: int) -> None:
         self.run("start-node", str(k))
+
+    def describe_balancer(self) -> str:
+        """The balancer and, for nginx, the parameters of its server lines."""
+        if self.balancer != "nginx":
+            return self.balancer
+        params = self.env.get("NGINX_SERVER_PARAMS", "max_fails=0")
+        return f"nginx ({params or 'no server parameters'})"
 
     def logs_tail(self, lines: int = 25) -> str:
         out = []
@@ -175,7 +191,8 @@ class LocalCluster:
 
     def pid(self, name: str) -> int:
         """The pid of ``nodeK``, ``nginx`` or ``redis`` from the script's pid files."""
-        path = self.dir / ("nginx/nginx.pid" if name == "nginx" else f"{name}.pid")
+        pidfiles = {"nginx": "nginx/nginx.pid", "haproxy": "haproxy/haproxy.pid"}
+        path = self.dir / pidfiles.get(name, f"{name}.pid")
         return int(path.read_text().strip())
 
     def signal_node(self, k: int, sig: signal.Signals) -> None:
