@@ -438,17 +438,31 @@ class Node:
             self.log.debug("session.ack_failed", session=session.id, error=str(exc))
 
     async def kick(self, client_id: str, code: int = CloseCode.REPLACED, reason: str = "") -> bool:
-        """Close ``client_id``'s session wherever it is. True if one was found."""
+        """Close every session of ``client_id`` on every live node. True if one was known.
+
+        Each node is told to close all of the client's sessions (with ``--duplicates
+        allow`` there may be several, on several nodes), not just the one the registry
+        names: a session still connecting is not in the registry yet.
+        """
         reason = reason or "closed by the operator"
+        control = Control("kick", client_id, "", code, reason)
         found = bool(self.by_client.get(client_id))
-        self.on_control(Control("kick", client_id, "", code, reason))
-        status = await self.engine.client_status(client_id)
-        if status.node is not None and status.node != self.id:
-            await self.engine.send_control(
-                status.node, Control("kick", client_id, status.session or "", code, reason)
-            )
-            found = found or status.online
-        return found
+        self.on_control(control)
+        status, live = await asyncio.gather(
+            self.engine.client_status(client_id), self.engine.nodes()
+        )
+        targets = {info.node for info in live}
+        if status.node is not None:
+            targets.add(status.node)
+        targets.discard(self.id)
+        sent = await asyncio.gather(
+            *(self.engine.send_control(node_id, control) for node_id in sorted(targets)),
+            return_exceptions=True,
+        )
+        for outcome in sent:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return found or status.online
 
     async def publish(
         self, biz_id: str, event: str, data: Any, *, mid: str | None = None

@@ -317,17 +317,6 @@ async def test_api_publish_and_errors(make_node: MakeNode, listeners: list[Liste
     assert [m["data"] for m in await client.wait_messages(1)] == [1]
 
 
-async def test_api_is_off_without_a_key(make_node: MakeNode) -> None:
-    """Without --api-key every /api/* route answers 404 api_disabled."""
-    relay = await make_node(api_key=None)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{relay.base}/api/publish", json={}) as r,
-    ):
-        assert r.status == 404
-        assert (await r.json())["error"]["code"] == "api_disabled"
-
-
 async def test_publish_mid_is_idempotent(make_node: MakeNode, listeners: list[Listener]) -> None:
     """A repeated mid returns the first id, duplicate=true, and delivers once."""
     relay = await make_node()
