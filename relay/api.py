@@ -1,14 +1,20 @@
-"""HTTP API, health and metrics.
+"""HTTP API, health, metrics, and the JavaScript client.
 
 Every ``/api/*`` route needs ``Authorization: Bearer <api key>``; without a configured
 key the API answers 404 (off). Errors are ``{"error": {"code", "message"}}`` with 400,
 401, 404, 413 or 503.
+
+``/client/relay-client.js`` serves the JS client shipped in the package
+(``relay/static``, a link to ``clients/js/relay-client.js``) to pages of any origin, so a
+page imports the client of the very node it talks to.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from importlib import resources
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -18,7 +24,9 @@ from relay.errors import EngineUnavailable, InvalidInput, PayloadTooLarge, Relay
 from relay.wire import validate_client_id
 from relay.ws import NODE_KEY
 
-__all__ = ["add_routes", "error_middleware"]
+__all__ = ["CLIENT_SCRIPT_PATH", "add_routes", "client_script", "error_middleware"]
+
+CLIENT_SCRIPT_PATH: Final = "/client/relay-client.js"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -136,6 +144,31 @@ async def readyz(request: web.Request) -> web.Response:
     return _json({"status": "unavailable", "reason": reason, "node": node.id}, status=503)
 
 
+def client_script() -> bytes:
+    """The JS client's source as shipped in the package."""
+    return (resources.files("relay") / "static" / "relay-client.js").read_bytes()
+
+
+def _script_handler() -> Handler:
+    """Serve the JS client: read once, any origin may import it, revalidated by ETag."""
+    body = client_script()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    headers = {
+        "Content-Type": "text/javascript; charset=utf-8",
+        "Access-Control-Allow-Origin": "*",
+        "Cache-Control": "no-cache",
+        "ETag": etag,
+        "X-Content-Type-Options": "nosniff",
+    }
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, headers=headers)
+
+    return handler
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = request.config_dict[NODE_KEY].metrics.render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
@@ -150,6 +183,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get(CLIENT_SCRIPT_PATH, _script_handler())
     api = web.Application(middlewares=[error_middleware])
     api.router.add_post("/publish", publish)
     api.router.add_get("/clients/{client_id}", client_status)
