@@ -22,7 +22,7 @@ from relay.wire import validate_client_id
 __all__ = ["TOKEN_ALGORITHM", "issue_token"]
 
 TOKEN_ALGORITHM: Final = "HS256"
-_RESERVED: Final = frozenset({"sub", "iat", "exp"})
+_RESERVED: Final = frozenset({"sub", "iat", "exp", "aud"})
 
 
 def issue_token(
@@ -31,14 +31,17 @@ def issue_token(
     ttl: int = 3600,
     *,
     now: float | None = None,
+    audience: str | None = None,
     extra_claims: Mapping[str, Any] | None = None,
 ) -> str:
     """Sign a token granting ``client_id`` a connection for ``ttl`` seconds from ``now``.
 
-    ``secret`` is the nodes' ``--auth-secret``; use at least 32 random bytes (PyJWT warns
-    about shorter HMAC keys). ``now`` (Unix seconds, default the current time) is for
-    tests and clock-skewed issuers. ``extra_claims`` are added as they are (for example
-    ``aud``); they may not override ``sub``, ``iat`` or ``exp``.
+    ``secret`` is the nodes' ``--auth-secret``: at least 32 random bytes (a node refuses
+    to start with a shorter one). ``now`` (Unix seconds, default the current time) is for
+    tests and clock-skewed issuers. ``audience`` sets ``aud``: nodes accept it only when
+    started with the same ``--token-audience`` (which then requires it), and refuse a
+    token with an ``aud`` otherwise. ``extra_claims`` are added as they are; they may not
+    set ``sub``, ``iat``, ``exp`` or ``aud``.
 
     Raises InvalidInput for an empty secret, a non-positive ttl or a reserved claim, and
     InvalidClientId for a malformed client_id.
@@ -54,4 +57,8 @@ def issue_token(
         raise InvalidInput(f"extra_claims may not set {', '.join(sorted(clash))}")
     issued = int(time.time() if now is None else now)
     claims.update(sub=client_id, iat=issued, exp=issued + ttl)
+    if audience is not None:
+        if not isinstance(audience, str) or not audience:
+            raise InvalidInput("audience must be a non-empty string")
+        claims["aud"] = audience
     return jwt.encode(claims, secret, algorithm=TOKEN_ALGORITHM)

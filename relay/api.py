@@ -17,10 +17,12 @@ from importlib import resources
 from typing import Any, Final
 
 import orjson
+import structlog
 from aiohttp import web
 
 from relay.auth import api_key_matches
 from relay.errors import EngineUnavailable, InvalidInput, PayloadTooLarge, RelayError
+from relay.log import bad_request
 from relay.wire import validate_client_id
 from relay.ws import NODE_KEY
 
@@ -29,6 +31,8 @@ __all__ = ["CLIENT_SCRIPT_PATH", "add_routes", "client_script", "error_middlewar
 CLIENT_SCRIPT_PATH: Final = "/client/relay-client.js"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = structlog.get_logger("relay.api")
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -41,7 +45,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """API errors as JSON; never a traceback."""
+    """API errors as JSON; never a traceback, in the answer or in the log."""
     node = request.config_dict[NODE_KEY]
     api_key = node.settings.api_key
     if not api_key:
@@ -62,6 +66,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error(413, "too_large", "request body too large")
     except web.HTTPException as exc:
         return _error(exc.status, "http_error", exc.reason)
+    except ConnectionError:  # the client hung up mid-body: nobody reads the answer
+        bad_request("client disconnected mid-request", path=request.path)
+        return _error(400, "bad_request", "client disconnected")
+    except Exception as exc:
+        # Not ours: its message may carry anything, so only its type is logged.
+        log.error("api.failed", path=request.path, error=type(exc).__name__)
+        return _error(500, "internal_error", "internal error")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     from relay.log import configure_logging
 
     settings = settings_from_args(args)
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, settings.bad_request_log_rate)
     import structlog
 
     log = structlog.get_logger("relay.cli")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from relay.auth import DEFAULT_LEEWAY
+from relay.auth import DEFAULT_LEEWAY, MIN_SECRET_BYTES
 from relay.engine import EngineOptions
 from relay.errors import ConfigError
 
@@ -22,9 +23,28 @@ __all__ = [
     "Settings",
     "add_arguments",
     "configuration_markdown",
+    "mask_url",
     "setting_rows",
     "settings_from_args",
 ]
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#]*)@")
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&][^=&#]*(?:password|secret|token|key)[^=&#]*=)[^&#]*", re.IGNORECASE
+)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (``user:***@``; a lone userinfo may be one, so ``***@``)
+    and any password-like query value replaced, whatever the scheme: ``redis://``,
+    ``rediss://``, ``redis+sentinel://`` and ``redis+cluster://`` with several hosts."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        user, colon, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+
+    return _SECRET_QUERY.sub(r"\g<name>***", _USERINFO.sub(userinfo, url))
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -38,7 +58,8 @@ class Settings:
     host: str = field(default="0.0.0.0", metadata={"help": "address to listen on"})
     port: int = field(default=8080, metadata={"help": "port to listen on"})
     redis_url: str | None = field(
-        default=None, metadata={"help": "Redis URL; none means the single-node memory engine"}
+        default=None,
+        metadata={"help": "Redis URL; none means the single-node memory engine", "url": True},
     )
     node_id: str = field(default="", metadata={"help": "this node's id (default: host-random)"})
     auth_secret: tuple[str, ...] = field(
@@ -52,6 +73,20 @@ class Settings:
     allow_anonymous: bool = field(
         default=False, metadata={"help": "accept connections without a token (demo only)"}
     )
+    allow_weak_secret: bool = field(
+        default=False,
+        metadata={"help": f"start with an --auth-secret shorter than {MIN_SECRET_BYTES} bytes"},
+    )
+    token_audience: str | None = field(
+        default=None,
+        metadata={
+            "help": "the aud claim every token must carry; unset, tokens with an aud are refused"
+        },
+    )
+    max_token_ttl: float = field(
+        default=0.0,
+        metadata={"help": "longest token lifetime (exp - iat) accepted, in seconds; 0: no limit"},
+    )
     api_key: str | None = field(
         default=None,
         metadata={"help": "Bearer key for /api/*; without one the API is off", "secret": True},
@@ -61,6 +96,13 @@ class Settings:
         default="console", metadata={"help": "json or console", "choices": ("json", "console")}
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    bad_request_log_rate: float = field(
+        default=1.0,
+        metadata={
+            "help": "http.bad_request log lines per second at most (the rest are counted);"
+            " 0: every one"
+        },
+    )
     duplicates: str = field(
         default="replace",
         metadata={
@@ -173,8 +215,8 @@ class Settings:
                 raise ConfigError(f"{name} must be positive")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be 0-65535")
-        if self.token_leeway < 0 or self.max_since_age < 0:
-            raise ConfigError("token_leeway and max_since_age must not be negative")
+        if self.token_leeway < 0 or self.max_since_age < 0 or self.max_token_ttl < 0:
+            raise ConfigError("token_leeway, max_since_age and max_token_ttl must not be negative")
         if self.gap_repair_timeout < 0:
             raise ConfigError("gap_repair_timeout must not be negative")
         if self.handshake_timeout <= 0:
@@ -201,11 +243,18 @@ class Settings:
         )
 
     def check_auth(self) -> None:
-        """Refuse to run open by accident: a secret or an explicit anonymous mode."""
+        """Refuse to run open by accident: a strong secret or an explicit anonymous mode."""
         if not self.auth_secret and not self.allow_anonymous:
             raise ConfigError(
                 "no connection-token secret: pass --auth-secret SECRET (or RELAY_AUTH_SECRET),"
                 " or --allow-anonymous to accept anyone (demo only)"
+            )
+        weak = [s for s in self.auth_secret if len(s.encode()) < MIN_SECRET_BYTES]
+        if weak and not self.allow_weak_secret:
+            raise ConfigError(
+                f"--auth-secret: {len(weak)} secret(s) shorter than {MIN_SECRET_BYTES} bytes;"
+                " tokens signed with a short secret can be forged by brute force. Use"
+                " `openssl rand -hex 32`, or --allow-weak-secret for a test"
             )
 
     def redacted(self) -> dict[str, Any]:
@@ -215,6 +264,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
                 value = "***"
+            elif f.metadata.get("url") and value:
+                value = mask_url(value)
             out[f.name] = value
         return out
 
@@ -293,6 +344,15 @@ Notes:
 - `relay serve` refuses to start with neither `--auth-secret` nor `--allow-anonymous`.
 - `--token-leeway` is added to a token's `exp` (and allowed on `nbf`): a session lives
   until `exp + leeway`. Tokens are checked only by the nodes, so keep clocks in sync.
+- Each `--auth-secret` must be at least 32 bytes (`openssl rand -hex 32`); a shorter one
+  stops the node at start unless `--allow-weak-secret` (tests only).
+- `--token-audience relay`: tokens must carry `aud` "relay" (`issue_token(...,
+  audience="relay")`); without it, a token with any `aud` is refused (4001).
+  `--max-token-ttl` refuses tokens whose `exp - iat` is longer (0: no limit).
+- The WebSocket limits (`--client-frame-rate`, `--client-frame-burst`,
+  `--client-ping-rate`, `--max-fragments`, `--max-message-size`) bound what one client
+  costs; docs/security.md gives the bound per connection and what happens beyond each.
+- The Redis URL is logged with its password masked (`redis://:***@host/0`).
 - `--handshake-timeout` bounds the time from TCP accept (or the end of the previous
   response) to a complete request head, so a client that sends half a request is cut
   off. It is aiohttp's keep-alive timeout, so an idle keep-alive HTTP connection also

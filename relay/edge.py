@@ -49,6 +49,7 @@ from relay.frames import (
     frame_header,
     parse_close,
 )
+from relay.log import bad_request
 from relay.node import Node
 from relay.protocol import CloseCode
 from relay.session import RateLimiter, Session
@@ -384,6 +385,8 @@ class EdgeConnection(asyncio.Protocol):
     ) -> None:
         transport = self._transport
         self._state = _CLOSED
+        if status == 400:
+            bad_request(message, source="edge")
         if transport is not None:
             transport.write(_http_error(status, code, message, headers or {}))
             transport.close()
@@ -509,6 +512,11 @@ class EdgeConnection(asyncio.Protocol):
 
     def _fail(self, code: int, reason: str = "") -> None:
         """The client broke the rules: close with ``code``, through the session if any."""
+        closed = self._closed
+        if closed is not None and not closed.done():
+            # Our close frame is out and the stream is broken: its answer cannot come.
+            closed.set_result(None)
+            return
         session = self.session
         if session is not None:
             self._edge.node.spawn(session.close(code, reason, flush=False))

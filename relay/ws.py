@@ -133,7 +133,12 @@ def authenticate(node: Node, admission: Admission) -> float | None:
         return None
     try:
         return verify_token(
-            token, settings.auth_secret, admission.client_id, leeway=settings.token_leeway
+            token,
+            settings.auth_secret,
+            admission.client_id,
+            leeway=settings.token_leeway,
+            audience=settings.token_audience,
+            max_ttl=settings.max_token_ttl,
         )
     except AuthError as exc:
         log.info(

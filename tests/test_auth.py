@@ -217,3 +217,57 @@ def test_api_key_matches_non_ascii() -> None:
     """Non-ASCII keys compare by their UTF-8 bytes without raising."""
     assert api_key_matches("Bearer clé", "clé") is True
     assert api_key_matches("Bearer cle", "clé") is False
+
+
+def test_api_key_matches_bytes_that_are_not_utf8() -> None:
+    """A header aiohttp decoded from non-UTF-8 bytes (surrogates) is a mismatch, not a
+    UnicodeEncodeError (which was an HTTP 500 and a traceback)."""
+    assert api_key_matches("Bearer \udcff", "k3y-secret") is False
+
+
+@pytest.mark.parametrize("token", ["\xff", "\udcff", "é.é.é", make_token() + "é"])
+def test_verify_token_non_ascii_is_invalid(token: str) -> None:
+    """A token that is not ASCII (a JWT never is) is 4001, not a UnicodeEncodeError."""
+    error = refused(token, [SECRET])
+    assert (error.close_code, str(error)) == (4001, "invalid token")
+
+
+def test_verify_token_audience_refused_without_a_configured_audience() -> None:
+    """A token with aud on a node without --token-audience: 4001 saying why."""
+    error = refused(make_token(aud="relay"), [SECRET])
+    assert error.close_code == 4001
+    assert (
+        str(error) == "token has an audience (aud); this node was started without --token-audience"
+    )
+
+
+def test_verify_token_audience_required_and_matched_when_configured() -> None:
+    """With --token-audience, the token's aud must be it: missing or other is 4001."""
+    assert verify_token(make_token(aud="relay"), [SECRET], "cml", audience="relay") > time.time()
+    both = make_token(aud=["other", "relay"])
+    assert verify_token(both, [SECRET], "cml", audience="relay") > time.time()
+    for token, message in [
+        (make_token(), "token has no audience (aud); this node requires one"),
+        (make_token(aud="billing"), "token audience does not match this node's --token-audience"),
+    ]:
+        with pytest.raises(AuthError) as excinfo:
+            verify_token(token, [SECRET], "cml", audience="relay")
+        assert (excinfo.value.close_code, str(excinfo.value)) == (4001, message)
+    with pytest.raises(AuthError) as excinfo:  # a wrong signature stays "invalid token"
+        verify_token(make_token(aud="relay", secret=NEXT_SECRET), [SECRET], "cml", audience="relay")
+    assert str(excinfo.value) == "invalid token"
+
+
+def test_verify_token_lifetime_over_max_ttl_is_refused() -> None:
+    """--max-token-ttl: exp - iat (exp - now without iat) longer than it is 4001."""
+    now = time.time()
+    ten_years = 10 * 365 * 86400
+    long_lived = make_token(exp_in=ten_years, iat=int(now))
+    assert verify_token(long_lived, [SECRET], "cml") > now  # no limit by default
+    for token in (long_lived, make_token(exp_in=ten_years)):
+        with pytest.raises(AuthError) as excinfo:
+            verify_token(token, [SECRET], "cml", max_ttl=3600, now=now)
+        assert excinfo.value.close_code == 4001
+        assert str(excinfo.value) == "token lifetime exceeds this node's --max-token-ttl"
+    hour = make_token(exp_in=3600, iat=int(now))
+    assert verify_token(hour, [SECRET], "cml", max_ttl=3600, now=now) > now

@@ -45,13 +45,44 @@ def test_settings_refuse_open_node_without_secret() -> None:
     with pytest.raises(ConfigError, match=r"--auth-secret .* --allow-anonymous"):
         Settings().check_auth()
     Settings(allow_anonymous=True).check_auth()
-    Settings(auth_secret=("s",)).check_auth()
+    Settings(auth_secret=("s" * 32,)).check_auth()
+
+
+def test_settings_refuse_a_secret_shorter_than_32_bytes() -> None:
+    """--auth-secret abc (or one short secret of a rotation) is refused at start, unless
+    --allow-weak-secret; the message says how to make a strong one."""
+    strong = "0123456789abcdef" * 2
+    for secrets in (("abc",), (strong, "x" * 31)):
+        with pytest.raises(ConfigError, match=r"shorter than 32 bytes.*openssl rand"):
+            Settings(auth_secret=secrets).check_auth()
+        Settings(auth_secret=secrets, allow_weak_secret=True).check_auth()
+    env = {"RELAY_AUTH_SECRET": "abc", "RELAY_ALLOW_WEAK_SECRET": "1"}
+    settings_from_args(_parse(), env).check_auth()
 
 
 def test_settings_redacted_hides_secrets() -> None:
     """Secrets never appear in the loggable view of the settings."""
     shown = Settings(auth_secret=("hunter2",), api_key="k3y").redacted()
     assert "hunter2" not in repr(shown) and "k3y" not in repr(shown)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:PASSWORD@db.internal/0", "redis://:***@db.internal/0"),
+        ("rediss://relay:PASSWORD@db:6380/0", "rediss://relay:***@db:6380/0"),
+        (
+            "redis+sentinel://:PASSWORD@s1:26379,s2:26379/mymaster/0?sentinel_password=PASSWORD",
+            "redis+sentinel://:***@s1:26379,s2:26379/mymaster/0?sentinel_password=***",
+        ),
+        ("redis+cluster://u:PASS@WORD@c1:7000,c2:7000", "redis+cluster://u:***@c1:7000,c2:7000"),
+        ("redis://db:6379/0?password=PASSWORD&db=1", "redis://db:6379/0?password=***&db=1"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_settings_redacted_masks_redis_url_passwords(url: str, shown: str) -> None:
+    """The loggable settings keep the Redis URL's hosts but never its password."""
+    assert Settings(redis_url=url).redacted()["redis_url"] == shown
 
 
 def test_configuration_docs_match_settings() -> None:

@@ -1,14 +1,16 @@
-"""Logging: secrets are redacted, malformed requests leave no traceback."""
+"""Logging: secrets are redacted, a client's bad bytes are one rate-limited event."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
 import structlog
 from aiohttp.http_exceptions import BadHttpMessage
+from structlog.testing import capture_logs
 
-from relay.log import _NoTracebackForBadRequests, redact
+from relay.log import _BadRequests, _ClientFaults, redact
 
 
 def test_redact_replaces_secret_values() -> None:
@@ -24,15 +26,61 @@ def test_redact_in_a_configured_pipeline() -> None:
     assert logs[0]["token"] == "***"
 
 
-def test_bad_request_traceback_is_dropped() -> None:
-    """aiohttp's 'Error handling request' keeps its message but loses the traceback."""
+def test_redact_masks_url_passwords_in_any_value() -> None:
+    """A Redis URL with a password, under any key, is logged without it."""
+    event = redact(
+        None,
+        "info",
+        {
+            "event": "engine.reconnected",
+            "url": "redis+sentinel://:hunter2@h1:26379,h2:26379/mymaster?sentinel_password=pw2",
+            "error": "cannot reach rediss://admin:hunter3@db:6380/0",
+        },
+    )
+    assert "hunter2" not in repr(event) and "pw2" not in repr(event)
+    assert event["error"] == "cannot reach rediss://admin:***@db:6380/0"
+
+
+def _record(exc: BaseException) -> logging.LogRecord:
     try:
-        raise BadHttpMessage("bad request line")
-    except BadHttpMessage:
+        raise exc
+    except type(exc):
         exc_info = sys.exc_info()
-    record = logging.LogRecord(
+    return logging.LogRecord(
         "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (), exc_info
     )
-    assert _NoTracebackForBadRequests().filter(record)
-    assert record.exc_info is None
-    assert "BadHttpMessage" in record.getMessage()
+
+
+def test_log_client_faults_become_one_bad_request_event() -> None:
+    """aiohttp's 'Error handling request' for a rejected request or a client gone
+    mid-body is dropped and logged as http.bad_request, without a traceback; other
+    errors pass."""
+    faults = _ClientFaults()
+    with capture_logs() as logs:
+        assert not faults.filter(_record(BadHttpMessage("bad request line")))
+    assert [(e["event"], e["reason"]) for e in logs] == [("http.bad_request", "BadHttpMessage")]
+    assert not faults.filter(_record(ConnectionResetError("Connection lost")))
+    assert faults.filter(_record(RuntimeError("a bug of ours")))
+
+
+def test_log_bad_requests_are_rate_limited_and_counted() -> None:
+    """A flood of bad requests logs one line per interval, each counting those left out."""
+    limiter = _BadRequests()
+    limiter.interval = 3600.0
+    with capture_logs() as logs:
+        for _ in range(1000):
+            limiter.emit("bad request line", {})
+        limiter.last -= 3600.0
+        limiter.emit("bad request line", {})
+    assert [e["suppressed"] for e in logs] == [0, 999]
+
+
+async def test_log_bad_requests_left_out_are_counted_when_the_flood_stops() -> None:
+    """The count of a flood that stops within the interval is written when it ends."""
+    limiter = _BadRequests()
+    limiter.interval = 0.05
+    with capture_logs() as logs:
+        for _ in range(10):
+            limiter.emit("bad request line", {})
+        await asyncio.sleep(0.2)
+    assert sum(1 + e["suppressed"] for e in logs) == 10 and len(logs) == 2

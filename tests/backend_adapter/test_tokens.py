@@ -40,9 +40,16 @@ def test_issue_token_now_sets_the_clock() -> None:
 
 def test_issue_token_extra_claims_are_added() -> None:
     """extra_claims travel in the token."""
-    token = issue_token(SECRET, "cml", extra_claims={"aud": "relay", "tenant": 7})
+    token = issue_token(SECRET, "cml", extra_claims={"tenant": 7})
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert claims["tenant"] == 7
+
+
+def test_issue_token_audience_is_the_aud_claim() -> None:
+    """audience= sets aud (what a node started with --token-audience requires)."""
+    token = issue_token(SECRET, "cml", audience="relay")
     claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience="relay")
-    assert (claims["aud"], claims["tenant"]) == ("relay", 7)
+    assert claims["aud"] == "relay"
 
 
 def test_issue_token_wrong_secret_does_not_verify() -> None:
@@ -62,12 +69,13 @@ def test_issue_token_wrong_secret_does_not_verify() -> None:
         (SECRET, "cml", -5, None, InvalidInput),
         (SECRET, "cml", 60, {"sub": "someone-else"}, InvalidInput),
         (SECRET, "cml", 60, {"exp": 2**40}, InvalidInput),
+        (SECRET, "cml", 60, {"aud": "relay"}, InvalidInput),  # audience= says it
     ],
 )
 def test_issue_token_rejects_bad_arguments(
     secret: str, client_id: str, ttl: int, extra: dict[str, object] | None, error: type[Exception]
 ) -> None:
-    """Empty secret, bad client_id, non-positive ttl, or overriding sub/iat/exp: an error."""
+    """Empty secret, bad client_id, non-positive ttl, or setting sub/iat/exp/aud: an error."""
     with pytest.raises(error):
         issue_token(secret, client_id, ttl, extra_claims=extra)
 

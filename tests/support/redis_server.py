@@ -20,15 +20,19 @@ REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 class RedisServer:
     """One redis-server process. ``restart()`` keeps the port (and, with AOF, the data)."""
 
-    def __init__(self, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, *, appendonly: bool = False, port: int | None = None, password: str | None = None
+    ) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="relay-test-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         args = [
@@ -45,10 +49,11 @@ class RedisServer:
             str(self.dir),
             "--logfile",
             str(self.dir / "redis.log"),
+            *(("--requirepass", self.password) if self.password else ()),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, 10.0)
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -82,7 +87,7 @@ class RedisServer:
         self.start()
 
     def flush(self) -> None:
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         client.flushall()
         client.close()
 
