@@ -62,7 +62,10 @@ class MemoryEngine:
         self._connections = 0
         self._last_seen = 0.0
         self._publishes = 0
-        self._epoch_ms = int(time.time() * 1000)  # history before this process is unknown
+        # History before this process is unknown. One millisecond earlier, because a head
+        # read in the first millisecond is (now - 1, 0) (History.head) and must be vouched
+        # for; no earlier process can have published in that same millisecond.
+        self._epoch_ms = int(time.time() * 1000) - 1
 
     @property
     def ready(self) -> bool:
