@@ -7,11 +7,11 @@ table), because WebSocketSharp and browsers cannot read an HTTP status.
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import jwt
@@ -20,7 +20,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from backend_adapter import issue_token
-from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
+from tests.support.node import (
+    API_KEY,
+    Listener,
+    NodeUnderTest,
+    listen,
+    start_node,
+)
 from tests.support.served import RELAY, ServedNode
 
 # HMAC keys at least as long as the hash: PyJWT warns below that, and warnings are errors.
@@ -31,18 +37,14 @@ OTHER = "relay-e2e-other-secret-00000000000000"
 MakeNode = Callable[..., Awaitable[NodeUnderTest]]
 
 
-@pytest.fixture
-def make_node(started_nodes: list[NodeUnderTest]) -> MakeNode:
-    """Nodes that require tokens signed with OLD (override freely); stopped at the end."""
+@pytest.fixture(params=["edge", "aiohttp"])
+def make_node(request: pytest.FixtureRequest, started_nodes: list[NodeUnderTest]) -> MakeNode:
+    """Nodes that require tokens signed with OLD (override freely), on both WebSocket
+    servers (relay serve's edge, aiohttp's route); stopped at the end."""
 
-    async def make(**overrides: Any) -> NodeUnderTest:
-        overrides.setdefault("allow_anonymous", False)
-        overrides.setdefault("auth_secret", (OLD,))
-        node = await NodeUnderTest(node_settings(**overrides)).start()
-        started_nodes.append(node)
-        return node
-
-    return make
+    return functools.partial(
+        start_node, started_nodes, request.param, allow_anonymous=False, auth_secret=(OLD,)
+    )
 
 
 async def refused_with(opened: list[Listener], url: str) -> tuple[int | None, str]:

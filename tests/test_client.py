@@ -251,9 +251,10 @@ async def test_client_kick_is_terminal_and_never_reconnects(relay: NodeUnderTest
         with pytest.raises(RelayClosed) as raised:
             await take(client, 1)
         assert raised.value.code == 4000 and isinstance(raised.value, RelayError)
-        await asyncio.sleep(0.3)  # well past the backoff window: no second connection
-        assert client.connects == 1 and client.closed and closes == [(4000, raised.value.reason)]
-        assert not relay.node.sessions
+        # closed: the reconnect loop has returned, so no second connection can follow.
+        assert client.closed and client.connects == 1 and closes == [(4000, raised.value.reason)]
+        await eventually(lambda: not relay.node.sessions)
+        assert relay.node.metrics.sessions_opened._value.get() == 1
         assert (await api(relay, "GET", "/api/clients/kicked"))["online"] is False
         with pytest.raises(RelayClosed):
             await client.wait_closed()
@@ -401,8 +402,8 @@ async def test_client_auth_failure_without_factory_is_terminal(
         with pytest.raises(RelayClosed) as raised:
             await client.wait_connected()
         assert raised.value.code == code
-        await asyncio.sleep(0.3)
-        assert client.connects == 1
+        # closed: the reconnect loop has returned, so no second attempt can follow.
+        assert client.closed and client.connects == 1
 
 
 async def test_client_invalid_fresh_token_stops_after_one_renewal(secured: NodeUnderTest) -> None:
@@ -483,11 +484,15 @@ async def test_client_close_ends_iteration(relay: NodeUnderTest) -> None:
     await client.start()
     await client.wait_connected()
 
+    iterating = asyncio.Event()
+
     async def consume() -> list[Message]:
+        iterating.set()  # runs on into the loop below until it waits for a message
         return [msg async for msg in client]
 
     consumer = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
+    await iterating.wait()
+    assert not consumer.done()  # waiting inside ``async for``
     await client.close()
     assert await asyncio.wait_for(consumer, 2.0) == []
     assert client.closed and not client.connected

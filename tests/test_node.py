@@ -3,38 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
 
 from relay.protocol import SUBPROTOCOL_MSGPACK, CloseCode
-from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
+from tests.support.node import (
+    API_KEY,
+    Listener,
+    NodeUnderTest,
+    listen,
+    node_settings,
+    start_node,
+)
 from tests.support.ports import stuck_reader
 from tests.support.redis_server import RedisServer
 
-ENGINES = ["memory", "redis"]
+SERVERS = [("memory", "edge"), ("redis", "edge"), ("memory", "aiohttp")]
+"""Engine and WebSocket server: relay serve's edge on both engines, and aiohttp's route."""
 
 MakeNode = Callable[..., Awaitable[NodeUnderTest]]
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture(params=SERVERS, ids=["-".join(p) for p in SERVERS])
 def make_node(request: pytest.FixtureRequest, started_nodes: list[NodeUnderTest]) -> MakeNode:
-    """Start nodes on the engine under test; all stop at the end of the test."""
-    redis_url = None
-    if request.param == "redis":
+    """Start nodes on the engine and server under test; all stop at the end of the test."""
+    engine, server = request.param
+    if engine == "redis":
         redis_url = request.getfixturevalue("redis_server").url
-
-    async def make(**overrides: Any) -> NodeUnderTest:
-        if redis_url is not None:
-            overrides.setdefault("redis_url", redis_url)
-        node = await NodeUnderTest(node_settings(**overrides)).start()
-        started_nodes.append(node)
-        return node
-
-    return make
+        return functools.partial(start_node, started_nodes, server, redis_url=redis_url)
+    return functools.partial(start_node, started_nodes, server)
 
 
 async def test_delivery_twenty_clients_in_order_without_misroute(

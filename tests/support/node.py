@@ -41,10 +41,19 @@ def node_settings(**overrides: Any) -> Settings:
 
 
 class NodeUnderTest:
-    """One node served by aiohttp on 127.0.0.1 in the current loop."""
+    """One node on 127.0.0.1 in the current loop.
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    ``server="edge"`` listens like ``relay serve`` (the edge, aiohttp for the rest);
+    ``server="aiohttp"`` serves the Application with aiohttp alone, so WebSockets take its
+    route in relay.ws (as when the app is mounted elsewhere).
+    """
+
+    def __init__(
+        self, settings: Settings, engine: Engine | None = None, *, server: str = "edge"
+    ) -> None:
+        assert server in ("edge", "aiohttp")
         self.settings = settings
+        self.server = server
         self.app = create_app(settings, engine)
         self.runner: web.AppRunner | None = None
         self.edge: Edge | None = None
@@ -65,9 +74,13 @@ class NodeUnderTest:
         self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         assert self.runner.server is not None
+        sock = listening_socket("127.0.0.1", self.settings.port, False)
+        if self.server == "aiohttp":
+            await web.SockSite(self.runner, sock).start()
+            return self
         # The listener `relay serve` uses: WebSocket upgrades on the edge, the rest aiohttp.
         self.edge = Edge(self.node, self.runner.server)
-        await self.edge.listen(listening_socket("127.0.0.1", self.settings.port, False))
+        await self.edge.listen(sock)
         return self
 
     async def stop(self) -> None:
@@ -82,6 +95,16 @@ class NodeUnderTest:
 
     async def publish(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> Any:
         return await self.node.publish(biz_id, event, data, mid=mid)
+
+
+async def start_node(
+    started: list[NodeUnderTest], server: str = "edge", **overrides: Any
+) -> NodeUnderTest:
+    """Start a node with ``node_settings(**overrides)`` on ``server``; append it to
+    ``started`` (the ``started_nodes`` fixture stops them at the end of the test)."""
+    node = await NodeUnderTest(node_settings(**overrides), server=server).start()
+    started.append(node)
+    return node
 
 
 class Listener:
