@@ -14,8 +14,6 @@ import aiohttp
 import jwt
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from relay.client import (
     ABNORMAL,
@@ -35,6 +33,7 @@ from relay.errors import RelayError
 from relay.protocol import CloseCode, Format
 from relay.wire import parse_id
 from tests.support.node import API_KEY, NodeUnderTest, node_settings
+from tests.support.scripted import ScriptedNode, overlapping_replay, welcome
 
 SECRET = "client-tests-hs256-secret-of-32-bytes+"  # PyJWT warns below 32 bytes
 
@@ -116,46 +115,6 @@ def on_node(client: RelayClient, node_id: str) -> bool:
 def recorder() -> tuple[list[tuple[int, str]], Callable[[int, str], None]]:
     closes: list[tuple[int, str]] = []
     return closes, lambda code, reason: closes.append((code, reason))
-
-
-class ScriptedNode:
-    """A fake node: connection n gets script n (frames, then a close code or nothing).
-
-    It records the query string of every connection, so a test sees the ``since`` sent.
-    """
-
-    def __init__(self, scripts: list[tuple[list[dict[str, Any]], int | None]]) -> None:
-        self.scripts = scripts
-        self.queries: list[dict[str, str]] = []
-        app = web.Application()
-        app.router.add_get("/ws/{client_id}", self._handle)
-        self.server = TestServer(app, host="127.0.0.1")
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.server.port}"
-
-    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(protocols=("relay.v1.json",))
-        await ws.prepare(request)
-        self.queries.append(dict(request.query))
-        frames, code = self.scripts[min(len(self.queries), len(self.scripts)) - 1]
-        for item in frames:
-            await ws.send_str(orjson.dumps(item).decode())
-        if code is not None:
-            await ws.close(code=code, message=b"scripted")
-        else:
-            async for _ in ws:
-                pass
-        return ws
-
-
-def frame(sid: str) -> dict[str, Any]:
-    return {"type": "message", "id": sid, "biz_id": "c", "event": "e", "data": sid, "ts": 1.0}
-
-
-def welcome(last_id: str, replayed: int = 0, **extra: Any) -> dict[str, Any]:
-    return {"type": "welcome", "client_id": "c", "last_id": last_id, "replayed": replayed, **extra}
 
 
 # -- pure decisions -----------------------------------------------------------------------
@@ -504,22 +463,7 @@ async def test_client_close_ends_iteration(relay: NodeUnderTest) -> None:
 
 async def test_client_drops_duplicates_comparing_ids_as_integer_pairs() -> None:
     """A replay overlapping delivered ids yields nothing twice; 10-0 sorts after 9-0."""
-    fake = ScriptedNode(
-        [
-            ([welcome("5-0"), frame("9-0"), frame("10-0")], CloseCode.SERVICE_RESTART),
-            (
-                [
-                    welcome("11-0", replayed=3, recovered=True),
-                    frame("9-0"),
-                    frame("10-0"),
-                    frame("11-0"),
-                    frame("10-1"),
-                    frame("12-0"),
-                ],
-                None,
-            ),
-        ]
-    )
+    fake = ScriptedNode(overlapping_replay(CloseCode.SERVICE_RESTART))
     await fake.server.start_server()
     try:
         async with RelayClient(fake.url, "c", **FAST) as client:

@@ -1,0 +1,1 @@
+"""Client SDKs in other languages, tested against real nodes."""
