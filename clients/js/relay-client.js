@@ -451,24 +451,23 @@ export class RelayClient {
     clearTimeout(conn.welcomeTimer);
     clearTimeout(conn.pingTimer);
     clearTimeout(conn.ackTimer);
-    conn.ws.onmessage = conn.ws.onclose = conn.ws.onerror = null;
+    // Late events of this socket are ignored. `ws` (Node) throws on an "error" event
+    // nobody listens to, so a no-op stays in place of the error handler.
+    conn.ws.onmessage = conn.ws.onclose = null;
+    conn.ws.onerror = () => {};
     if (this._conn === conn) this._conn = null;
     if (conn.onEnd) conn.onEnd();
     if (this._stopped) {
       this._emitNow("disconnected", { code, reason, willReconnect: false });
       return;
     }
-    if (conn.welcomed) {
-      this._failures = 0;
-    }
+    if (conn.welcomed) this._failures = 0;
     let canRenew = typeof this._token === "function";
     if (code === 4001) {
-      // A fresh token is asked before every connect; a second 4001 in a row is final.
+      // A fresh token is asked before every connect; a second 4001 without a welcome
+      // in between is final.
       canRenew = canRenew && !this._renewedFor4001;
       this._renewedFor4001 = true;
-    } else if (conn.welcomed) {
-      this._renewedFor4001 = false;
-    this._ackWanted = null; // the newest id to ack (sent coalesced, again after a reconnect)
     }
     this._after(conn, code, reason, planReconnect(code, { canRenew }));
   }
@@ -515,6 +514,7 @@ export class RelayClient {
 
   _onWelcome(conn, frame) {
     conn.welcomed = true;
+    this._renewedFor4001 = false;
     clearTimeout(conn.welcomeTimer);
     this.welcome = frame;
     this.connects += 1;
@@ -609,7 +609,7 @@ export class RelayClient {
           continue;
         }
         await this._emit(item.kind, item.value);
-        if (item.kind === "message" && !this._stopped) {
+        if (item.kind === "message") {
           this._advance(item.value.id);
           if (this._autoAck) this.ack(item.value.id);
         }

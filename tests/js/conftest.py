@@ -13,11 +13,12 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from backend_adapter import issue_token
-from tests.cluster.support import LocalCluster, nginx_available
+from tests.cluster.support import LocalCluster, get_json, nginx_available
 from tests.support.ports import free_port
 
 HERE = Path(__file__).parent
@@ -103,6 +104,14 @@ class PageServer:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+
+async def wait_last_ack(cluster: LocalCluster, client_id: str, want: str) -> None:
+    """Wait until the registry shows ``want`` as the client's last ack (through the balancer)."""
+    url = f"{cluster.lb_http}/api/clients/{client_id}"
+    async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+        while (await get_json(http, url))[1].get("last_ack") != want:
+            await asyncio.sleep(0.05)
 
 
 @pytest.fixture

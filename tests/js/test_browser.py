@@ -23,7 +23,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 from backend_adapter import AsyncPublisher, issue_token
 from tests.cluster.support import LocalCluster, TickPublisher
 from tests.conftest import MS
-from tests.js.conftest import CHROMIUM, CHROMIUM_ARGS, SECRET, PageServer
+from tests.js.conftest import CHROMIUM, CHROMIUM_ARGS, SECRET, PageServer, wait_last_ack
 from tests.support.node import Listener
 
 
@@ -129,6 +129,7 @@ async def test_browser_receives_in_order_from_a_module_imported_across_origins(
     assert seqs(messages) == list(range(50))
     assert {(m["biz_id"], m["event"]) for m in messages} == {("web-order", "tick")}
     assert page_server.tokens_issued == 1
+    await wait_last_ack(cluster, "web-order", ids[-1])  # acked once handled
 
 
 async def test_browser_receives_msgpack_when_asked(

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
+from aiohttp import web
 
 from relay.client import (
     AT_ONCE_JITTER,
@@ -31,7 +32,7 @@ from relay.client import (
 )
 from relay.wire import parse_id
 from tests.cluster.support import LocalCluster, TickPublisher
-from tests.js.conftest import HERE, NODE, NPM, ROOT, PageServer
+from tests.js.conftest import HERE, NODE, NPM, ROOT, PageServer, wait_last_ack
 
 MODULE = ROOT / "clients" / "js" / "relay-client.js"
 NODE_DIR = HERE / "node"
@@ -68,7 +69,13 @@ class NodeClient:
 
     @classmethod
     async def start(
-        cls, ws_dir: Path, url: str, client_id: str, token_url: str, fmt: str = "json"
+        cls,
+        ws_dir: Path,
+        url: str,
+        client_id: str,
+        token_url: str,
+        fmt: str = "json",
+        **options: float,
     ) -> NodeClient:
         env = dict(
             os.environ,
@@ -78,6 +85,7 @@ class NodeClient:
             RELAY_CLIENT=client_id,
             RELAY_TOKEN_URL=token_url,
             RELAY_FORMAT=fmt,
+            RELAY_OPTIONS=json.dumps(options),
         )
         proc = await asyncio.create_subprocess_exec(
             NODE,
@@ -272,6 +280,9 @@ async def disrupt_while_publishing(
     accepted = ticks.accepted[client_id]
     await client.wait(lambda: len(client.of("message")) >= len(accepted), "events missing")
     assert seqs(client.of("message")) == accepted  # nothing lost, nothing twice, in order
+    # The acks followed the client to its new session: the last one is the last message.
+    last_id = client.of("message")[-1]["id"]
+    await wait_last_ack(cluster, client_id, last_id)
     second = client.of("connected")[1]
     assert second["node"] != first["node"] and second["recovered"] is True
     close = client.of("disconnected")[0]
@@ -354,3 +365,93 @@ async def test_node_client_stops_after_a_second_invalid_token(
     closes = client.of("disconnected")
     assert [(c["code"], c["willReconnect"]) for c in closes] == [(4001, True), (4001, False)]
     assert client.of("connected") == [] and page_server.tokens_issued == 2
+
+
+# -- against a scripted server: what real nodes do not do on cue -----------------------------
+
+
+class ScriptedNode:
+    """A WebSocket server that misbehaves on purpose, one script step per connection."""
+
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+        self.queries: list[dict[str, str]] = []
+        self.received: list[str] = []
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> ScriptedNode:
+        app = web.Application()
+        app.router.add_get("/ws/{client_id}", self._serve)
+        app.router.add_get("/token", self._token)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def _token(self, request: web.Request) -> web.Response:
+        return web.Response(text="t")
+
+    async def _serve(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("relay.v1.json",))
+        await ws.prepare(request)
+        self.queries.append(dict(request.query))
+        step = self.steps[min(len(self.queries), len(self.steps)) - 1]
+        welcome = {"type": "welcome", "client_id": "c", "node": "scripted", "session": "s"}
+        welcome |= {"heartbeat": 25, "replayed": 0, "last_id": "100-0"}
+        if step == "message-first":
+            await ws.send_json({"type": "message", "id": "101-0", "biz_id": "c", "event": "e"})
+        elif step == "silent":
+            await ws.send_json(welcome)
+        elif step == "serve":
+            await ws.send_json(welcome | {"recovered": True})
+            for n, key in enumerate(("100-0", "101-0", "9-0", "102-0", "101-0", "1000-0")):
+                frame = {"type": "message", "id": key, "biz_id": "c", "event": "e", "data": n}
+                await ws.send_json(frame)
+        async for msg in ws:
+            self.received.append(msg.data)
+        return ws
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def test_node_client_leaves_a_silent_or_confused_server_and_resumes(
+    ws_dir: Path, node_clients: list[NodeClient]
+) -> None:
+    """No welcome first: 1002; no pong: 1006; then resumed from last_id, repeats dropped."""
+    server = await ScriptedNode(["message-first", "silent", "serve"]).start()
+    try:
+        client = await NodeClient.start(
+            ws_dir,
+            f"ws://127.0.0.1:{server.port}",
+            "c",
+            f"http://127.0.0.1:{server.port}/token",
+            pingInterval=0.3,
+            pongTimeout=0.3,
+            backoffBase=0.05,
+            backoffMax=0.2,
+        )
+        node_clients.append(client)
+        await client.wait(lambda: len(client.of("message")) >= 3, "no messages")
+        closes = [(c["code"], c["reason"], c["willReconnect"]) for c in client.of("disconnected")]
+        assert closes == [
+            (1002, "first frame was not a welcome", True),
+            (1006, "no answer from the server", True),
+        ]
+        # Resumed after the head of history the silent server's welcome gave; repeats dropped.
+        assert server.queries[2]["since"] == "100-0" and "since" not in server.queries[0]
+        assert [m["id"] for m in client.of("message")] == ["101-0", "102-0", "1000-0"]
+        attempts = [q["attempt"].split(".") for q in server.queries]
+        assert len({a[0] for a in attempts}) == 1 and [a[1] for a in attempts] == ["1", "2", "3"]
+        assert '{"type":"ping"}' in server.received
+        await client.wait(
+            lambda: '{"type":"ack","id":"1000-0"}' in server.received, "no ack of the last id"
+        )
+        assert all(q["token"] == "t" for q in server.queries)
+        assert await client.stop() == 0
+    finally:
+        await server.stop()

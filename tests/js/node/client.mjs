@@ -4,6 +4,7 @@
 //   RELAY_WS_DIR   a directory with node_modules/ws (npm ci of tests/js/node/package-lock.json)
 //   RELAY_MODULE   file URL of relay-client.js
 //   RELAY_URL, RELAY_CLIENT, RELAY_TOKEN_URL, RELAY_FORMAT
+//   RELAY_OPTIONS  JSON of more options (pingInterval, pongTimeout, backoffBase, …)
 import { createRequire } from "node:module";
 
 const env = process.env;
@@ -19,6 +20,7 @@ const client = new RelayClient({
   format: env.RELAY_FORMAT || "json",
   WebSocket,
   token: async () => (await fetch(env.RELAY_TOKEN_URL)).text(),
+  ...JSON.parse(env.RELAY_OPTIONS || "{}"),
 });
 client.on("message", (m) => print("message", m));
 client.on("connected", (w) => print("connected", w));
