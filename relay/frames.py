@@ -168,7 +168,9 @@ class FrameParser:
         try:
             self._parse(data, out)
         except FrameError as exc:
-            self.failure = exc
+            # Without its traceback: the frames in it hold this read's bytes and the
+            # parser itself, a cycle that would keep them until a full collection.
+            self.failure = exc.with_traceback(None)
             self._buffer = b""
             self._fragments = bytearray()
         return out

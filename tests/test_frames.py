@@ -221,3 +221,12 @@ def test_parser_holds_at_most_max_size_plus_overhead(reads: list[bytes], fragmen
         if parser.failure is not None:
             assert parser.held == 0
     assert parser.frames <= sum(len(r) for r in reads) // 6  # a client frame is >= 6 bytes
+
+
+def test_parser_failure_keeps_no_traceback() -> None:
+    """The failure kept by a parser has no traceback: its frames would hold the read's
+    bytes and the parser in a cycle, freed only by a full collection (a reconnecting
+    flood of bad messages grew a node by 60 MB that way)."""
+    parser = FrameParser(1024, max_fragments=2)
+    parser.feed(client_frame(OP_TEXT, b"", fin=False) + client_frame(0, b"", fin=False) * 3)
+    assert parser.failure is not None and parser.failure.__traceback__ is None
