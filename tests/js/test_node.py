@@ -22,7 +22,6 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
-from aiohttp import web
 
 from relay.client import (
     AT_ONCE_JITTER,
@@ -33,6 +32,7 @@ from relay.client import (
 from relay.wire import parse_id
 from tests.cluster.support import LocalCluster, TickPublisher
 from tests.js.conftest import HERE, NODE, NPM, ROOT, PageServer, wait_last_ack
+from tests.support.scripted import ScriptedNode, frame, overlapping_replay, welcome
 
 MODULE = ROOT / "clients" / "js" / "relay-client.js"
 NODE_DIR = HERE / "node"
@@ -84,6 +84,7 @@ class NodeClient:
             RELAY_URL=url,
             RELAY_CLIENT=client_id,
             RELAY_TOKEN_URL=token_url,
+            RELAY_TOKEN="" if token_url else "t",
             RELAY_FORMAT=fmt,
             RELAY_OPTIONS=json.dumps(options),
         )
@@ -370,72 +371,38 @@ async def test_node_client_stops_after_a_second_invalid_token(
 # -- against a scripted server: what real nodes do not do on cue -----------------------------
 
 
-class ScriptedNode:
-    """A WebSocket server that misbehaves on purpose, one script step per connection."""
-
-    def __init__(self, steps: list[str]) -> None:
-        self.steps = steps
-        self.queries: list[dict[str, str]] = []
-        self.received: list[str] = []
-        self.port = 0
-        self.runner: web.AppRunner | None = None
-
-    async def start(self) -> ScriptedNode:
-        app = web.Application()
-        app.router.add_get("/ws/{client_id}", self._serve)
-        app.router.add_get("/token", self._token)
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def _token(self, request: web.Request) -> web.Response:
-        return web.Response(text="t")
-
-    async def _serve(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(protocols=("relay.v1.json",))
-        await ws.prepare(request)
-        self.queries.append(dict(request.query))
-        step = self.steps[min(len(self.queries), len(self.steps)) - 1]
-        welcome = {"type": "welcome", "client_id": "c", "node": "scripted", "session": "s"}
-        welcome |= {"heartbeat": 25, "replayed": 0, "last_id": "100-0"}
-        if step == "message-first":
-            await ws.send_json({"type": "message", "id": "101-0", "biz_id": "c", "event": "e"})
-        elif step == "silent":
-            await ws.send_json(welcome)
-        elif step == "serve":
-            await ws.send_json(welcome | {"recovered": True})
-            for n, key in enumerate(("100-0", "101-0", "9-0", "102-0", "101-0", "1000-0")):
-                frame = {"type": "message", "id": key, "biz_id": "c", "event": "e", "data": n}
-                await ws.send_json(frame)
-        async for msg in ws:
-            self.received.append(msg.data)
-        return ws
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+async def scripted_client(
+    ws_dir: Path, node: ScriptedNode, started: list[NodeClient], **options: float
+) -> NodeClient:
+    client = await NodeClient.start(
+        ws_dir, node.url, "c", "", backoffBase=0.05, backoffMax=0.2, **options
+    )
+    started.append(client)
+    return client
 
 
 async def test_node_client_leaves_a_silent_or_confused_server_and_resumes(
     ws_dir: Path, node_clients: list[NodeClient]
 ) -> None:
     """No welcome first: 1002; no pong: 1006; then resumed from last_id, repeats dropped."""
-    server = await ScriptedNode(["message-first", "silent", "serve"]).start()
+    silent = ScriptedNode(
+        [
+            ([frame("101-0")], None),
+            ([welcome("100-0")], None),
+            (
+                [
+                    welcome("100-0", recovered=True),
+                    *(frame(sid) for sid in ("100-0", "101-0", "9-0", "102-0", "101-0", "1000-0")),
+                ],
+                None,
+            ),
+        ]
+    )
+    await silent.server.start_server()
     try:
-        client = await NodeClient.start(
-            ws_dir,
-            f"ws://127.0.0.1:{server.port}",
-            "c",
-            f"http://127.0.0.1:{server.port}/token",
-            pingInterval=0.3,
-            pongTimeout=0.3,
-            backoffBase=0.05,
-            backoffMax=0.2,
+        client = await scripted_client(
+            ws_dir, silent, node_clients, pingInterval=0.3, pongTimeout=0.3
         )
-        node_clients.append(client)
         await client.wait(lambda: len(client.of("message")) >= 3, "no messages")
         closes = [(c["code"], c["reason"], c["willReconnect"]) for c in client.of("disconnected")]
         assert closes == [
@@ -443,15 +410,32 @@ async def test_node_client_leaves_a_silent_or_confused_server_and_resumes(
             (1006, "no answer from the server", True),
         ]
         # Resumed after the head of history the silent server's welcome gave; repeats dropped.
-        assert server.queries[2]["since"] == "100-0" and "since" not in server.queries[0]
+        assert silent.queries[2]["since"] == "100-0" and "since" not in silent.queries[0]
         assert [m["id"] for m in client.of("message")] == ["101-0", "102-0", "1000-0"]
-        attempts = [q["attempt"].split(".") for q in server.queries]
+        attempts = [q["attempt"].split(".") for q in silent.queries]
         assert len({a[0] for a in attempts}) == 1 and [a[1] for a in attempts] == ["1", "2", "3"]
-        assert '{"type":"ping"}' in server.received
+        assert '{"type":"ping"}' in silent.received
         await client.wait(
-            lambda: '{"type":"ack","id":"1000-0"}' in server.received, "no ack of the last id"
+            lambda: '{"type":"ack","id":"1000-0"}' in silent.received, "no ack of the last id"
         )
-        assert all(q["token"] == "t" for q in server.queries)
+        assert all(q["token"] == "t" for q in silent.queries)
         assert await client.stop() == 0
     finally:
-        await server.stop()
+        await silent.server.close()
+
+
+async def test_node_client_compares_ids_as_integer_pairs(
+    ws_dir: Path, node_clients: list[NodeClient]
+) -> None:
+    """A replay overlapping what was delivered (9-0 < 10-0 < 10-1 < 11-0): each id once."""
+    node = ScriptedNode(overlapping_replay(1012))
+    await node.server.start_server()
+    try:
+        client = await scripted_client(ws_dir, node, node_clients)
+        await client.wait(lambda: len(client.of("message")) >= 4, "messages missing")
+        assert [m["id"] for m in client.of("message")] == ["9-0", "10-0", "11-0", "12-0"]
+        assert node.queries[1]["since"] == "10-0"
+        assert client.of("disconnected")[0]["code"] == 1012
+        assert await client.stop() == 0
+    finally:
+        await node.server.close()

@@ -1,9 +1,10 @@
 """A scripted fake node for client SDK tests: frames a real node never sends on demand.
 
 Connection n plays script n: its frames, then a close with the script's code (or none:
-it waits for the client to close). It records each handshake's query string and the
-close code the client sent on each connection — its answer to our close frame, or its
-own close; 1006 when no close frame came.
+it waits for the client to close). It records each handshake's query string, every
+text frame the client sent (pings, acks), and the close code the client sent on each
+connection — its answer to our close frame, or its own close; 1006 when no close frame
+came.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class ScriptedNode:
     def __init__(self, scripts: list[Script]) -> None:
         self.scripts = scripts
         self.queries: list[dict[str, str]] = []
+        self.received: list[str] = []
         self.client_codes: list[int | None] = []
         app = web.Application()
         app.router.add_get("/ws/{client_id}", self._handle)
@@ -42,8 +44,9 @@ class ScriptedNode:
         if code is not None:
             await ws.close(code=code, message=b"scripted")
         else:
-            async for _ in ws:
-                pass
+            async for msg in ws:
+                if isinstance(msg.data, str):
+                    self.received.append(msg.data)
         self.client_codes.append(ws.close_code)
         return ws
 

@@ -3,7 +3,8 @@
 // the client (exit 0); a stop by the server exits 3.
 //   RELAY_WS_DIR   a directory with node_modules/ws (npm ci of tests/js/node/package-lock.json)
 //   RELAY_MODULE   file URL of relay-client.js
-//   RELAY_URL, RELAY_CLIENT, RELAY_TOKEN_URL, RELAY_FORMAT
+//   RELAY_URL, RELAY_CLIENT, RELAY_FORMAT
+//   RELAY_TOKEN_URL  where the token function fetches each token (or RELAY_TOKEN: a fixed one)
 //   RELAY_OPTIONS  JSON of more options (pingInterval, pongTimeout, backoffBase, …)
 import { createRequire } from "node:module";
 
@@ -19,7 +20,7 @@ const client = new RelayClient({
   clientId: env.RELAY_CLIENT,
   format: env.RELAY_FORMAT || "json",
   WebSocket,
-  token: async () => (await fetch(env.RELAY_TOKEN_URL)).text(),
+  token: env.RELAY_TOKEN || (async () => (await fetch(env.RELAY_TOKEN_URL)).text()),
   ...JSON.parse(env.RELAY_OPTIONS || "{}"),
 });
 client.on("message", (m) => print("message", m));
