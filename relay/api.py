@@ -151,8 +151,10 @@ async def readyz(request: web.Request) -> web.Response:
     node = request.config_dict[NODE_KEY]
     if node.ready:
         return _json({"status": "ready", "node": node.id})
-    reason = "draining" if node.draining else "engine not ready" if node.accepting else "starting"
-    return _json({"status": "unavailable", "reason": reason, "node": node.id}, status=503)
+    body = {"status": "unavailable", "reason": node.unready_reason(), "node": node.id}
+    if node.start_error is not None:
+        body["error"] = node.start_error  # why it is still starting (never a secret)
+    return _json(body, status=503)
 
 
 def client_script() -> bytes:

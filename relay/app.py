@@ -1,19 +1,21 @@
 """The aiohttp application and the process lifecycle: start, serve, drain on SIGTERM.
 
-The Application owns the node through ``cleanup_ctx``: the engine connects and the node
-registers before the first connection is accepted, and stops after the last one.
-
-A draining node refuses new sessions with 1012 after the upgrade (what WebSocketSharp
-can read). Behind a load balancer that retries a 503 on another node and says so with
-the ``X-Relay-Lb-Retry`` request header (deploy/nginx/relay.conf.template does), it
-answers the handshake with HTTP 503 instead: the balancer hands the client to a live node
-and leaves the draining one out, where a 1012 would send the client back to it (least_conn
-picks the node with the fewest connections, which a draining node is).
+The Application owns the node through ``cleanup_ctx``: it stops after the last
+connection. :func:`create_app` also starts it before serving; :func:`serve` listens first
+and then starts the node, so health answers while it waits for Redis. A node that
+takes no sessions (starting, draining, Redis unavailable) refuses a handshake at once,
+with 1013 or 1012 after the upgrade (what WebSocketSharp can read). Behind a load
+balancer that retries a 503 on another node and says so with the ``X-Relay-Lb-Retry``
+request header (deploy/nginx/ and deploy/haproxy/ templates do), it answers HTTP 503
+instead: the balancer hands the client to a node that takes it, where a 1012 would send
+the client back (least_conn picks the node with the fewest connections, which a draining
+node is).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 import socket
@@ -36,8 +38,14 @@ __all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "listening_socket", "ser
 log = structlog.get_logger("relay.app")
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
-    """An Application serving one node. ``engine`` overrides the one settings ask for."""
+def create_app(
+    settings: Settings, engine: Engine | None = None, *, start: bool = True
+) -> web.Application:
+    """An Application serving one node. ``engine`` overrides the one settings ask for.
+
+    With ``start`` the node starts (one attempt) before the Application serves; without,
+    the caller starts it (:func:`serve` does, once it listens, so health answers meanwhile).
+    """
     engine = engine or create_engine(settings.redis_url, settings.engine_options)
     node = Node(settings, engine, Metrics())
     app = web.Application(
@@ -49,13 +57,29 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await node.start()
+        if start:
+            await node.start()
         yield
         if not node.draining:
             await node.drain(min(settings.drain_grace, 2.0))
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+async def _start_unless_stopped(node: Node, timeout: float, stop: asyncio.Event) -> None:
+    """Start the node, waiting for the engine; give up quietly if told to stop first."""
+    starting = asyncio.create_task(node.start(timeout), name="relay-node-start")
+    stopping = asyncio.create_task(stop.wait(), name="relay-stop-wait")
+    try:
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
 
 
 def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -87,10 +111,14 @@ async def serve(
 ) -> None:
     """Run one node until SIGTERM/SIGINT, then drain: readiness 503, 1012s, deregister.
 
+    The node listens first and then starts: while Redis is unreachable it keeps trying
+    (``--start-timeout``, 0 = for ever), ``/healthz`` 200 and ``/readyz`` 503 meanwhile,
+    and handshakes are refused at once. Past the timeout EngineUnavailable is raised.
+
     ``signalled`` holds signals caught before the loop ran (see relay.cli): a node told
     to stop while starting still drains and exits 0.
     """
-    app = create_app(settings)
+    app = create_app(settings, start=False)
     node = app[NODE_KEY]
     # keepalive_timeout is aiohttp's only deadline on reading a request head: it runs
     # from accept (or the last response) until a whole head has arrived.
@@ -120,6 +148,13 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     if signalled:
         stop.set()
+    try:
+        await _start_unless_stopped(node, settings.start_timeout, stop)
+    except BaseException:
+        edge.stop_listening()
+        await edge.close()
+        await runner.cleanup()
+        raise
     await stop.wait()
     # Readiness turns 503 at once; the listener stays open for health checks while
     # sessions are closed in batches, then everything stops.

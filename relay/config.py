@@ -184,6 +184,13 @@ class Settings:
         default=DEFAULT_LEEWAY,
         metadata={"help": "seconds of clock skew tolerated on a token's exp and nbf"},
     )
+    start_timeout: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds a starting node waits for Redis (readyz 503 meanwhile), then"
+            " exits 2; 0: for ever"
+        },
+    )
     handshake_timeout: float = field(
         default=10.0,
         metadata={
@@ -219,6 +226,8 @@ class Settings:
             raise ConfigError("token_leeway, max_since_age and max_token_ttl must not be negative")
         if self.gap_repair_timeout < 0:
             raise ConfigError("gap_repair_timeout must not be negative")
+        if self.start_timeout < 0:
+            raise ConfigError("start_timeout must be 0 (for ever) or positive")
         if self.handshake_timeout <= 0:
             raise ConfigError("handshake_timeout must be positive")
         if self.heartbeat <= 0:

@@ -15,15 +15,16 @@ import asyncio
 import base64
 import contextlib
 import os
+import random
 import time
 from collections.abc import Awaitable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from relay.config import Settings
 from relay.engine import Control, Engine, SessionRecord, is_stale_claim
-from relay.errors import EngineError, InvalidEnvelope, RelayError
+from relay.errors import EngineError, EngineUnavailable, InvalidEnvelope, RelayError
 from relay.hub import Hub, Subscription, Verdict
 from relay.metrics import Metrics
 from relay.protocol import CloseCode, Format, encode_message, encode_welcome
@@ -42,6 +43,11 @@ __all__ = ["Node", "NodeUnavailable"]
 
 log = structlog.get_logger("relay.node")
 
+T = TypeVar("T")
+
+START_BACKOFF_BASE = 0.2  # seconds before the second start attempt; doubles each time
+START_BACKOFF_CAP = 2.0  # seconds between start attempts at most (each then jittered)
+
 
 class NodeUnavailable(RelayError):
     """The node does not take new sessions now (draining, or at its connection limit)."""
@@ -49,6 +55,12 @@ class NodeUnavailable(RelayError):
     def __init__(self, message: str, close_code: int) -> None:
         super().__init__(message)
         self.close_code = close_code
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen (no "exception never retrieved")."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _new_session_id() -> str:
@@ -76,6 +88,9 @@ class Node:
         self.accepting = False
         self.draining = False
         self.started_at = 0.0
+        self.start_error: str | None = None  # why the last start attempt failed
+        self._engine_lost: asyncio.Future[None] | None = None  # set when health turns bad
+        self._abandoned: set[str] = set()  # sessions whose connect gave up on the engine
         self._ttl_ms = settings.history_ttl * 1000
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._pending_connects = 0
@@ -94,16 +109,52 @@ class Node:
         """True when the node takes sessions and can prove live delivery works."""
         return self.accepting and not self.draining and self.engine.ready
 
-    async def start(self) -> None:
-        """Connect the engine and register, then accept sessions."""
+    def unready_reason(self) -> str:
+        """Why the node is not ready: ``draining``, ``starting`` or ``engine not ready``."""
+        if self.draining:
+            return "draining"
+        return "engine not ready" if self.accepting else "starting"
+
+    async def start(self, wait: float | None = None) -> None:
+        """Connect the engine and register, then accept sessions.
+
+        ``wait=None`` tries once. Otherwise an unreachable engine is retried with backoff
+        for ``wait`` seconds (0: for ever), logging ``node.start_failed`` each time: a node
+        started while Redis is away comes up when Redis does, ``/readyz`` 503 meanwhile,
+        instead of exiting for a supervisor to restart it. Past ``wait`` the last
+        EngineUnavailable is raised.
+        """
         self.started_at = time.time()
-        await self.engine.start(self.id, self)
+        began = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.engine.start(self.id, self)
+                break
+            except EngineUnavailable as exc:
+                self.start_error = str(exc)
+                waited = time.monotonic() - began
+                if wait is None or (wait and waited >= wait):
+                    if wait is not None:
+                        self.log.error("node.start_timed_out", error=str(exc), waited=waited)
+                        raise EngineUnavailable(f"{exc}; gave up after {waited:.0f} s") from exc
+                    raise
+                delay = min(START_BACKOFF_CAP, START_BACKOFF_BASE * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.0)
+                if wait:
+                    delay = max(0.0, min(delay, wait - waited))
+                self.log.warning(
+                    "node.start_failed", error=str(exc), attempt=attempt, retry_in=round(delay, 2)
+                )
+                await asyncio.sleep(delay)
+        self.start_error = None
         self.accepting = True
         self._loops = [
             self._spawn_loop(self._heartbeat_loop(), "heartbeat"),
             self._spawn_loop(self._watchdog_loop(), "watchdog"),
         ]
-        self.log.info("node.started", engine=self.engine.name)
+        self.log.info("node.started", engine=self.engine.name, attempts=attempt)
 
     def _spawn_loop(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(coro, name=f"relay-{name}-{self.id}")
@@ -204,8 +255,11 @@ class Node:
         ``observe`` opens an observer (``relay tail``): the client's events, replay
         included, without claiming its session, so the client itself is never replaced.
         """
-        if not self.accepting:
+        if self.draining:
             raise NodeUnavailable("node is draining", CloseCode.SERVICE_RESTART)
+        if not self.accepting:
+            # Starting: waiting for Redis. Back off and retry (another node may take it).
+            raise NodeUnavailable("node is starting", CloseCode.TRY_AGAIN_LATER)
         if len(self.sessions) >= self.settings.max_connections:
             raise NodeUnavailable("connection limit reached", CloseCode.TRY_AGAIN_LATER)
         if not self.engine.ready:
@@ -243,20 +297,12 @@ class Node:
         if not observe:
             self.by_client.setdefault(client_id, []).append(session)
         try:
-            sub = await self._attach(session)
-            # History must be read after the subscription is live; the claim need not wait
-            # for either, so it goes with the history read: one round trip instead of two.
-            held, history = await asyncio.gather(
-                self._observe() if observe else self._claim(session),
-                self.engine.history(client_id, since, self.settings.replay_limit),
-                return_exceptions=True,
+            sub, held, history = await self._unless_engine_lost(
+                session, self._open_feed(session, observe)
             )
-            if isinstance(held, BaseException):
-                raise held
-            if isinstance(history, BaseException):
-                raise history
         except BaseException:
-            await self.disconnect(session)
+            # Told now; the engine calls of forgetting it may wait on a hung Redis.
+            self.spawn(self.disconnect(session))
             raise
         if session.closing or not held:  # replaced while connecting, or a stale handshake
             return session
@@ -299,6 +345,49 @@ class Node:
         )
         return session
 
+    async def _open_feed(
+        self, session: Session, observe: bool
+    ) -> tuple[Subscription[Session], bool, History]:
+        """Subscribe, then claim (or observe) and read history in one round trip."""
+        sub = await self._attach(session)
+        # History must be read after the subscription is live; the claim need not wait
+        # for either, so it goes with the history read: one round trip instead of two.
+        held, history = await asyncio.gather(
+            self._observe() if observe else self._claim(session),
+            self.engine.history(session.client_id, session.since, self.settings.replay_limit),
+            return_exceptions=True,
+        )
+        if isinstance(held, BaseException):
+            raise held
+        if isinstance(history, BaseException):
+            raise history
+        return sub, held, history
+
+    async def _unless_engine_lost(self, session: Session, work: Awaitable[T]) -> T:
+        """``work``, or EngineUnavailable as soon as the engine turns unhealthy.
+
+        A hung Redis answers nothing until the socket and command timeouts (seconds); the
+        canary notices sooner, and a handshake then gets its 1013 at once. The abandoned
+        work finishes in the background, marked closing so it neither kicks nor goes live.
+        """
+        task = asyncio.ensure_future(work)
+        if self._engine_lost is None or self._engine_lost.done():
+            self._engine_lost = asyncio.get_running_loop().create_future()
+        lost = self._engine_lost
+        try:
+            await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        session.closing = True
+        self._abandoned.add(session.id)
+        self.spawn(task)
+        task.add_done_callback(lambda done: self._abandoned.discard(session.id))
+        task.add_done_callback(_retrieve)
+        raise EngineUnavailable("redis stopped answering while connecting")
+
     def _recovered(self, since: StreamId, history: History) -> bool:
         """The welcome's ``recovered``: a ``since`` past --max-since-age is not vouched for."""
         max_age_ms = self.settings.max_since_age * 1000
@@ -329,6 +418,8 @@ class Node:
         )
         replace = self.settings.duplicates == "replace"
         old = await self.engine.claim_session(record, exclusive=replace)
+        if session.id in self._abandoned:
+            return False  # its client was told 1013 already: kick no one
         if not replace or old is None or old.session == session.id:
             return True
         if is_stale_claim(old, record):
@@ -616,3 +707,6 @@ class Node:
 
     def on_health(self, healthy: bool) -> None:
         self.log.warning("engine.health_changed", healthy=healthy)
+        lost = self._engine_lost
+        if not healthy and lost is not None and not lost.done():
+            lost.set_result(None)  # connects waiting on Redis answer 1013 now

@@ -25,7 +25,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from relay.auth import api_key_matches, bearer_token, verify_token
-from relay.errors import AuthError, InvalidInput, ProtocolViolation, RelayError
+from relay.errors import AuthError, EngineUnavailable, InvalidInput, ProtocolViolation, RelayError
 from relay.frames import close_reason, frame_header
 from relay.node import Node, NodeUnavailable
 from relay.protocol import (
@@ -95,10 +95,13 @@ def admit(
 ) -> Admission:
     """Check a handshake before the upgrade; raises Refused. ``headers`` are lower-case."""
     settings = node.settings
-    if node.draining and headers.get(LB_RETRY_HEADER.lower()):
-        # Behind a retrying balancer a 503 sends the client to a live node; a 1012 after
-        # the upgrade would send it back here (least_conn favours the emptiest node).
-        raise Refused(503, "draining", "node draining; try another node", {"Retry-After": "0"})
+    if not node.ready and headers.get(LB_RETRY_HEADER.lower()):
+        # Behind a retrying balancer a 503 sends the client to a node that takes it; a
+        # 1012/1013 after the upgrade would send it back here (least_conn favours the
+        # emptiest node, which a draining or starting one is).
+        reason = node.unready_reason()
+        code = reason.replace(" ", "_")
+        raise Refused(503, code, f"node {reason}; try another node", {"Retry-After": "0"})
     # Cross-site WebSocket hijacking: a page elsewhere cannot use a visitor's browser to
     # connect. A 403 before the upgrade is fine here: only browsers send Origin.
     if not _origin_allowed(headers.get("origin"), settings.allowed_origins):
@@ -171,6 +174,9 @@ async def open_session(
         )
     except NodeUnavailable as exc:
         return exc.close_code, str(exc)
+    except EngineUnavailable:
+        # Redis stopped answering mid-connect: nothing broke here; back off and retry.
+        return CloseCode.TRY_AGAIN_LATER, "broker unavailable"
     except RelayError as exc:
         log.warning("session.connect_failed", client_id=client_id, error=str(exc))
         return CloseCode.INTERNAL_ERROR, "internal error"

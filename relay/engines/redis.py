@@ -396,7 +396,11 @@ class RedisEngine:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self, node_id: str, handler: EngineHandler) -> None:
-        """Connect, subscribe the control channel, register the node; or EngineUnavailable."""
+        """Connect, subscribe the control channel, register the node; or EngineUnavailable.
+
+        A start that failed leaves nothing running and may be tried again (a node waits
+        for Redis at start-up); :meth:`close` ends the engine whether it started or not.
+        """
         if self._closed or self._sub is not None:
             raise EngineError("a RedisEngine starts once")
         self._node_id = node_id
@@ -419,7 +423,8 @@ class RedisEngine:
             await self.heartbeat(0)
             self._registered = True
         except BaseException:
-            await self.close()
+            sub, self._sub = self._sub, None
+            await sub.close()
             raise
         self._sub.start_canary()
         self._log.info("engine.started", engine=self.name)
