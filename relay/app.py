@@ -1,7 +1,8 @@
 """The aiohttp application and the process lifecycle: start, serve, drain on SIGTERM.
 
-The Application owns the node through ``cleanup_ctx``: it stops after the last
-connection. :func:`create_app` also starts it before serving; :func:`serve` listens first
+The Application owns the node through ``cleanup_ctx``; on shutdown the node drains
+(sessions closed 1012, deregistered) before aiohttp closes what is left.
+:func:`create_app` also starts it before serving; :func:`serve` listens first
 and then starts the node, so health answers while it waits for Redis. A node that
 takes no sessions (starting, draining, Redis unavailable) refuses a handshake at once,
 with 1013 or 1012 after the upgrade (what WebSocketSharp can read). Behind a load
@@ -60,10 +61,17 @@ def create_app(
         if start:
             await node.start()
         yield
+        await drain(app)
+
+    async def drain(app: web.Application) -> None:
+        # On shutdown, before aiohttp closes the connections: its WebSockets then get
+        # 1012 (reconnect at once, resume) rather than a dropped socket. `relay serve`
+        # has drained already, with the full --drain-grace.
         if not node.draining:
             await node.drain(min(settings.drain_grace, 2.0))
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(drain)
     return app
 
 
