@@ -157,17 +157,19 @@ class Session:
         the session ends with 4509 and the client resumes from what it has. ``None`` is
         an event with no encoding in this format: skipped, but the position passes it.
         """
-        if event.key <= self.last or self.closing:
+        last, key = self.last, event.key
+        if key <= last:
             return
         if self.recovering:
             self.held.append(event)
             return
-        if event.prev not in (self.last, ID_ZERO):  # hub.follows, inlined: the hot path
+        prev = event.prev
+        if prev != last and prev != ID_ZERO:  # hub.follows, inlined: the hot path
             self.gap()
             return
-        self.last = event.key
+        self.last = key
         if frame is not None:
-            self.send(frame)
+            self.send(frame)  # dropped once the session is closing
 
     def send(self, frame: bytes) -> None:
         """Queue a frame for the writer; past the limits the session is closed 4508."""

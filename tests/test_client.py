@@ -157,6 +157,7 @@ def test_reconnect_delay_is_at_once_only_right_after_a_welcome() -> None:
         (4500, True, Plan(Action.AT_ONCE, renew_token=True)),
         (4500, False, Plan(Action.STOP)),
         (4508, False, Plan(Action.AT_ONCE)),
+        (4509, False, Plan(Action.AT_ONCE)),
         (4999, False, Plan(Action.AT_ONCE)),
         (1012, False, Plan(Action.AT_ONCE)),
         (1008, False, Plan(Action.LONG_BACKOFF)),
