@@ -101,6 +101,7 @@ namespace Relay.Client
                 if (_loop != null)
                     throw new InvalidOperationException("the client is already started");
                 _context = SynchronizationContext.Current;
+                LoadPosition(); // LastId is known from here on
                 _loop = Task.Run(new Func<Task>(RunAsync));
             }
         }
@@ -154,7 +155,6 @@ namespace Relay.Client
             RelayClosedException terminal = null;
             try
             {
-                LoadPosition();
                 int attempt = 0;
                 bool retriedAfter4001 = false;
                 while (!_stopping)
@@ -392,7 +392,7 @@ namespace Relay.Client
             {
                 if (type == WebSocketMessageType.Binary)
                     return ServerFrame.FromMessagePack(message.GetBuffer(), (int)message.Length);
-                return ServerFrame.FromJson(new UTF8Encoding(false, true).GetString(message.GetBuffer(), 0, (int)message.Length));
+                return ServerFrame.FromJson(StrictUtf8.GetString(message.GetBuffer(), 0, (int)message.Length));
             }
             catch (Exception ex)
             {
@@ -408,8 +408,8 @@ namespace Relay.Client
             if (frame.Replayed == 0 && frame.LastId != null && StreamId.TryParse(frame.LastId, out head)
                 && (!_position.HasValue || head > _position.Value))
                 MoveTo(head, true);
-            conn.Welcomed = true;
             conn.AckSent = null; // a new session has no ack on record
+            conn.Welcomed = true;
             Interlocked.Increment(ref _connects);
             Log(RelayLogLevel.Info, "client.connected client_id=" + _options.ClientId + " node=" + frame.Node
                 + " recovered=" + (frame.Recovered.HasValue ? frame.Recovered.Value.ToString() : "none") + " replayed=" + frame.Replayed);
@@ -553,6 +553,7 @@ namespace Relay.Client
         // -- small things ----------------------------------------------------------------
 
         private static readonly Stopwatch Clock = Stopwatch.StartNew();
+        private static readonly UTF8Encoding StrictUtf8 = new UTF8Encoding(false, true);
 
         private static double Now()
         {
@@ -650,7 +651,7 @@ namespace Relay.Client
             public double ReceiveStarted; // read across threads: a torn double is harmless here
             public double LastReceived;
             public double LastPing;
-            public StreamId? AckSent; // the keeper's and the loop's, never at once
+            public StreamId? AckSent; // the keeper's; the loop resets it at a welcome
 
             public Connection(RelayClient client, ClientWebSocket socket)
             {

@@ -27,7 +27,7 @@ namespace Relay.Client
             Format = RelayFormat.Json;
             BackoffBase = TimeSpan.FromSeconds(0.5);
             BackoffMax = TimeSpan.FromSeconds(30);
-            AtOnceJitter = TimeSpan.FromSeconds(1);
+            AtOnceJitter = TimeSpan.FromSeconds(0.25);
             ConnectTimeout = TimeSpan.FromSeconds(10);
             Heartbeat = TimeSpan.FromSeconds(15);
             CloseTimeout = TimeSpan.FromSeconds(2);
