@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint typecheck bench cluster clean setup
+.PHONY: run test lint typecheck bench cluster chaos clean setup
 
 $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: run .ci/setup-system (as root) or apt-get install redis-server"; exit 1; }
@@ -40,6 +40,16 @@ lint: $(STAMP)
 # nginx on PORT, Redis on PORT+1, nodes on PORT+2...; NODES=5 for more nodes.
 cluster: $(STAMP)
 	deploy/local-cluster.sh run -n $(or $(NODES),3) --base-port $(PORT)
+
+# The long chaos run: random node kills and drains, Redis restarts, stalls and pub/sub
+# kills under load through nginx (tests/cluster/test_chaos.py; `make test` runs 2 minutes
+# of it). CHAOS_SECONDS, CHAOS_CLIENTS, CHAOS_RATE (events/s), CHAOS_SEED override.
+CHAOS_SECONDS ?= 1200
+CHAOS_CLIENTS ?= 300
+CHAOS_RATE ?= 500
+chaos: $(STAMP)
+	CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_CLIENTS=$(CHAOS_CLIENTS) CHAOS_RATE=$(CHAOS_RATE) \
+		$(PY) -m pytest -q -rP -p no:cacheprovider tests/cluster/test_chaos.py
 
 bench: $(STAMP)
 	$(PY) -m relay.bench $(BENCH_ARGS)

@@ -23,6 +23,8 @@ usage: deploy/local-cluster.sh COMMAND [options]
   status [--dir D]        show every process, its port and its readiness
   stop-node K [--kill] [--dir D]   SIGTERM (or SIGKILL) node K and print its exit code
   start-node K [--dir D]           start node K again with the cluster's settings
+  stop-redis [--kill] [--dir D]    SIGTERM (Redis writes its AOF and exits) or SIGKILL Redis
+  start-redis [--dir D]            start the cluster's Redis again (same port, same data)
 
 Ports: the balancer on P (default 8080), Redis on P+1, node K (1..N) on P+1+K; all
 127.0.0.1. The directory (default $TMPDIR/relay-cluster-$UID) holds cluster.env, *.pid,
@@ -397,6 +399,29 @@ cmd_start_node() {
     echo "node$NODE ready on http://127.0.0.1:$(node_port "$NODE")"
 }
 
+own_redis_only() {
+    load_state
+    [ "$OWN_REDIS" = 1 ] || die "this cluster uses an external Redis ($REDIS_URL)"
+}
+
+cmd_stop_redis() {
+    own_redis_only
+    local pid
+    pid=$(pid_of "$DIR/redis.pid")
+    alive "$pid" || die "redis is not running"
+    if [ "$KILL" = 1 ]; then kill -KILL "$pid"; else kill -TERM "$pid"; fi
+    wait_gone "$pid" 20 || die "redis did not stop"
+    rm -f "$DIR/redis.pid"
+    echo "redis stopped"
+}
+
+cmd_start_redis() {
+    own_redis_only
+    alive "$(pid_of "$DIR/redis.pid")" && die "redis is already running"
+    start_redis
+    echo "redis ready on $REDIS_URL"
+}
+
 cmd_run() {
     cmd_start
     echo ""
@@ -412,6 +437,8 @@ stop) cmd_stop ;;
 status) cmd_status ;;
 stop-node) cmd_stop_node ;;
 start-node) cmd_start_node ;;
+stop-redis) cmd_stop_redis ;;
+start-redis) cmd_start_redis ;;
 "" | -h | --help | help) usage ;;
 *) usage >&2; die "unknown command: $COMMAND" ;;
 esac

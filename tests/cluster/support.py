@@ -343,7 +343,11 @@ class TrackingClient:
             if code is not None and 4000 <= code < 4500:
                 self.terminal = code
                 return
-            if code in (1012, 4508) or (welcomed and code in (None, 1006)):
+            if (
+                code == 1012
+                or (code is not None and 4500 <= code < 5000)
+                or (welcomed and code in (None, 1006))
+            ):
                 await asyncio.sleep(rng.uniform(0.0, 0.25))  # "at once", jittered
             else:
                 await asyncio.sleep(rng.uniform(0.0, min(2.0, 0.05 * 2**attempt)))
