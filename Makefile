@@ -25,6 +25,7 @@ run: $(STAMP)
 	@echo "  publish (CLI):    $(VENV)/bin/relay publish demo label.created '{\"id\": 1}' --http http://$(HOST):$(PORT) --api-key dev-key"
 	@echo "  publish (curl):   curl -s -H 'Authorization: Bearer dev-key' -d '{\"biz_id\":\"demo\",\"event\":\"label.created\",\"data\":{\"id\":1}}' http://$(HOST):$(PORT)/api/publish"
 	@echo "  health:           curl -s http://$(HOST):$(PORT)/readyz"
+	@echo "  JS client:        import { RelayClient } from \"http://$(HOST):$(PORT)/client/relay-client.js\" (docs/client.md)"
 	@echo ""
 	$(VENV)/bin/relay serve --host $(HOST) --port $(PORT) --allow-anonymous --api-key dev-key
 

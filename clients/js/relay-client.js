@@ -271,7 +271,6 @@ export class RelayClient {
     this._stopped = false;
     this._queue = []; // what the app has still to be told, in order
     this._delivering = false;
-    this._idle = null; // resolves when the queue is empty
 
     /** The last welcome frame (`recovered`, `replayed`, `last_id`, `node`, …), or null. */
     this.welcome = null;
