@@ -161,6 +161,17 @@ class Settings:
         default=5.0,
         metadata={"help": "WebSocket pings answered per second per connection (others dropped)"},
     )
+    max_request_head: int = field(
+        default=32 * 1024,
+        metadata={"help": "bytes of a WebSocket request head, however they arrive (400 beyond)"},
+    )
+    max_early_messages: int = field(
+        default=32,
+        metadata={
+            "help": "client messages kept while its session opens (max-message-size bytes in"
+            " all); later ones dropped"
+        },
+    )
     max_fragments: int = field(
         default=128,
         metadata={"help": "frames one inbound WebSocket message may span (1009 beyond)"},
@@ -235,8 +246,10 @@ class Settings:
         for name in ("client_frame_rate", "client_frame_burst", "client_ping_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if self.max_fragments < 1 or self.close_timeout <= 0:
-            raise ConfigError("max_fragments and close_timeout must be positive")
+        if self.max_fragments < 1 or self.close_timeout <= 0 or self.max_request_head < 1:
+            raise ConfigError("max_fragments, max_request_head and close_timeout must be positive")
+        if self.max_early_messages < 0:
+            raise ConfigError("max_early_messages must not be negative")
         if self.duplicates not in ("replace", "allow"):
             raise ConfigError("duplicates must be 'replace' or 'allow'")
 

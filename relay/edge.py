@@ -70,8 +70,6 @@ log = structlog.get_logger("relay.edge")
 WS_PREFIX: Final = b"GET /ws/"
 MAX_LINE: Final = 8190  # aiohttp's limits for a request line and for one header line
 MAX_HEADERS: Final = 100
-MAX_HEAD: Final = 32 * 1024
-MAX_PENDING: Final = 32  # messages a client may send before its session is open
 
 _HEAD, _CONNECTING, _OPEN, _CLOSED = range(4)
 
@@ -339,9 +337,10 @@ class EdgeConnection(asyncio.Protocol):
             self._hand_over()
             return
         end = buffer.find(b"\r\n\r\n")
-        if end < 0 and len(buffer) <= MAX_HEAD:
+        limit = self._edge.node.settings.max_request_head
+        if end < 0 and len(buffer) <= limit:
             return
-        if end < 0 or end + 4 > MAX_HEAD:  # however the bytes arrived
+        if end < 0 or end + 4 > limit:  # however the bytes arrived
             self._buffer = b""
             self._refuse(400, "bad_request", "request head too large")
             return
@@ -460,8 +459,11 @@ class EdgeConnection(asyncio.Protocol):
             if self._state == _CONNECTING:
                 pending = self._pending = self._pending or []
                 size = len(payload)
-                limit = self._edge.node.settings.max_message_size
-                if len(pending) < MAX_PENDING and self._pending_size + size <= limit:
+                settings = self._edge.node.settings
+                if (
+                    len(pending) < settings.max_early_messages
+                    and self._pending_size + size <= settings.max_message_size
+                ):
                     pending.append(payload)
                     self._pending_size += size
             return
