@@ -529,3 +529,97 @@ def test_edge_pongs_wait_while_the_client_does_not_read() -> None:
         await node.close()
 
     asyncio.run(scenario())
+
+
+header_values = st.one_of(
+    st.binary(max_size=40).filter(lambda b: b"\r\n" not in b),
+    st.sampled_from([b"\xff", b"Bearer \xff\xfe", b"%FF%FE", b"websocket", b"Upgrade", b"13"]),
+)
+header_names = st.sampled_from(
+    [
+        b"Upgrade",
+        b"Connection",
+        b"Sec-WebSocket-Key",
+        b"Sec-WebSocket-Version",
+        b"Sec-WebSocket-Protocol",
+        b"Authorization",
+        b"Origin",
+        b"X-Relay-Lb-Retry",
+        b"X-\xff",
+    ]
+)
+targets = st.one_of(
+    st.builds(
+        lambda cid, query: b"/ws/" + cid + (b"?" + query if query else b""),
+        st.one_of(
+            st.from_regex(rb"[A-Za-z0-9_.:@-]{1,12}", fullmatch=True),
+            st.binary(max_size=20).filter(lambda b: b" " not in b and b"\r" not in b),
+        ),
+        st.sampled_from(
+            [b"", b"token=%FF%FE", b"since=%FF", b"format=\xff", b"since=1-0&attempt=x"]
+        ),
+    ),
+    st.binary(max_size=30).filter(lambda b: b" " not in b and b"\r\n" not in b),
+)
+
+
+VALID_UPGRADE = {
+    b"Upgrade": b"websocket",
+    b"Connection": b"Upgrade",
+    b"Sec-WebSocket-Key": b"dGhlIHNhbXBsZSBub25jZQ==",
+    b"Sec-WebSocket-Version": b"13",
+}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(targets, st.lists(st.tuples(header_names, header_values), max_size=4))
+def test_edge_handshake_of_any_bytes_is_an_upgrade_or_an_http_refusal(
+    target: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Any request head on /ws/ (non-UTF-8 values, odd targets and queries): the edge
+    answers 101 or an HTTP error with a JSON body, never an exception (a traceback)."""
+
+    async def scenario() -> bytes:
+        settings_ = node_settings(allowed_origins=("https://app.example.com",))
+        node = Node(settings_, MemoryEngine(settings_.engine_options), Metrics())
+        await node.start()
+        connection = EdgeConnection(Edge(node, asyncio.Protocol))
+        transport = RecordingPeer(connection)
+        connection.connection_made(transport)
+        fields = dict(VALID_UPGRADE)
+        fields.update(headers)  # junk replaces or joins the valid upgrade's headers
+        head = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+        head += b"".join(name + b": " + value + b"\r\n" for name, value in fields.items())
+        connection.data_received(head + b"\r\n")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        transport.abort()
+        await asyncio.sleep(0)
+        await node.close()
+        return bytes(transport.written)
+
+    answer = asyncio.run(scenario())
+    if not target.startswith(b"/ws/"):
+        return  # handed to aiohttp (its parser: tests/test_hostile_costs.py)
+    status = answer[9:12]
+    event(f"HTTP {status.decode()}")
+    assert answer.startswith(b"HTTP/1.1 ") and status in (b"101", b"400", b"403", b"404", b"503")
+    if status != b"101":
+        assert set(orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"]) == {"code", "message"}
+
+
+class RecordingPeer(UnreadPeerTransport):
+    """UnreadPeerTransport that keeps what the edge wrote, and takes a hand-over."""
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__(protocol)
+        self.written = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.closing:
+            self.written += data
+        super().write(data)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, asyncio.Protocol)
+        self.protocol = protocol
