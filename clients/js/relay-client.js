@@ -417,6 +417,7 @@ export class RelayClient {
       heard: Date.now(),
       welcomeTimer: null,
       pingTimer: null,
+      pingAt: 0, // when the last ping went out
       ackSent: null,
       ackTimer: null,
       ackAt: 0,
@@ -543,18 +544,29 @@ export class RelayClient {
     this._enqueue({ kind: "message", value: frame });
   }
 
+  /**
+   * Ping a quiet server; drop the connection when a ping stays unanswered for
+   * `pongTimeout`. Judged from the ping actually sent, not from the clock alone: a
+   * background tab's timers may run once a minute, and a late tick must not read as a
+   * dead server.
+   */
   _startPings(conn) {
     const every = this._pingInterval * 1000;
+    const patience = this._pongTimeout * 1000;
     if (!(every > 0)) return;
     const tick = () => {
       if (conn.ended) return;
-      const quiet = Date.now() - conn.heard;
-      if (quiet >= every + this._pongTimeout * 1000) {
-        this._abandon(conn, "no answer from the server");
-        return;
+      const now = Date.now();
+      if (conn.pingAt && conn.heard < conn.pingAt) {
+        if (now - conn.pingAt >= patience) {
+          this._abandon(conn, "no answer from the server");
+          return;
+        }
+      } else if (now - conn.heard >= every) {
+        conn.pingAt = now;
+        this._send(conn, { type: "ping" });
       }
-      if (quiet >= every) this._send(conn, { type: "ping" });
-      conn.pingTimer = setTimeout(tick, Math.min(every, this._pongTimeout * 1000) / 2);
+      conn.pingTimer = setTimeout(tick, Math.min(every, patience) / 2);
     };
     conn.pingTimer = setTimeout(tick, every / 2);
   }

@@ -439,3 +439,39 @@ async def test_node_client_compares_ids_as_integer_pairs(
         assert await client.stop() == 0
     finally:
         await node.server.close()
+
+
+def test_package_installs_from_the_repository(tmp_path: Path) -> None:
+    """`npm install <repo>/clients/js` imports as @relay/client; its tarball holds the module."""
+    package_dir = MODULE.parent
+    packed = subprocess.run(
+        [NPM, "pack", "--dry-run", "--json"],
+        cwd=package_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    files = {f["path"]: f["size"] for f in json.loads(packed.stdout)[0]["files"]}
+    assert files["relay-client.js"] == MODULE.stat().st_size
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "package.json").write_text('{"name": "app", "private": true, "type": "module"}')
+    subprocess.run(
+        [NPM, "install", "--offline", "--no-audit", "--no-fund", str(package_dir)],
+        cwd=app,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    script = 'import("@relay/client").then((m) => console.log(typeof m.RelayClient, m.VERSION))'
+    out = subprocess.run(
+        [NODE, "--input-type=module", "-e", script],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    package = json.loads((package_dir / "package.json").read_text())
+    assert out.split() == ["function", package["version"]]
