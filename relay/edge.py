@@ -580,7 +580,9 @@ class EdgeConnection(asyncio.Protocol):
         except TimeoutError:
             transport.abort()
             return
-        transport.close()
+        # Answered (or the stream broke meanwhile): hang up, without waiting on a buffer
+        # that a peer which stopped reading would never drain.
+        transport.abort() if transport.get_write_buffer_size() else transport.close()
 
     def abort(self) -> None:
         transport = self._transport
