@@ -51,6 +51,7 @@ async def open_page(
     *,
     fmt: str = "json",
     store: bool = False,
+    hang: int | None = None,
 ) -> Page:
     query = {
         "script": f"{cluster.lb_http}/client/relay-client.js",
@@ -60,6 +61,8 @@ async def open_page(
     }
     if store:
         query["store"] = "1"
+    if hang is not None:
+        query["hang"] = str(hang)
     page = await context.new_page()
     await page.goto(f"{server.origin}/page.html?{urlencode(query)}")
     await page.wait_for_function(
@@ -198,6 +201,25 @@ async def test_browser_reload_resumes_from_the_stored_cursor(
     assert seqs(seen) == [0, 1, 2] and seqs(messages) == [3, 4, 5, 6]
     stored = await page.evaluate("() => window.relay.client.lastId")
     assert stored == missed[-1]
+
+
+async def test_browser_cursor_moves_only_after_the_handler_returned(
+    context: BrowserContext, page_server: PageServer, cluster: LocalCluster
+) -> None:
+    """A page closed while its handler was busy with an event gets that event again."""
+    page = await open_page(context, page_server, cluster, "web-busy", store=True, hang=1)
+    await wait_page(page, "r.welcomes.length >= 1")
+    async with AsyncPublisher(cluster.redis_url) as publisher:
+        ids = [(await publisher.publish("web-busy", "tick", {"seq": n})).id for n in range(3)]
+    await wait_page(page, "r.messages.length >= 2")  # 0 handled, 1 stuck, 2 waiting its turn
+    assert await page.evaluate("() => window.relay.client.lastId") == ids[0]
+    assert seqs(await state(page, "messages")) == [0, 1]
+    await page.goto("about:blank")
+    page = await open_page(context, page_server, cluster, "web-busy", store=True)
+    await wait_page(page, "r.messages.length >= 2")
+    welcome = (await state(page, "welcomes"))[0]
+    assert welcome["recovered"] is True and welcome["replayed"] == 2
+    assert [m["id"] for m in await state(page, "messages")] == ids[1:]
 
 
 async def test_browser_stops_for_good_when_replaced(
