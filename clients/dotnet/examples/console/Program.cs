@@ -76,11 +76,12 @@ namespace RelayConsole
                 client.StopAsync().Wait();
                 var closed = client.Completion.Exception == null ? null : client.Completion.Exception.InnerException as RelayClosedException;
                 if (closed != null)
-                {
                     Print("stopped by the server: " + closed.Code + " " + closed.Reason);
-                    return 1;
-                }
-                Print("stopped last_id=" + client.LastId);
+                else
+                    Print("stopped last_id=" + client.LastId);
+                // Not `return`: Mono now and then hangs in its shutdown after using
+                // ClientWebSocket; Environment.Exit does not.
+                Environment.Exit(closed != null ? 1 : 0);
                 return 0;
             }
         }

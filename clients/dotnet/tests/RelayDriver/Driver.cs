@@ -213,6 +213,11 @@ namespace RelayDriver
             var reader = new Thread(ReadCommands) { IsBackground = true, Name = "stdin" };
             reader.Start();
             _exit.Wait();
+            Console.Out.Flush();
+            // Mono 6.8 now and then hangs in its shutdown after ClientWebSocket was used (3 of
+            // 350 runs of a ten-line program that only connects and closes); Environment.Exit
+            // does not (0 of 300).
+            Environment.Exit(0);
             return 0;
         }
 
