@@ -11,6 +11,7 @@ page imports the client of the very node it talks to.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -136,6 +137,7 @@ async def nodes(request: web.Request) -> web.Response:
                     "connections": n.connections,
                     "started_at": n.started_at,
                     "last_seen": n.last_seen,
+                    **dataclasses.asdict(n.figures),
                 }
                 for n in infos
             ]

@@ -32,6 +32,7 @@ from relay.engine import Engine
 from relay.engines import create_engine
 from relay.metrics import Metrics
 from relay.node import Node
+from relay.status import add_status_routes
 from relay.ws import LB_RETRY_HEADER, NODE_KEY, observer_handler, websocket_handler
 
 __all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "listening_socket", "serve"]
@@ -56,6 +57,7 @@ def create_app(
     app.router.add_get("/ws/{client_id}", websocket_handler)
     app.router.add_get("/observe/{client_id}", observer_handler)
     add_routes(app)
+    add_status_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if start:

@@ -213,6 +213,13 @@ class Settings:
         default=86400.0,
         metadata={"help": "a since older than this many seconds gets recovered=false; 0: no limit"},
     )
+    status_feeds: int = field(
+        default=16,
+        metadata={
+            "help": "status pages (GET /) open at once on this node, each one live feed"
+            " (503 beyond); 0: no status page"
+        },
+    )
     allowed_origins: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -243,6 +250,8 @@ class Settings:
             raise ConfigError("handshake_timeout must be positive")
         if self.heartbeat <= 0:
             raise ConfigError("heartbeat must be positive")
+        if self.status_feeds < 0:
+            raise ConfigError("status_feeds must be 0 (no status page) or positive")
         for name in ("client_frame_rate", "client_frame_burst", "client_ping_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

@@ -18,7 +18,9 @@ __all__ = [
     "Control",
     "Engine",
     "EngineHandler",
+    "EngineHealth",
     "EngineOptions",
+    "NodeFigures",
     "NodeInfo",
     "SessionRecord",
     "is_stale_claim",
@@ -74,6 +76,23 @@ class ClientStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeFigures:
+    """What a node says of itself with each heartbeat, for operators (the status page).
+
+    Rates are per second over the last heartbeat interval; counts are since the start.
+    """
+
+    address: str = ""  # host:port where the node listens
+    state: str = "ready"  # ready | unready | draining
+    messages_per_s: float = 0.0  # message frames queued to sessions
+    events_per_s: float = 0.0  # live events received from the engine
+    publishes_per_s: float = 0.0  # publishes through this node's HTTP API
+    gaps_repaired: int = 0
+    gaps_unrecoverable: int = 0
+    closed_4509: int = 0  # sessions ended because history could not close a gap
+
+
+@dataclass(frozen=True, slots=True)
 class NodeInfo:
     """One node's liveness and load (``GET /api/nodes``)."""
 
@@ -81,6 +100,21 @@ class NodeInfo:
     connections: int
     started_at: float
     last_seen: float
+    figures: NodeFigures = NodeFigures()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """The broker as seen from this node: reachable, how fast, and what it is."""
+
+    engine: str
+    ready: bool
+    reachable: bool
+    latency_ms: float | None = None  # one round trip, None when unreachable
+    version: str = ""
+    used_memory: int | None = None  # bytes
+    clients: int | None = None
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +218,11 @@ class Engine(Protocol):
     async def send_control(self, node_id: str, control: Control) -> None:
         """Send a control message to ``node_id`` (possibly this node)."""
 
-    async def heartbeat(self, connections: int) -> None:
-        """Refresh this node's liveness and load."""
+    async def heartbeat(self, connections: int, figures: NodeFigures | None = None) -> None:
+        """Refresh this node's liveness and load (``figures`` default to none reported)."""
 
     async def nodes(self) -> list[NodeInfo]:
-        """The live nodes."""
+        """The live nodes, each with the figures of its last heartbeat."""
+
+    async def health(self) -> EngineHealth:
+        """Probe the broker once (one round trip); never raises for an unreachable one."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["LATENCY_BUCKETS", "FastHistogram", "Metrics"]
+__all__ = ["LATENCY_BUCKETS", "FastHistogram", "Metrics", "RateMeter", "Rates"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
@@ -73,6 +75,41 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this node's metrics."""
         return generate_latest(self.registry)
+
+    def counts(self) -> tuple[int, int, int]:
+        """Messages out, events in, API publishes: the totals the rates are made of."""
+        published = self.registry.get_sample_value("relay_publishes_total") or 0.0
+        return self.messages_out, self.events_in, int(published)
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Per-second rates between two readings of a node's counters."""
+
+    messages_per_s: float = 0.0
+    events_per_s: float = 0.0
+    publishes_per_s: float = 0.0
+
+
+class RateMeter:
+    """Turns the counters into rates since this meter's previous reading.
+
+    Each reader (the heartbeat, the status feed) keeps its own meter: its interval is its own.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._at = time.monotonic()
+        self._last = metrics.counts()
+
+    def read(self) -> Rates:
+        now, counts = time.monotonic(), self._metrics.counts()
+        elapsed = now - self._at
+        if elapsed <= 0:
+            return Rates()
+        rates = [max(0, new - old) / elapsed for new, old in zip(counts, self._last, strict=True)]
+        self._at, self._last = now, counts
+        return Rates(*(round(r, 2) for r in rates))
 
 
 class _HotCollector(Collector):

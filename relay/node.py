@@ -16,17 +16,19 @@ import base64
 import contextlib
 import os
 import random
+import socket
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
 
 from relay.config import Settings
-from relay.engine import Control, Engine, SessionRecord, is_stale_claim
+from relay.engine import Control, Engine, NodeFigures, SessionRecord, is_stale_claim
 from relay.errors import EngineError, EngineUnavailable, InvalidEnvelope, RelayError
 from relay.hub import Hub, Subscription, Verdict
-from relay.metrics import Metrics
+from relay.metrics import Metrics, RateMeter
 from relay.protocol import CloseCode, Format, encode_message, encode_welcome
 from relay.session import Session, SessionLimits, Transport
 from relay.wire import (
@@ -47,6 +49,7 @@ T = TypeVar("T")
 
 START_BACKOFF_BASE = 0.2  # seconds before the second start attempt; doubles each time
 START_BACKOFF_CAP = 2.0  # seconds between start attempts at most (each then jittered)
+RECENT_EVENTS = 50  # notable events kept for the status page (a display, not a log)
 
 
 class NodeUnavailable(RelayError):
@@ -101,6 +104,39 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self.log = log.bind(node=self.id)
+        # What an operator wants to see at a glance: the latest gaps, 4509s, engine
+        # trouble (newest last), and how many of each since the start.
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.tally: Counter[str] = Counter()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` this node listens on; a wildcard host is named by the host name."""
+        host = self.settings.host
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.settings.port}"
+
+    def note(self, kind: str, **detail: Any) -> None:
+        """Remember a notable event for the status page (``kind`` is its log event's name)."""
+        self.tally[kind] += 1
+        self.recent.append({"ts": time.time(), "kind": kind, **detail})
+
+    def figures(self, rates: RateMeter) -> NodeFigures:
+        """What this node reports of itself with each heartbeat."""
+        r = rates.read()
+        return NodeFigures(
+            address=self.address,
+            state="draining" if self.draining else "ready" if self.ready else "unready",
+            messages_per_s=r.messages_per_s,
+            events_per_s=r.events_per_s,
+            publishes_per_s=r.publishes_per_s,
+            gaps_repaired=self.tally["gap.repaired"],
+            gaps_unrecoverable=self.tally["gap.unrecoverable"],
+            closed_4509=self.tally["session.closed_4509"],
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -150,8 +186,13 @@ class Node:
                 await asyncio.sleep(delay)
         self.start_error = None
         self.accepting = True
+        rates = RateMeter(self.metrics)
+        # The engine registered the node bare; say at once where it listens and that it
+        # is ready, rather than a heartbeat interval later.
+        with contextlib.suppress(EngineError):
+            await self.engine.heartbeat(len(self.sessions), self.figures(rates))
         self._loops = [
-            self._spawn_loop(self._heartbeat_loop(), "heartbeat"),
+            self._spawn_loop(self._heartbeat_loop(rates), "heartbeat"),
             self._spawn_loop(self._watchdog_loop(), "watchdog"),
         ]
         self.log.info("node.started", engine=self.engine.name, attempts=attempt)
@@ -171,6 +212,7 @@ class Node:
         self.accepting = False
         self.draining = True
         sessions = list(self.sessions.values())
+        self.note("node.draining", sessions=len(sessions))
         self.log.info("node.draining", sessions=len(sessions), grace=grace)
         if sessions:
             # Spread the closes over most of the grace period so the clients' reconnects
@@ -208,16 +250,16 @@ class Node:
         await self.engine.close()
         self.log.info("node.stopped")
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, rates: RateMeter) -> None:
         interval = max(0.5, self.settings.engine_options.node_ttl / 3)
         while True:
+            await asyncio.sleep(interval)
             try:
-                await self.engine.heartbeat(len(self.sessions))
+                await self.engine.heartbeat(len(self.sessions), self.figures(rates))
                 if self._unreleased:
                     await self._retry_releases()
             except EngineError as exc:
                 self.log.warning("node.heartbeat_failed", error=str(exc))
-            await asyncio.sleep(interval)
 
     async def _watchdog_loop(self) -> None:
         """Abort sockets whose write is stuck; close sessions whose token expired."""
@@ -491,6 +533,8 @@ class Node:
         self.metrics.sessions_closed.labels(str(session.close_code or "peer")).inc()
         if session.close_code == CloseCode.TOO_SLOW:
             self.metrics.overflows.inc()
+        elif session.close_code == CloseCode.FEED_GAP:
+            self.note("session.closed_4509", client_id=session.client_id)
         self.log.info(
             "session.closed",
             client_id=session.client_id,
@@ -615,11 +659,13 @@ class Node:
             entries = [e for e in history.entries if e.key > since]
             if prove_recovery(since, history, self._ttl_ms):
                 self.metrics.gaps.inc()
+                self.note("gap.repaired", biz_id=biz_id, replayed=len(entries))
                 self.log.info("gap.repaired", biz_id=biz_id, replayed=len(entries))
             elif entries and entries[0].prev != ID_ZERO:
                 # History was trimmed past the hole. What it kept is contiguous, so it
                 # still continues any session whose own position reaches it (one that
                 # connected meanwhile); every other session ends 4509 in Session.push.
+                self.note("gap.unrecoverable", biz_id=biz_id, reason="history trimmed")
                 self.log.warning(
                     "gap.unrecoverable",
                     biz_id=biz_id,
@@ -667,6 +713,7 @@ class Node:
         self._repair_again.discard(sub.biz_id)
         dropped = sub.reset()
         sessions = [s for s in sub.sessions if not s.closing]
+        self.note("gap.unrecoverable", biz_id=sub.biz_id, reason=why)
         self.log.warning(
             "gap.unrecoverable",
             biz_id=sub.biz_id,
@@ -681,6 +728,7 @@ class Node:
     def on_resubscribed(self) -> None:
         """The live feed was re-established: every BizId may have a gap."""
         self.metrics.engine_reconnects.inc()
+        self.note("engine.resubscribed", subscriptions=len(self.hub))
         self.log.info("engine.resubscribed", subscriptions=len(self.hub))
         for sub in self.hub:
             if not sub.sessions:
@@ -706,6 +754,7 @@ class Node:
             self.spawn(session.close(control.code, control.reason))
 
     def on_health(self, healthy: bool) -> None:
+        self.note("engine.health_changed", healthy=healthy)
         self.log.warning("engine.health_changed", healthy=healthy)
         lost = self._engine_lost
         if not healthy and lost is not None and not lost.done():

@@ -251,14 +251,19 @@ async def test_api_client_status_online_then_offline(
 async def test_api_nodes_lists_every_live_node(
     redis_server: RedisServer, started_nodes: list[NodeUnderTest], http: aiohttp.ClientSession
 ) -> None:
-    """GET /api/nodes on either node lists both, with connections, started_at, last_seen."""
+    """GET /api/nodes on either node lists both: connections, times, address and state."""
     a, b = [await start(started_nodes, redis_url=redis_server.url) for _ in range(2)]
     status, body = await call(http, b, "GET", "/api/nodes")
     assert status == 200 and set(body) == {"nodes"}
-    assert {n["node"] for n in body["nodes"]} == {a.node.id, b.node.id}
+    assert {n["node"]: n["address"] for n in body["nodes"]} == {
+        a.node.id: f"127.0.0.1:{a.settings.port}",
+        b.node.id: f"127.0.0.1:{b.settings.port}",
+    }
     for info in body["nodes"]:
-        assert set(info) == {"node", "connections", "started_at", "last_seen"}
+        assert {"node", "connections", "started_at", "last_seen", "state"} <= set(info)
+        assert {"messages_per_s", "events_per_s", "publishes_per_s", "closed_4509"} <= set(info)
         assert info["connections"] == 0 and info["last_seen"] >= info["started_at"] > 0
+        assert info["state"] == "ready"
 
 
 # -- authorisation and routing -------------------------------------------------------------

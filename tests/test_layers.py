@@ -26,6 +26,7 @@ ABOVE_ENGINES = {
     "relay.edge",
     "relay.api",
     "relay.app",
+    "relay.status",
 }
 
 

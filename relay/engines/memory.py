@@ -16,7 +16,9 @@ from relay.engine import (
     ClientStatus,
     Control,
     EngineHandler,
+    EngineHealth,
     EngineOptions,
+    NodeFigures,
     NodeInfo,
     SessionRecord,
     is_stale_claim,
@@ -61,6 +63,7 @@ class MemoryEngine:
         self._started_at = 0.0
         self._connections = 0
         self._last_seen = 0.0
+        self._figures = NodeFigures()
         self._publishes = 0
         # History before this process is unknown. One millisecond earlier, because a head
         # read in the first millisecond is (now - 1, 0) (History.head) and must be vouched
@@ -214,11 +217,19 @@ class MemoryEngine:
         if node_id == self._node_id:
             asyncio.get_running_loop().call_soon(handler.on_control, control)
 
-    async def heartbeat(self, connections: int) -> None:
+    async def heartbeat(self, connections: int, figures: NodeFigures | None = None) -> None:
         self._connections = connections
+        self._figures = figures or NodeFigures()
         self._last_seen = time.time()
 
     async def nodes(self) -> list[NodeInfo]:
         if self._handler is None:
             return []
-        return [NodeInfo(self._node_id, self._connections, self._started_at, self._last_seen)]
+        return [
+            NodeInfo(
+                self._node_id, self._connections, self._started_at, self._last_seen, self._figures
+            )
+        ]
+
+    async def health(self) -> EngineHealth:
+        return EngineHealth(self.name, self.ready, True, latency_ms=0.0)

@@ -54,13 +54,16 @@ from redis._parsers import _AsyncHiredisParser
 from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.typing import EncodableT, FieldT
 from redis.utils import HIREDIS_AVAILABLE
 
 from relay.engine import (
     ClientStatus,
     Control,
     EngineHandler,
+    EngineHealth,
     EngineOptions,
+    NodeFigures,
     NodeInfo,
     SessionRecord,
 )
@@ -262,6 +265,25 @@ def _float(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return result
+
+
+_FIGURES: Final = tuple(f.name for f in dataclasses.fields(NodeFigures))
+
+
+def _figures(fields: dict[str, Any]) -> NodeFigures:
+    """A node hash's figures; a field missing (an older node) or unreadable keeps its default."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(NodeFigures):
+        raw = fields.get(f.name)
+        if raw is None:
+            continue
+        text = _text(raw)
+        if f.type == "str":
+            values[f.name] = text
+            continue
+        number = _float(text)
+        values[f.name] = int(number) if f.type == "int" else number
+    return NodeFigures(**values)
 
 
 def _session_record(client_id: str, flat: list[Any]) -> SessionRecord | None:
@@ -588,21 +610,22 @@ class RedisEngine:
         async with self._guard("send_control", batched=True):
             await self._batch.call("PUBLISH", self._keys.control(node_id), encode_control(control))
 
-    async def heartbeat(self, connections: int) -> None:
+    async def heartbeat(self, connections: int, figures: NodeFigures | None = None) -> None:
         """Write this node's hash with a TTL of ``node_ttl`` and its score in the node set."""
         self._subscriber()
         now = time.time()
         key = self._keys.node(self._node_id)
+        mapping: dict[FieldT, EncodableT] = {
+            "connections": connections,
+            "started_at": repr(self._started_at),
+            "last_seen": repr(now),
+        }
+        for name in _FIGURES:  # every one, so a heartbeat without figures resets them
+            value = getattr(figures or NodeFigures(), name)
+            mapping[name] = repr(value) if isinstance(value, float) else value
         async with self._guard("heartbeat"):
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hset(
-                key,
-                mapping={
-                    "connections": connections,
-                    "started_at": repr(self._started_at),
-                    "last_seen": repr(now),
-                },
-            )
+            pipe.hset(key, mapping=mapping)
             pipe.pexpire(key, max(1, int(self.options.node_ttl * 1000)))
             pipe.zadd(self._keys.nodes(), {self._node_id: now})
             added = (await pipe.execute())[-1]
@@ -668,9 +691,34 @@ class RedisEngine:
                         int(_float(fields.get("connections"))),
                         _float(fields.get("started_at")),
                         _float(fields.get("last_seen")),
+                        _figures(fields),
                     )
                 )
         return sorted(result, key=lambda n: n.node)
+
+    async def health(self) -> EngineHealth:
+        """PING for the round trip, then INFO (if the server has it) for version and load."""
+        try:
+            async with self._guard("health"):
+                began = time.perf_counter()
+                await self._redis.ping()
+                latency = round((time.perf_counter() - began) * 1000, 3)
+        except EngineError as exc:
+            return EngineHealth(self.name, self.ready, False, error=str(exc))
+        try:
+            async with self._guard("health"):
+                info = await self._redis.info()
+        except EngineError:
+            info = {}  # INFO may be renamed away (rename-command) or missing (fakeredis)
+        return EngineHealth(
+            self.name,
+            self.ready,
+            True,
+            latency_ms=latency,
+            version=_text(info.get("redis_version", "")),
+            used_memory=int(_float(info["used_memory"])) if "used_memory" in info else None,
+            clients=int(_float(info["connected_clients"])) if "connected_clients" in info else None,
+        )
 
     # -- command plumbing --------------------------------------------------------------
 

@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from relay.engine import ClientStatus, Control, Engine, EngineOptions, NodeInfo, SessionRecord
+from relay.engine import (
+    ClientStatus,
+    Control,
+    Engine,
+    EngineOptions,
+    NodeFigures,
+    NodeInfo,
+    SessionRecord,
+)
 from relay.errors import InvalidClientId, InvalidInput, PayloadTooLarge
 from relay.wire import ID_ZERO, parse_id, prove_recovery
 from tests.engines.conftest import KINDS, Harness, StartEngine
@@ -400,6 +408,34 @@ async def test_nodes_lists_self_after_heartbeat(harness: Harness) -> None:
     assert info.connections == 7
     assert info.started_at <= info.last_seen
     assert before - 1 <= info.last_seen <= time.time() + 1
+
+
+async def test_nodes_carry_the_figures_of_the_last_heartbeat(harness: Harness) -> None:
+    """Address, state, rates and counts a node reports come back from nodes() as sent."""
+    figures = NodeFigures(
+        address="10.0.0.7:8080",
+        state="draining",
+        messages_per_s=12.5,
+        events_per_s=3.25,
+        publishes_per_s=0.5,
+        gaps_repaired=2,
+        gaps_unrecoverable=1,
+        closed_4509=4,
+    )
+    await harness.engine.heartbeat(3, figures)
+    [info] = await harness.engine.nodes()
+    assert (info.connections, info.figures) == (3, figures)
+    await harness.engine.heartbeat(4)
+    [info] = await harness.engine.nodes()
+    assert (info.connections, info.figures) == (4, NodeFigures())
+
+
+async def test_health_reports_a_reachable_ready_engine(harness: Harness) -> None:
+    """health() of a started engine: reachable, ready, a round-trip time, no error."""
+    health = await harness.engine.health()
+    assert (health.engine, health.ready, health.reachable) == (harness.engine.name, True, True)
+    assert health.latency_ms is not None and health.latency_ms >= 0
+    assert health.error == ""
 
 
 async def test_send_control_reaches_self(harness: Harness) -> None:

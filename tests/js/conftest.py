@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from backend_adapter import issue_token
 from tests.cluster.support import LocalCluster, get_json, nginx_available
@@ -130,3 +131,32 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     await asyncio.to_thread(started.start)
     yield started
     await asyncio.to_thread(started.stop)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
+    """One browser profile: its localStorage outlives a page of it."""
+    ctx = await browser.new_context()
+    yield ctx
+    await ctx.close()
+
+
+NOTES_DIR = Path(os.environ.get("RELAY_TEST_NOTES_DIR", "/work/notes"))
+
+
+async def save_screenshot(page: Page, tmp_path: Path, name: str) -> Path:
+    """Save a PNG of ``page`` under the test's tmp dir; copy it to NOTES_DIR if that exists."""
+    target = tmp_path / name
+    await page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 0
+    if NOTES_DIR.is_dir():
+        shutil.copyfile(target, NOTES_DIR / name)
+    return target

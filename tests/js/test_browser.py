@@ -13,34 +13,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+from playwright.async_api import BrowserContext, Page
 
 from backend_adapter import AsyncPublisher, issue_token
 from tests.cluster.support import LocalCluster, TickPublisher
 from tests.conftest import MS
-from tests.js.conftest import CHROMIUM, CHROMIUM_ARGS, SECRET, PageServer, wait_last_ack
+from tests.js.conftest import SECRET, PageServer, wait_last_ack
 from tests.support.node import Listener
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        await launched.close()
-
-
-@pytest.fixture
-async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
-    """One browser profile: its localStorage outlives a page of it."""
-    ctx = await browser.new_context()
-    yield ctx
-    await ctx.close()
 
 
 async def open_page(
