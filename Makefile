@@ -24,6 +24,7 @@ run: $(STAMP)
 	@echo "  watch a client:   $(VENV)/bin/relay tail demo --url ws://$(HOST):$(PORT) --api-key dev-key"
 	@echo "  publish (CLI):    $(VENV)/bin/relay publish demo label.created '{\"id\": 1}' --http http://$(HOST):$(PORT) --api-key dev-key"
 	@echo "  publish (curl):   curl -s -H 'Authorization: Bearer dev-key' -d '{\"biz_id\":\"demo\",\"event\":\"label.created\",\"data\":{\"id\":1}}' http://$(HOST):$(PORT)/api/publish"
+	@echo "  status page:      http://$(HOST):$(PORT)/  (API key dev-key)"
 	@echo "  health:           curl -s http://$(HOST):$(PORT)/readyz"
 	@echo "  JS client:        import { RelayClient } from \"http://$(HOST):$(PORT)/client/relay-client.js\" (docs/client.md)"
 	@echo ""

@@ -29,18 +29,20 @@ async def test_status_feed_pushes_snapshots_and_ends_with_the_node(
 ) -> None:
     """Snapshots arrive about once a second; stopping the node ends the stream at once."""
     node = await start_node(started_nodes)
-    async with aiohttp.ClientSession(node.base, headers=AUTH) as http:
-        async with http.get("/status/feed") as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Type"] == "text/event-stream"
-            first = await read_event(resp)
-            await read_event(resp)
-            assert b'"node":"' + node.node.id.encode() in first
-            began = time.monotonic()
-            await node.stop()
-            await asyncio.wait_for(resp.content.read(), 5000 * MS)  # to the end of the stream
-            assert resp.content.at_eof()
-            assert time.monotonic() - began < 3.0  # not aiohttp's shutdown timeout
+    async with (
+        aiohttp.ClientSession(node.base, headers=AUTH) as http,
+        http.get("/status/feed") as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        first = await read_event(resp)
+        await read_event(resp)
+        assert b'"node":"' + node.node.id.encode() in first
+        began = time.monotonic()
+        await node.stop()
+        await asyncio.wait_for(resp.content.read(), 5000 * MS)  # to the end of the stream
+        assert resp.content.at_eof()
+        assert time.monotonic() - began < 3.0  # not aiohttp's shutdown timeout
 
 
 async def test_status_feeds_are_bounded_per_node(started_nodes: list[NodeUnderTest]) -> None:
