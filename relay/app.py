@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import signal
 import socket
@@ -30,6 +31,7 @@ from relay.config import Settings
 from relay.edge import Edge
 from relay.engine import Engine
 from relay.engines import create_engine
+from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.node import Node
 from relay.status import add_status_routes
@@ -93,12 +95,23 @@ async def _start_unless_stopped(node: Node, timeout: float, stop: asyncio.Event)
 
 
 def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound, listening socket; ConfigError naming the flags when the address is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or type(exc).__name__
+        if exc.errno == errno.EADDRINUSE:
+            why += " (another process listens there)"
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {why}; choose another --port/--host"
+            " (RELAY_PORT, RELAY_HOST)"
+        ) from None
     sock.listen(4096)
     sock.setblocking(False)
     return sock

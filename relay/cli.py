@@ -17,8 +17,9 @@ from typing import Any
 
 import orjson
 
-from relay.config import Settings, add_arguments, settings_from_args
-from relay.errors import ConfigError, RelayError
+import relay
+from relay.config import Settings, add_arguments, mask_url, settings_from_args
+from relay.errors import ConfigError, EngineError, RelayError
 
 __all__ = ["main"]
 
@@ -63,14 +64,31 @@ def _serve(args: argparse.Namespace) -> int:
 
     _install_uvloop()
     log.info("node.configured", settings=settings.redacted())
-    asyncio.run(
-        serve(
-            settings,
-            reuse_port=bool(os.environ.get("RELAY_REUSE_PORT")),
-            signalled=_early_signals,
+    try:
+        asyncio.run(
+            serve(
+                settings,
+                reuse_port=bool(os.environ.get("RELAY_REUSE_PORT")),
+                signalled=_early_signals,
+            )
         )
-    )
+    except EngineError as exc:
+        raise _redis_failed(settings.redis_url, exc) from None
     return 0
+
+
+def _redis_failed(url: str | None, exc: EngineError) -> ConfigError:
+    """One line for an operator: which Redis (password masked), why, and what to fix."""
+    why = str(exc)
+    cause = exc.__cause__
+    while isinstance(cause, RelayError):  # to the redis or socket error underneath
+        cause = cause.__cause__
+    if cause is not None and type(cause).__name__ not in why:
+        why += f" ({type(cause).__name__}: {cause})"
+    return ConfigError(
+        f"Redis at {mask_url(url or '')}: {why}; check --redis-url (RELAY_REDIS_URL) and"
+        " that Redis runs and is reachable from here"
+    )
 
 
 def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -117,34 +135,87 @@ def _serve_workers(settings: Settings, argv: list[str]) -> int:
 # -- publish, clients, nodes ---------------------------------------------------------------
 
 
-async def _http(method: str, url: str, api_key: str | None, body: Any = None) -> Any:
+HTTP_TIMEOUT = 30.0
+"""Seconds a CLI call to a node's HTTP API may take, connect included."""
+
+
+async def _http(base: str, method: str, path: str, api_key: str | None, body: Any = None) -> Any:
+    """One call to a node's API; every failure is a RelayError an operator can act on."""
     import aiohttp
 
+    url = base.rstrip("/") + path
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.request(method, url, json=body, headers=headers) as response,
-    ):
-        payload = await response.json(content_type=None)
-        if response.status >= 400:
-            error = payload.get("error", {}) if isinstance(payload, dict) else {}
-            raise RelayError(f"HTTP {response.status}: {error.get('message', payload)}")
-        return payload
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http,
+            http.request(method, url, json=body, headers=headers) as response,
+        ):
+            raw = await response.read()
+    except aiohttp.ClientConnectorError as exc:
+        error = exc.os_error  # asyncio's text is "Connect call failed (host, port)"
+        why = os.strerror(error.errno) if error.errno else str(error)
+        raise ConfigError(
+            f"cannot reach a node at {base}: {why}; check --http (RELAY_HTTP) and that the"
+            " node runs"
+        ) from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ConfigError(
+            f"the node at {base} did not answer {method} {path}"
+            f" ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''}); check --http"
+            " (RELAY_HTTP)"
+        ) from None
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ConfigError(
+            f"{base} answered {method} {path} with HTTP {response.status} that is not JSON:"
+            " is --http (RELAY_HTTP) the base URL of a relay node?"
+        ) from None
+    if response.status >= 400:
+        error = payload.get("error", {}) if isinstance(payload, dict) else {}
+        hint = {
+            401: "; check --api-key (RELAY_API_KEY)",
+            404: "; is the node started with --api-key?" if path.startswith("/api/") else "",
+        }.get(response.status, "")
+        raise RelayError(f"HTTP {response.status}: {error.get('message', payload)}{hint}")
+    return payload
 
 
 def _need_target(args: argparse.Namespace) -> None:
-    if not args.redis_url and not args.http:
-        raise ConfigError("give --redis-url URL or --http URL (with --api-key)")
+    """--redis-url or --http, well-formed, before anything is sent."""
+    from relay.engines import check_redis_url
+
+    if args.http:
+        if not args.http.startswith(("http://", "https://")):
+            raise ConfigError(
+                "--http (or RELAY_HTTP) is a node's base URL with its scheme,"
+                f" e.g. http://127.0.0.1:8080 (got {args.http!r})"
+            )
+    elif args.redis_url:
+        check_redis_url(args.redis_url)
+    else:
+        raise ConfigError(
+            "give --redis-url URL (RELAY_REDIS_URL) or --http URL (RELAY_HTTP) with --api-key"
+        )
+
+
+def _json_argument(name: str, text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{name} is not JSON ({exc}); quote it for the shell, e.g. '{{\"id\": 1}}'"
+        ) from None
 
 
 async def _publish(args: argparse.Namespace) -> int:
     _need_target(args)
-    data = orjson.loads(args.data) if args.data else None
+    data = _json_argument("DATA", args.data) if args.data else None
     if args.http:
         body = {"biz_id": args.biz_id, "event": args.event, "data": data}
         if args.mid:
             body["mid"] = args.mid
-        result = await _http("POST", args.http.rstrip("/") + "/api/publish", args.api_key, body)
+        result = await _http(args.http, "POST", "/api/publish", args.api_key, body)
     else:
         from backend_adapter import AsyncPublisher
 
@@ -164,9 +235,7 @@ async def _clients(args: argparse.Namespace) -> int:
     _need_target(args)
     for client_id in args.client_ids:
         if args.http:
-            result = await _http(
-                "GET", f"{args.http.rstrip('/')}/api/clients/{client_id}", args.api_key
-            )
+            result = await _http(args.http, "GET", f"/api/clients/{client_id}", args.api_key)
         else:
             result = await _with_redis_engine(args, "client_status", client_id)
         print(orjson.dumps(result).decode())
@@ -176,7 +245,7 @@ async def _clients(args: argparse.Namespace) -> int:
 async def _nodes(args: argparse.Namespace) -> int:
     _need_target(args)
     if args.http:
-        result = await _http("GET", args.http.rstrip("/") + "/api/nodes", args.api_key)
+        result = await _http(args.http, "GET", "/api/nodes", args.api_key)
     else:
         result = {"nodes": await _with_redis_engine(args, "nodes")}
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
@@ -203,6 +272,11 @@ async def _with_redis_engine(args: argparse.Namespace, method: str, *call_args: 
 async def _tail(args: argparse.Namespace) -> int:
     from relay.client import tail
 
+    if not args.url.startswith(("ws://", "wss://", "http://", "https://")):
+        raise ConfigError(
+            "--url (or RELAY_URL) is a node's URL with its scheme, e.g. ws://127.0.0.1:8080"
+            f" (got {args.url!r})"
+        )
     if not args.as_client and not args.api_key:
         raise ConfigError(
             "relay tail watches as an observer, which needs the node's API key: give "
@@ -236,52 +310,116 @@ def _token(args: argparse.Namespace) -> int:
 # -- entry point ---------------------------------------------------------------------------
 
 
+def _option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help: str,
+    *,
+    default: Any = None,
+    secret: bool = False,
+    env: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """``--flag`` that defaults to ``RELAY_<FLAG>``; its help shows the default and the env."""
+    env = env or "RELAY_" + flag.lstrip("-").replace("-", "_").upper()
+    shown = "" if secret or default is None else f" (default: {default})"
+    parser.add_argument(
+        flag,
+        default=os.environ.get(env, default),
+        help=f"{help}{shown} [env {env}]".replace("%", "%%"),
+        **kwargs,
+    )
+
+
 def _target_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", default=os.environ.get("RELAY_REDIS_URL"))
-    parser.add_argument("--http", default=os.environ.get("RELAY_HTTP"), help="node base URL")
-    parser.add_argument("--api-key", default=os.environ.get("RELAY_API_KEY"))
-    parser.add_argument("--key-prefix", default=os.environ.get("RELAY_KEY_PREFIX", "relay"))
+    _option(parser, "--redis-url", "talk to Redis directly, e.g. redis://127.0.0.1:6379/0")
+    _option(
+        parser, "--http", "or go through a node's HTTP API: its base URL, e.g. http://host:8080"
+    )
+    _option(parser, "--api-key", "the node's API key, with --http", secret=True)
+    _option(parser, "--key-prefix", "Redis key prefix, with --redis-url", default="relay")
+
+
+_DESCRIPTION = """\
+Relay pushes business events to the client connected with the same id (the BizId),
+on whichever node it is connected.
+
+Settings also read an environment variable RELAY_<FLAG> (--redis-url:
+RELAY_REDIS_URL); a flag given on the command line wins. `relay COMMAND --help`
+shows each command's flags with their defaults and [env vars].
+"""
+
+_EPILOG = """\
+examples:
+  relay serve --allow-anonymous --api-key dev-key          one node, memory engine
+  relay serve --redis-url redis://127.0.0.1:6379/0 --auth-secret "$(openssl rand -hex 32)"
+  relay publish cml label.created '{"id": 1}' --http http://127.0.0.1:8080 --api-key dev-key
+  relay tail cml --url ws://127.0.0.1:8080 --api-key dev-key
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"relay {relay.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run a relay node")
+    serve = sub.add_parser(
+        "serve",
+        usage="relay serve [options]",
+        help="run a relay node",
+        description="Run a relay node. Each flag's env var is in brackets; "
+        "docs/configuration.md explains every setting.",
+    )
     add_arguments(serve)
     serve.set_defaults(run=_serve)
 
-    publish = sub.add_parser("publish", help="publish an event to a BizId")
-    publish.add_argument("biz_id")
-    publish.add_argument("event")
-    publish.add_argument("data", nargs="?", help="JSON data")
-    publish.add_argument("--mid", help="message id for idempotent publish")
+    publish = sub.add_parser(
+        "publish",
+        help="publish an event to a BizId",
+        description="Publish one event, through Redis (--redis-url) or a node (--http).",
+    )
+    publish.add_argument("biz_id", metavar="BIZ_ID", help="the client id to deliver to")
+    publish.add_argument("event", metavar="EVENT", help="the event name, e.g. label.created")
+    publish.add_argument("data", metavar="DATA", nargs="?", help="JSON data (default: null)")
+    publish.add_argument(
+        "--mid", help="message id for idempotent publish (default: none; no env var)"
+    )
     _target_flags(publish)
     publish.set_defaults(run=lambda a: asyncio.run(_publish(a)))
 
     tail = sub.add_parser(
         "tail",
         help="print CLIENT_ID's events as they arrive (an observer: the client stays connected)",
+        description="Print CLIENT_ID's events as they arrive, one JSON line each; "
+        "welcome and close lines go to stderr. Reconnects until Ctrl-C.",
     )
-    tail.add_argument("client_id")
-    tail.add_argument("--url", default=os.environ.get("RELAY_URL", "ws://127.0.0.1:8080"))
-    tail.add_argument("--since", help="replay what is still in history after this id first")
+    tail.add_argument("client_id", metavar="CLIENT_ID")
+    _option(tail, "--url", "the node (or load balancer)", default="ws://127.0.0.1:8080")
     tail.add_argument(
-        "--api-key", default=os.environ.get("RELAY_API_KEY"), help="the node's API key"
+        "--since", help="replay what is still in history after this id first (no env var)"
     )
+    _option(tail, "--api-key", "the node's API key (observers need it)", secret=True)
     tail.add_argument(
         "--as-client",
         action="store_true",
-        help="connect as the client itself (with --token): replaces the client's session",
+        help="connect as the client itself (with --token): replaces the client's session"
+        " (no env var)",
     )
-    tail.add_argument("--token", default=os.environ.get("RELAY_TOKEN"))
-    tail.add_argument("--format", choices=("json", "msgpack"), default="json")
+    _option(tail, "--token", "connection token, with --as-client", secret=True)
+    _option(tail, "--format", "wire format", default="json", choices=("json", "msgpack"))
     tail.set_defaults(run=lambda a: asyncio.run(_tail(a)))
 
     token = sub.add_parser("token", help="print a connection token for CLIENT_ID")
-    token.add_argument("client_id")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
-    token.add_argument("--auth-secret", default=os.environ.get("RELAY_AUTH_SECRET"))
+    token.add_argument("client_id", metavar="CLIENT_ID")
+    _option(
+        token, "--ttl", "seconds until it expires", default=3600, type=int, env="RELAY_TOKEN_TTL"
+    )
+    _option(token, "--auth-secret", "the nodes' token secret (the first of a list)", secret=True)
     token.set_defaults(run=_token)
 
     clients = sub.add_parser("clients", help="show where client ids are connected")
@@ -326,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except KeyboardInterrupt:
         return 130
+    except EngineError as exc:
+        url = getattr(args, "redis_url", None)
+        print(f"relay: {_redis_failed(url, exc) if url else exc}", file=sys.stderr)
+        return 2
     except RelayError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2

@@ -51,6 +51,36 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part for part in (p.strip() for p in text.split(",")) if part)
 
 
+_POSITIVE = (
+    "history_size",
+    "history_ttl",
+    "max_payload",
+    "send_queue_max",
+    "handshake_timeout",
+    "heartbeat",
+    "client_frame_rate",
+    "client_frame_burst",
+    "client_ping_rate",
+    "max_fragments",
+    "max_request_head",
+    "close_timeout",
+)
+_NOT_NEGATIVE = (
+    "token_leeway",
+    "max_since_age",
+    "max_token_ttl",
+    "gap_repair_timeout",
+    "start_timeout",  # 0: for ever
+    "status_feeds",  # 0: no status page
+    "max_early_messages",
+)
+
+
+def _invalid(name: str, value: Any, rule: str) -> ConfigError:
+    """The error for one setting, naming its flag and env var: what an operator edits."""
+    return ConfigError(f"{_flag(name)} (or {_env(name)}) {rule}, not {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a node needs to know. Built once; never mutated."""
@@ -235,32 +265,16 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.node_id:
             object.__setattr__(self, "node_id", f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
-        for name in ("port", "history_size", "history_ttl", "max_payload", "send_queue_max"):
-            if getattr(self, name) <= 0 and name != "port":
-                raise ConfigError(f"{name} must be positive")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError("port must be 0-65535")
-        if self.token_leeway < 0 or self.max_since_age < 0 or self.max_token_ttl < 0:
-            raise ConfigError("token_leeway, max_since_age and max_token_ttl must not be negative")
-        if self.gap_repair_timeout < 0:
-            raise ConfigError("gap_repair_timeout must not be negative")
-        if self.start_timeout < 0:
-            raise ConfigError("start_timeout must be 0 (for ever) or positive")
-        if self.handshake_timeout <= 0:
-            raise ConfigError("handshake_timeout must be positive")
-        if self.heartbeat <= 0:
-            raise ConfigError("heartbeat must be positive")
-        if self.status_feeds < 0:
-            raise ConfigError("status_feeds must be 0 (no status page) or positive")
-        for name in ("client_frame_rate", "client_frame_burst", "client_ping_rate"):
+        for name in _POSITIVE:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
-        if self.max_fragments < 1 or self.close_timeout <= 0 or self.max_request_head < 1:
-            raise ConfigError("max_fragments, max_request_head and close_timeout must be positive")
-        if self.max_early_messages < 0:
-            raise ConfigError("max_early_messages must not be negative")
+                raise _invalid(name, getattr(self, name), "must be positive")
+        for name in _NOT_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise _invalid(name, getattr(self, name), "must not be negative")
+        if not 0 <= self.port <= 65535:
+            raise _invalid("port", self.port, "must be 0-65535")
         if self.duplicates not in ("replace", "allow"):
-            raise ConfigError("duplicates must be 'replace' or 'allow'")
+            raise _invalid("duplicates", self.duplicates, "must be 'replace' or 'allow'")
 
     @property
     def engine_options(self) -> EngineOptions:
@@ -309,10 +323,20 @@ def _env(name: str) -> str:
     return "RELAY_" + name.upper()
 
 
+def _shown_default(f: Any) -> str:
+    """`` (default: X)`` for --help; nothing for secrets and for an empty default."""
+    if f.metadata.get("secret") or f.default in (None, "", ()):
+        return ""
+    if isinstance(f.default, bool):
+        return f" (default: {'on' if f.default else 'off'})"
+    return f" (default: {f.default})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, defaulting to its env var."""
     for f in fields(Settings):
-        help_text = f"{f.metadata.get('help', '')} [env {_env(f.name)}]"
+        help_text = f"{f.metadata.get('help', '')}{_shown_default(f)} [env {_env(f.name)}]"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -335,7 +359,9 @@ def _convert(f: Any, raw: Any) -> Any:
                 return raw
             return str(raw).strip().lower() in ("1", "true", "yes", "on")
     except ValueError:
-        raise ConfigError(f"{_flag(f.name)}: {raw!r} is not a valid {kind}") from None
+        raise ConfigError(
+            f"{_flag(f.name)} (or {_env(f.name)}): {raw!r} is not a valid {kind}"
+        ) from None
     return raw
 
 

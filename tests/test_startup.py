@@ -163,7 +163,9 @@ def test_serve_start_timeout_exits_2_saying_why(tmp_path: Path, served: list[Ser
     took = time.monotonic() - began
     assert code == 2
     text = node.log_path.read_text()
-    assert "relay: redis is unreachable" in text and "gave up after 1 s" in text, text[-2000:]
+    assert "relay: Redis at redis://127.0.0.1:" in text, text[-2000:]
+    assert "redis is unreachable" in text and "gave up after 1 s" in text, text[-2000:]
+    assert "--redis-url (RELAY_REDIS_URL)" in text, text[-2000:]
     assert node.events("node.start_timed_out")
     assert took < 10
 

@@ -5,7 +5,20 @@ from __future__ import annotations
 from relay.engine import Engine, EngineOptions
 from relay.errors import ConfigError
 
-__all__ = ["create_engine"]
+__all__ = ["REDIS_SCHEMES", "check_redis_url", "create_engine"]
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` if it names a Redis the Redis engine can reach; ConfigError saying how if not."""
+    if not url.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            # Not quoted: a URL without its scheme may still carry a password.
+            f"--redis-url (or RELAY_REDIS_URL) must start with {', '.join(REDIS_SCHEMES)},"
+            " e.g. redis://127.0.0.1:6379/0"
+        )
+    return url
 
 
 def create_engine(redis_url: str | None, options: EngineOptions) -> Engine:
@@ -14,9 +27,7 @@ def create_engine(redis_url: str | None, options: EngineOptions) -> Engine:
         from relay.engines.memory import MemoryEngine
 
         return MemoryEngine(options)
-    if redis_url.startswith(("redis://", "rediss://", "unix://")):
-        from relay.engines.redis import RedisEngine
+    from relay.engines.redis import RedisEngine
 
-        engine: Engine = RedisEngine(redis_url, options)
-        return engine
-    raise ConfigError("redis URL must start with redis://, rediss:// or unix://")
+    engine: Engine = RedisEngine(check_redis_url(redis_url), options)
+    return engine

@@ -199,7 +199,9 @@ def _translate(what: str, exc: BaseException) -> RelayError | None:
     if isinstance(exc, RelayError):
         return None
     if isinstance(exc, _UNREACHABLE):
-        return EngineUnavailable(f"redis is unreachable ({what}: {type(exc).__name__})")
+        # redis-py's text names the host and port (never a password) and the OS's reason.
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return EngineUnavailable(f"redis is unreachable ({what}: {why})")
     if isinstance(exc, redis_errors.RedisError):
         return EngineError(f"redis failed ({what}): {exc}")
     return None
