@@ -216,7 +216,9 @@ function randomName() {
  * survives a reload), `storeKey`, `since` (start after this id when the store has none),
  * `WebSocket` (the class; default the global one), `format` ("json" or "msgpack"),
  * `backoffBase`/`backoffMax` (seconds, 0.5 / 30), `connectTimeout` (10 s),
- * `pingInterval` (25 s; 0 turns pings off), `pongTimeout` (10 s), `ack` (true).
+ * `pingInterval` (25 s; 0 turns pings off), `pongTimeout` (10 s), `ack` (true),
+ * `maxQueue` (10000: received messages the app has not handled yet; past it the client
+ * lets go of the connection and resumes once the app has caught up to half).
  */
 export class RelayClient {
   constructor(options = {}) {
@@ -235,6 +237,7 @@ export class RelayClient {
       pingInterval = 25,
       pongTimeout = 10,
       ack = true,
+      maxQueue = 10000,
     } = options;
     if (!url) throw new TypeError("url is required (ws://host:port or wss://…)");
     if (typeof clientId !== "string" || !/^[A-Za-z0-9_.:@-]{1,128}$/.test(clientId)) {
@@ -244,8 +247,8 @@ export class RelayClient {
       throw new TypeError("no WebSocket class: in Node pass the 'ws' package's as option WebSocket");
     }
     if (!(format in SUBPROTOCOL)) throw new TypeError('format must be "json" or "msgpack"');
-    if (!(backoffBase > 0 && backoffMax > 0 && connectTimeout > 0)) {
-      throw new RangeError("backoff and timeouts must be positive");
+    if (!(backoffBase > 0 && backoffMax > 0 && connectTimeout > 0 && maxQueue >= 1)) {
+      throw new RangeError("backoff, timeouts and maxQueue must be positive");
     }
     this.url = url;
     this.clientId = clientId;
@@ -259,6 +262,8 @@ export class RelayClient {
     this._pingInterval = pingInterval;
     this._pongTimeout = pongTimeout;
     this._autoAck = ack;
+    this._maxQueue = maxQueue;
+    this._behind = false; // let go of the connection until the app catches up
     this._listeners = { message: [], connected: [], disconnected: [], error: [] };
     this._instance = randomName(); // names this client object in `attempt=`
     this._attempts = 0; // handshakes made (attempt=<instance>.<n>)
@@ -479,9 +484,10 @@ export class RelayClient {
       this._enqueue({ kind: "disconnected", value: { code, reason, willReconnect: false } });
       return;
     }
+    this._enqueue({ kind: "disconnected", value: { code, reason, willReconnect: true } });
+    if (this._behind) return; // _deliver reconnects once the app caught up
     const delay = reconnectDelay(action, this._failures, ...this._backoff);
     this._failures += 1;
-    this._enqueue({ kind: "disconnected", value: { code, reason, willReconnect: true } });
     this._timer = setTimeout(() => this._connect(), delay * 1000);
   }
 
@@ -542,6 +548,11 @@ export class RelayClient {
     }
     this._seen = frame.id;
     this._enqueue({ kind: "message", value: frame });
+    if (this._queue.length >= this._maxQueue && this._conn && !this._behind) {
+      // Back-pressure: what is queued stays; the rest is replayed from `since` later.
+      this._behind = true;
+      this._abandon(this._conn, "the app is behind: paused until it catches up", STOPPED);
+    }
   }
 
   /**
@@ -623,6 +634,10 @@ export class RelayClient {
         if (item.kind === "message") {
           this._advance(item.value.id);
           if (this._autoAck) this.ack(item.value.id);
+        }
+        if (this._behind && this._queue.length <= this._maxQueue / 2) {
+          this._behind = false;
+          if (!this._stopped && !this._conn && this._timer == null) this._connect();
         }
       }
     } finally {

@@ -75,6 +75,7 @@ class NodeClient:
         client_id: str,
         token_url: str,
         fmt: str = "json",
+        handler_delay_ms: int = 0,
         **options: float,
     ) -> NodeClient:
         env = dict(
@@ -87,6 +88,7 @@ class NodeClient:
             RELAY_TOKEN="" if token_url else "t",
             RELAY_FORMAT=fmt,
             RELAY_OPTIONS=json.dumps(options),
+            RELAY_HANDLER_DELAY_MS=str(handler_delay_ms),
         )
         proc = await asyncio.create_subprocess_exec(
             NODE,
@@ -372,10 +374,21 @@ async def test_node_client_stops_after_a_second_invalid_token(
 
 
 async def scripted_client(
-    ws_dir: Path, node: ScriptedNode, started: list[NodeClient], **options: float
+    ws_dir: Path,
+    node: ScriptedNode,
+    started: list[NodeClient],
+    handler_delay_ms: int = 0,
+    **options: float,
 ) -> NodeClient:
     client = await NodeClient.start(
-        ws_dir, node.url, "c", "", backoffBase=0.05, backoffMax=0.2, **options
+        ws_dir,
+        node.url,
+        "c",
+        "",
+        handler_delay_ms=handler_delay_ms,
+        backoffBase=0.05,
+        backoffMax=0.2,
+        **options,
     )
     started.append(client)
     return client
@@ -436,6 +449,28 @@ async def test_node_client_compares_ids_as_integer_pairs(
         assert [m["id"] for m in client.of("message")] == ["9-0", "10-0", "11-0", "12-0"]
         assert node.queries[1]["since"] == "10-0"
         assert client.of("disconnected")[0]["code"] == 1012
+        assert await client.stop() == 0
+    finally:
+        await node.server.close()
+
+
+async def test_node_client_lets_go_while_the_app_is_behind_and_resumes(
+    ws_dir: Path, node_clients: list[NodeClient]
+) -> None:
+    """A slow app: past maxQueue the client drops the socket, resumes once caught up, loses nothing."""
+    burst = [welcome("0-0"), *(frame(f"{n}-0") for n in range(1, 41))]
+    node = ScriptedNode([(burst, None), (burst, None)])
+    await node.server.start_server()
+    try:
+        client = await scripted_client(ws_dir, node, node_clients, handler_delay_ms=20, maxQueue=8)
+        await client.wait(lambda: len(client.of("message")) >= 40, "messages missing")
+        assert [m["id"] for m in client.of("message")] == [f"{n}-0" for n in range(1, 41)]
+        paused = client.of("disconnected")[0]
+        assert paused["code"] == 1000 and paused["willReconnect"] is True
+        assert "behind" in paused["reason"]
+        # Each resume starts after the newest id it held, never from the start again.
+        resumed = [parse_id(q["since"]) for q in node.queries[1:]]
+        assert resumed == sorted(resumed) and resumed[0] >= (8, 0)
         assert await client.stop() == 0
     finally:
         await node.server.close()

@@ -6,6 +6,7 @@
 //   RELAY_URL, RELAY_CLIENT, RELAY_FORMAT
 //   RELAY_TOKEN_URL  where the token function fetches each token (or RELAY_TOKEN: a fixed one)
 //   RELAY_OPTIONS  JSON of more options (pingInterval, pongTimeout, backoffBase, …)
+//   RELAY_HANDLER_DELAY_MS  the message handler takes this long (a slow app)
 import { createRequire } from "node:module";
 
 const env = process.env;
@@ -23,7 +24,11 @@ const client = new RelayClient({
   token: env.RELAY_TOKEN || (async () => (await fetch(env.RELAY_TOKEN_URL)).text()),
   ...JSON.parse(env.RELAY_OPTIONS || "{}"),
 });
-client.on("message", (m) => print("message", m));
+const delay = Number(env.RELAY_HANDLER_DELAY_MS || 0);
+client.on("message", (m) => {
+  print("message", m);
+  if (delay) return new Promise((resolve) => setTimeout(resolve, delay));
+});
 client.on("connected", (w) => print("connected", w));
 client.on("disconnected", (d) => {
   print("disconnected", d);
