@@ -457,7 +457,7 @@ async def test_node_client_compares_ids_as_integer_pairs(
 async def test_node_client_lets_go_while_the_app_is_behind_and_resumes(
     ws_dir: Path, node_clients: list[NodeClient]
 ) -> None:
-    """A slow app: past maxQueue the client drops the socket, resumes once caught up, loses nothing."""
+    """A slow app: past maxQueue the client lets the socket go, resumes caught up, loses nothing."""
     burst = [welcome("0-0"), *(frame(f"{n}-0") for n in range(1, 41))]
     node = ScriptedNode([(burst, None), (burst, None)])
     await node.server.start_server()
