@@ -11,9 +11,10 @@ page imports the client of the very node it talks to.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from typing import Any, Final
 
@@ -22,9 +23,16 @@ import structlog
 from aiohttp import web
 
 from relay.auth import api_key_matches
-from relay.errors import EngineUnavailable, InvalidInput, PayloadTooLarge, RelayError
+from relay.errors import (
+    EngineUnavailable,
+    InvalidClientId,
+    InvalidInput,
+    PayloadTooLarge,
+    RelayError,
+)
 from relay.log import bad_request
-from relay.wire import validate_client_id
+from relay.node import Node
+from relay.wire import PublishResult, validate_client_id
 from relay.ws import NODE_KEY
 
 __all__ = ["CLIENT_SCRIPT_PATH", "add_routes", "client_script", "error_middleware"]
@@ -87,21 +95,109 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+PUBLISH_FIELDS: Final = ("biz_id", "event", "data", "mid")
+
+
+def _unknown(fields: Iterable[str], allowed: tuple[str, ...], what: str) -> InvalidInput:
+    """400 naming the fields nobody reads (a typo such as ``"date"`` would lose data)."""
+    names = sorted(fields)
+    shown = ", ".join(repr(name[:64]) for name in names[:8]) + (", …" if len(names) > 8 else "")
+    plural = "s" if len(names) > 1 else ""
+    return InvalidInput(f"unknown field{plural} {shown}; {what} has {', '.join(allowed)}")
+
+
+def publish_fields(body: Any) -> tuple[str, str, Any, str | None]:
+    """``(biz_id, event, data, mid)`` of one publish object; InvalidInput naming the field.
+
+    The values are checked again (and fully) by the wire encoder; this names what is
+    wrong in the API's own words.
+    """
+    if not isinstance(body, dict):
+        raise InvalidInput("an event must be a JSON object")
+    unknown = body.keys() - PUBLISH_FIELDS
+    if unknown:
+        raise _unknown(unknown, PUBLISH_FIELDS, "an event")
+    biz_id, event, mid = body.get("biz_id"), body.get("event"), body.get("mid")
+    if not isinstance(biz_id, str):
+        raise InvalidInput("'biz_id' is required: a string")
+    try:
+        validate_client_id(biz_id)
+    except InvalidClientId:
+        raise InvalidClientId(
+            "'biz_id' must be 1-128 characters of A-Z a-z 0-9 _ . : @ -"
+        ) from None
+    if not isinstance(event, str):
+        raise InvalidInput("'event' is required: a string")
+    if mid is not None and not isinstance(mid, str):
+        raise InvalidInput("'mid' must be a string")
+    return biz_id, event, body.get("data"), mid
+
+
+def _answer(result: PublishResult) -> dict[str, Any]:
+    return {
+        "id": result.id,
+        "online": result.online,
+        "receivers": result.receivers,
+        "duplicate": result.duplicate,
+    }
+
+
+def _failure(exc: RelayError) -> dict[str, Any]:
+    """One event's error in a batch answer: the code and message a single publish gives."""
+    if isinstance(exc, InvalidInput):
+        code, message = exc.code, str(exc)
+    elif isinstance(exc, EngineUnavailable):
+        code, message = "unavailable", "the broker is unavailable; retry later"
+    else:
+        code, message = "engine_error", str(exc)
+    return {"error": {"code": code, "message": message}}
+
+
 async def publish(request: web.Request) -> web.Response:
     body = await _body(request)
     node = request.config_dict[NODE_KEY]
-    biz_id, event = body.get("biz_id"), body.get("event")
-    if not isinstance(biz_id, str) or not isinstance(event, str):
-        raise InvalidInput("'biz_id' and 'event' are required strings")
-    result = await node.publish(biz_id, event, body.get("data"), mid=body.get("mid"))
-    return _json(
-        {
-            "id": result.id,
-            "online": result.online,
-            "receivers": result.receivers,
-            "duplicate": result.duplicate,
-        }
-    )
+    if "events" in body:
+        return _json({"results": await _publish_batch(node, body)})
+    biz_id, event, data, mid = publish_fields(body)
+    return _json(_answer(await node.publish(biz_id, event, data, mid=mid)))
+
+
+async def _publish_batch(node: Node, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """One result per event, in order: its answer, or its own error.
+
+    Events of one BizId are published one after another, in the order given; different
+    BizIds go concurrently, so the Redis engine sends a round of them in one pipeline.
+    """
+    unknown = body.keys() - {"events"}
+    if unknown:
+        raise _unknown(unknown, ("events",), "a batch")
+    events = body["events"]
+    limit = node.settings.publish_batch_max
+    if not isinstance(events, list) or not events:
+        raise InvalidInput("'events' must be a non-empty list of events")
+    if len(events) > limit:
+        raise InvalidInput(
+            f"'events' has {len(events)} events; at most {limit} per call (--publish-batch-max)"
+        )
+    results: list[dict[str, Any]] = [{} for _ in events]
+    by_biz: dict[str, list[tuple[int, tuple[str, str, Any, str | None]]]] = {}
+    for i, item in enumerate(events):
+        try:
+            fields = publish_fields(item)
+        except InvalidInput as exc:
+            results[i] = _failure(exc)
+        else:
+            by_biz.setdefault(fields[0], []).append((i, fields))
+
+    async def publish_in_order(items: list[tuple[int, tuple[str, str, Any, str | None]]]) -> None:
+        for i, (biz_id, event, data, mid) in items:
+            try:
+                results[i] = _answer(await node.publish(biz_id, event, data, mid=mid))
+            except RelayError as exc:
+                results[i] = _failure(exc)
+
+    await asyncio.gather(*(publish_in_order(items) for items in by_biz.values()))
+    return results
 
 
 async def client_status(request: web.Request) -> web.Response:

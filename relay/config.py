@@ -55,6 +55,7 @@ _POSITIVE = (
     "history_size",
     "history_ttl",
     "max_payload",
+    "publish_batch_max",
     "send_queue_max",
     "handshake_timeout",
     "heartbeat",
@@ -146,6 +147,10 @@ class Settings:
     dedupe_window: int = field(default=600, metadata={"help": "seconds a publish mid is kept"})
     key_prefix: str = field(default="relay", metadata={"help": "Redis key prefix"})
     max_payload: int = field(default=65536, metadata={"help": "bytes per published payload"})
+    publish_batch_max: int = field(
+        default=100,
+        metadata={"help": 'events one POST /api/publish {"events": [...]} may carry (400 beyond)'},
+    )
     max_message_size: int = field(
         default=65536, metadata={"help": "bytes per inbound WebSocket message (1009 beyond)"}
     )
