@@ -569,6 +569,35 @@ async def test_dotnet_client_restarted_with_a_file_cursor_gets_only_what_it_miss
     assert await second.stop() == 0
 
 
+async def test_dotnet_client_killed_mid_handler_gets_that_event_again(
+    cluster: LocalCluster, drivers: Any, publisher: AsyncPublisher, tmp_path: Path
+) -> None:
+    """At least once: the cursor moves after the handler returned, so a crash mid-handler
+    redelivers that event after the restart (and the one before it is not repeated)."""
+    cid = "dn-mid-handler"
+    cursor = tmp_path / "cursor"
+    flags = ("--cursor", str(cursor), "--handler-ms", "600000")
+    first = await drivers(cluster.lb_ws(cid), cid, *flags[:2], tokens=valid_tokens(cid))
+    await first.wait_event("connected")
+    done = await publisher.publish(cid, "tick", {"seq": 0})
+    await first.wait(lambda: len(first.messages) >= 1, "the first event")
+    assert await first.stop() == 0
+    busy = await drivers(cluster.lb_ws(cid), cid, *flags, tokens=valid_tokens(cid))
+    await busy.wait_event("connected")
+    caught = await publisher.publish(cid, "tick", {"seq": 1})
+    await busy.wait(lambda: len(busy.messages) >= 1, "the event its handler is busy with")
+    assert busy.proc is not None
+    busy.proc.kill()  # the app dies inside the handler
+    await busy.proc.wait()
+    assert cursor.read_text().strip() == done.id
+    again = await drivers(cluster.lb_ws(cid), cid, *flags[:2], tokens=valid_tokens(cid))
+    welcome = await again.wait_event("connected")
+    await again.wait(lambda: len(again.messages) >= 1, "the redelivered event")
+    assert (welcome["recovered"], welcome["replayed"]) == (True, 1)
+    assert [m["id"] for m in again.messages] == [caught.id]
+    assert await again.stop() == 0
+
+
 async def test_dotnet_client_raises_events_on_the_captured_context(
     cluster: LocalCluster, drivers: Any, publisher: AsyncPublisher
 ) -> None:

@@ -3,7 +3,7 @@
 //
 //   RelayDriver.exe run --url ws://… --client-id ID [--format json|msgpack] [--cursor FILE]
 //                       [--context] [--tokens] [--heartbeat S] [--backoff-base S]
-//                       [--backoff-max S] [--connect-timeout S] [--no-ack]
+//                       [--backoff-max S] [--connect-timeout S] [--no-ack] [--handler-ms N]
 //       stdin:  "token <jwt>" (answers a token_request), "status", "stop" (StopAsync, exit 0);
 //               end of input stops too.
 //       stdout: started, token_request, connected, message, disconnected, completed, status,
@@ -170,16 +170,22 @@ namespace RelayDriver
                 { "node", e.Node },
                 { "on_context", OnContext() },
             });
-            _client.MessageReceived += (sender, e) => Program.Emit(new JObject
+            int handlerMs = int.Parse(Arg("--handler-ms", "0"), CultureInfo.InvariantCulture);
+            _client.MessageReceived += (sender, e) =>
             {
-                { "ev", "message" },
-                { "id", e.Id },
-                { "biz_id", e.BizId },
-                { "event", e.Event },
-                { "data_json", e.DataJson },
-                { "data", e.DataToken() },
-                { "on_context", OnContext() },
-            });
+                Program.Emit(new JObject
+                {
+                    { "ev", "message" },
+                    { "id", e.Id },
+                    { "biz_id", e.BizId },
+                    { "event", e.Event },
+                    { "data_json", e.DataJson },
+                    { "data", e.DataToken() },
+                    { "on_context", OnContext() },
+                });
+                if (handlerMs > 0)
+                    Thread.Sleep(handlerMs); // the app still busy with it after it was printed
+            };
             _client.Disconnected += (sender, e) => Program.Emit(new JObject
             {
                 { "ev", "disconnected" },
