@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 import relay
-from relay.config import Settings, add_arguments, mask_url, settings_from_args
+from relay.config import Settings, add_arguments, mask_url, resolve_settings
 from relay.errors import ConfigError, EngineError, RelayError
 
 __all__ = ["main"]
@@ -47,7 +47,7 @@ def _catch_early_signals() -> None:
 def _serve(args: argparse.Namespace) -> int:
     from relay.log import configure_logging
 
-    settings = settings_from_args(args)
+    settings, _ = _settings(args)
     configure_logging(settings.log_format, settings.log_level, settings.bad_request_log_rate)
     import structlog
 
@@ -74,6 +74,25 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except EngineError as exc:
         raise _redis_failed(settings.redis_url, exc) from None
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
+    """Flags > env > ``--config`` file (or RELAY_CONFIG) > defaults, with each one's source."""
+    from relay.configfile import load_config_file
+
+    path = args.config or os.environ.get("RELAY_CONFIG")
+    file = load_config_file(path) if path else None
+    return resolve_settings(args, file=file, file_name=path or "")
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    """Print what `relay serve` would run with, after the checks it makes before starting."""
+    from relay.configfile import render_settings
+
+    settings, sources = _settings(args)
+    settings.check_auth()
+    print(render_settings(settings, sources), end="")
     return 0
 
 
@@ -377,6 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(serve)
     serve.set_defaults(run=_serve)
+
+    config = sub.add_parser(
+        "config",
+        help="check a configuration: `relay config check [serve's flags]`",
+        description="Configuration tools.",
+    )
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser(
+        "check",
+        usage="relay config check [--config FILE] [serve's options]",
+        help="print the settings `relay serve` would run with (secrets masked)",
+        description="Print the settings `relay serve` would run with, given the same flags,"
+        " RELAY_* env vars and --config file, as TOML with secrets masked and each value's"
+        " source; exit 2 with the reason if serve would refuse them.",
+    )
+    add_arguments(check)
+    check.set_defaults(run=_config_check)
 
     publish = sub.add_parser(
         "publish",

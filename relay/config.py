@@ -7,6 +7,7 @@ docs/configuration.md is generated from the same table (``relay serve --help`` s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import socket
@@ -24,6 +25,7 @@ __all__ = [
     "add_arguments",
     "configuration_markdown",
     "mask_url",
+    "resolve_settings",
     "setting_rows",
     "settings_from_args",
 ]
@@ -348,6 +350,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(_flag(f.name), **kwargs)
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a TOML file of these settings (keys as in docs/configuration.md, e.g."
+        " redis_url); flags and env vars win over it [env RELAY_CONFIG]",
+    )
 
 
 def _convert(f: Any, raw: Any) -> Any:
@@ -370,22 +379,44 @@ def _convert(f: Any, raw: Any) -> Any:
     return raw
 
 
+def resolve_settings(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    file: Mapping[str, Any] | None = None,
+    file_name: str = "file",
+) -> tuple[Settings, dict[str, str]]:
+    """The settings, and where each one came from: ``flag --x``, ``env RELAY_X``,
+    ``file <name>`` or ``default``. Flags win over env vars, over the file, over defaults.
+
+    ``file`` holds typed values already checked by :func:`relay.configfile.load_config_file`.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        source = f"flag {_flag(f.name)}"
+        if raw is None and _env(f.name) in env:
+            raw, source = env[_env(f.name)], f"env {_env(f.name)}"
+        if raw is not None:
+            values[f.name] = _convert(f, raw)
+        elif file is not None and f.name in file:
+            values[f.name], source = file[f.name], f"file {file_name}"
+        else:
+            source = "default"
+        sources[f.name] = source
+    return Settings(**values), sources
+
+
 def settings_from_args(
     args: argparse.Namespace | None = None,
     env: Mapping[str, str] | None = None,
+    file: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Flags win over ``RELAY_*`` env vars, which win over defaults."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in fields(Settings):
-        raw = getattr(args, f.name, None) if args is not None else None
-        if raw is None and _env(f.name) in env:
-            raw = env[_env(f.name)]
-        if raw is not None:
-            values[f.name] = _convert(f, raw)
-    values.update(overrides)
-    return Settings(**values)
+    """Flags win over ``RELAY_*`` env vars, over the config file's values, over defaults."""
+    settings, _ = resolve_settings(args, env, file)
+    return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
 def setting_rows() -> Sequence[tuple[str, str, str, str]]:
@@ -433,13 +464,45 @@ Notes:
   publish. A `mid` costs one small key for `dedupe_window` seconds.
 """
 
+_CONFIG_FILE = """
+## Config file
+
+`relay serve --config /etc/relay/relay.toml` (or `RELAY_CONFIG=…`) reads settings from a
+TOML file. Its keys are the flags' names without `--`, with underscores, at the top level;
+lists may be TOML arrays:
+
+```toml
+host = "0.0.0.0"
+port = 8080
+redis_url = "redis://:PASSWORD@redis.internal:6379/0"
+auth_secret = ["NEW-SECRET-OF-32-BYTES-OR-MORE...", "OLD-SECRET-OF-32-BYTES-OR-MORE..."]
+api_key = "…"
+max_payload = 65536
+allowed_origins = ["https://app.example.com"]
+```
+
+- A key Relay does not know stops the node, naming it and the nearest known one
+  (`unknown setting max_paylod (did you mean max_payload?)`); so does a value of the wrong
+  type (`max_payload must be int, not '64k'`), a missing file and invalid TOML. Each is one
+  line on stderr and exit code 2.
+- The file holds secrets: make it readable by the relay's user only (`chmod 600`), or keep
+  the secrets in the environment (`RELAY_AUTH_SECRET`, `RELAY_API_KEY`), which wins.
+- `relay config check` takes the same flags, environment and `--config` as `relay serve`
+  and prints the settings a node would run with, as TOML with secrets shown as `***`, each
+  line saying where its value came from (`# flag --port`, `# env RELAY_REDIS_URL`,
+  `# file relay.toml`, `# default`). It exits 2 with the reason when `relay serve` would
+  refuse to start (an unknown key, a weak secret, no secret and no `--allow-anonymous`).
+"""
+
 
 def configuration_markdown() -> str:
     """docs/configuration.md, generated so the docs cannot drift from the code."""
     out = [
         "# Configuration",
         "",
-        "Every `relay serve` setting is a flag and an environment variable; the flag wins.",
+        "Every `relay serve` setting is a flag, an environment variable and a key of the",
+        "config file (`--config relay.toml`, below): a flag wins over the environment, which",
+        "wins over the file, which wins over the default.",
         "This table is generated from `relay/config.py` (`Settings`) by",
         "`python -c 'import relay.config as c; print(c.configuration_markdown(), end=\"\")'`;",
         "a test fails when it drifts.",
@@ -448,4 +511,4 @@ def configuration_markdown() -> str:
         "|---|---|---|---|",
     ]
     out += [f"| `{f}` | `{e}` | `{d}` | {h} |" for f, e, d, h in setting_rows()]
-    return "\n".join(out) + "\n" + _CONFIG_NOTES
+    return "\n".join(out) + "\n" + _CONFIG_NOTES + _CONFIG_FILE
