@@ -38,6 +38,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check relay backend_adapter tests
 	$(VENV)/bin/mypy
 
+# The seed's scenario live: a private Redis, a relay node on PORT and the example label
+# service on DEMO_SERVICE_PORT; prints the admin page and the client canvas. Ctrl-C stops all.
+DEMO_SERVICE_PORT ?= 8090
+demo: $(STAMP)
+	$(PY) -m examples.label_service.demo --host $(HOST) --port $(PORT) --service-port $(DEMO_SERVICE_PORT)
+
 # Redis + N relay nodes + nginx on loopback (deploy/local-cluster.sh); Ctrl-C stops them.
 # nginx on PORT, Redis on PORT+1, nodes on PORT+2...; NODES=5 for more nodes.
 cluster: $(STAMP)
