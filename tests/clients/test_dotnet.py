@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -772,3 +773,26 @@ async def test_dotnet_console_example_prints_events_and_stops_on_enter(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_dotnet_project_files_target_both_runtimes_and_reference_what_exists() -> None:
+    """The csproj and XAML files (not buildable here) are well-formed XML; the projects name
+    net462 and .NET 6 and point at real projects."""
+    projects = sorted(DOTNET.rglob("*.csproj")) + sorted((ROOT / "examples").rglob("*.csproj"))
+    assert {p.name for p in projects} >= {
+        "Relay.Client.csproj",
+        "RelayConsole.csproj",
+        "WpfLabelClient.csproj",
+    }
+    for project in projects:
+        root = ET.parse(project).getroot()
+        frameworks = (root.findtext("PropertyGroup/TargetFrameworks") or "").split(";")
+        assert "net462" in frameworks and any(f.startswith("net6.0") for f in frameworks), project
+        for ref in root.iter("ProjectReference"):
+            target = project.parent / ref.attrib["Include"].replace("\\", "/")
+            assert target.resolve().is_file(), f"{project}: {ref.attrib['Include']}"
+    for xaml in sorted((ROOT / "examples" / "wpf-label-client").glob("*.xaml")):
+        ET.parse(xaml)
+    library = ET.parse(DOTNET / "src" / "Relay.Client" / "Relay.Client.csproj").getroot()
+    packages = {r.attrib["Include"] for r in library.iter("PackageReference")}
+    assert packages <= {"Newtonsoft.Json", "Microsoft.NETFramework.ReferenceAssemblies"}
