@@ -337,8 +337,10 @@ def prove_recovery(since: StreamId, history: History, ttl_ms: int) -> bool:
 
     Trimming leaves no trace in a Redis Stream, so the proof rests on four facts:
     entries are contiguous (trimming only removes the oldest); each entry names its
-    predecessor (``prev``); a stream lives at least ``ttl_ms`` after its last publish
-    (publishers must use a TTL at least the node's); and the store's data is known to
+    predecessor (``prev``), so a ``since`` inside the retained range must be an entry that
+    the next one names (``entries`` then start right after ``since``); a stream lives at
+    least ``ttl_ms`` after its last publish (publishers must use a TTL at least the
+    node's); and the store's data is known to
     go back to ``history.epoch_ms`` (a Redis restart without persistence, a FLUSHALL or
     a memory-engine restart moves it).
     """
@@ -352,7 +354,12 @@ def prove_recovery(since: StreamId, history: History, ttl_ms: int) -> bool:
     if since > history.last:
         return False  # the client claims an id this stream never had
     if since >= history.first:
-        return True
+        # `since` must still be in the chain: the newest entry, or named by the next one.
+        # A failover to a replica that lacked the newest entries rewinds the stream: ids a
+        # client already holds are then gone, and later ones may even sort before them.
+        if since == history.last:
+            return True
+        return bool(history.entries) and history.entries[0].prev == since
     if history.first_prev == since and since != ID_ZERO:
         return True  # the oldest retained entry directly follows `since`
     # The oldest retained entry began a fresh incarnation: nothing of it was trimmed,

@@ -549,11 +549,39 @@ def test_prove_recovery_trimmed() -> None:
     assert prove_recovery(SINCE, history, TTL_MS) is False
 
 
-@pytest.mark.parametrize("since", [(1_000_000, 0), (1_000_000, 5), (1_000_050, 0), (1_000_090, 0)])
+def chain(*keys: StreamId, since: StreamId, first_prev: StreamId = (999_000, 0)) -> History:
+    """A read of a stream holding ``keys`` (each naming the one before), after ``since``."""
+    prevs = [first_prev, *keys[:-1]]
+    entries = [
+        Event(format_id(k), k, p, "cml", "e", None, 0.0)
+        for k, p in zip(keys, prevs, strict=True)
+        if k > since
+    ]
+    return History(entries, keys[0], first_prev, keys[-1], keys[-1][0] + 1)
+
+
+RETAINED: tuple[StreamId, ...] = ((1_000_000, 0), (1_000_050, 0), (1_000_090, 0))
+
+
+@pytest.mark.parametrize("since", RETAINED)
 def test_prove_recovery_since_within_retained_range(since: StreamId) -> None:
-    """first <= since <= last: everything after since is still retained."""
-    history = stream((1_000_000, 0), (999_000, 0), (1_000_090, 0))
-    assert prove_recovery(since, history, TTL_MS) is True
+    """since is a retained entry: everything after it is still retained."""
+    assert prove_recovery(since, chain(*RETAINED, since=since), TTL_MS) is True
+
+
+@pytest.mark.parametrize("since", [(1_000_000, 5), (1_000_060, 0)])
+def test_prove_recovery_since_missing_from_the_chain_is_not_proven(since: StreamId) -> None:
+    """first <= since < last, but no entry names since (a failover to a replica that
+    lacked it rewound the stream): not proven."""
+    assert prove_recovery(since, chain(*RETAINED, since=since), TTL_MS) is False
+
+
+def test_prove_recovery_rewound_stream_with_earlier_new_ids_is_not_proven() -> None:
+    """The promoted replica's clock is behind: an entry published after the failover sorts
+    before the lost id the client holds. The replay (after since) would miss it."""
+    lost = (1_000_080, 0)
+    history = chain((1_000_000, 0), (1_000_050, 0), (1_000_070, 0), (1_000_095, 0), since=lost)
+    assert prove_recovery(lost, history, TTL_MS) is False
 
 
 def test_prove_recovery_since_after_last() -> None:
