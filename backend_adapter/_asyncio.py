@@ -40,7 +40,9 @@ from backend_adapter._core import (
     is_transient,
     lookup_failed,
     publish_failed,
+    replication,
 )
+from backend_adapter._pool import async_pool
 from relay.errors import ConfigError, EngineError, PublishFailed
 from relay.wire import DEFAULT_MAX_PAYLOAD, PublishResult, validate_client_id
 
@@ -88,7 +90,9 @@ class AsyncPublisher:
     ``history_ttl`` must be at least the nodes' history TTL, and ``key_prefix`` theirs.
     ``timeout`` bounds each attempt (connect, and one round trip); a publish gives up
     after ``retries + 1`` attempts, about ``(retries + 1) * timeout`` plus backoff at
-    worst, and much sooner when Redis refuses connections.
+    worst, and much sooner when Redis refuses connections. ``redis_url`` may name a
+    Sentinel-watched master (``redis+sentinel://…``). With ``min_replicas`` a publish
+    succeeds only once that many replicas hold it (``WAIT``, up to ``replica_timeout``).
     """
 
     def __init__(
@@ -107,6 +111,8 @@ class AsyncPublisher:
         timeout: float = 2.0,
         max_connections: int = 16,
         max_batch: int = 500,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.5,
     ) -> None:
         if (redis_url is None) == (client is None):
             raise ConfigError("give exactly one of redis_url or client")
@@ -120,12 +126,13 @@ class AsyncPublisher:
             max_payload=max_payload,
         )
         self._retry = RetryPolicy(retries, backoff, max_backoff)
+        self._replication = replication(key_prefix, min_replicas, replica_timeout, timeout)
         self._timeout = timeout
         self._max_connections = max_connections
         self._max_batch = max_batch
         if client is None:
             assert redis_url is not None
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
+            pool = async_pool(
                 redis_url,
                 max_connections=max_connections,
                 timeout=None,  # never waits: the semaphore admits at most max_connections
@@ -332,15 +339,25 @@ class AsyncPublisher:
                 raise rex.TimeoutError(f"no reply from Redis within {self._timeout} s") from exc
 
     async def _round_trip(self, conn: Any, calls: list[Call], *, reload: bool) -> None:
-        await conn.send_packed_command([call.command for call in calls])
+        replicated = self._replication
+        commands = [call.command for call in calls]
+        if replicated is not None:
+            commands.append(replicated.commands())
+        await conn.send_packed_command(commands)
         missing: list[Call] = []
         failure: Exception | None = None
         result = self._codec.result
+        # With min_replicas, outcomes are kept until WAIT vouches for them.
+        held: list[tuple[Call, PublishResult]] | None = None if replicated is None else []
         for call in calls:
             try:
                 # One deadline covers the whole batch (asyncio.timeout in _exchange);
                 # a per-reply timeout would cost more CPU than the reply itself.
-                call.outcome = result(await conn.read_response(timeout=math.inf))
+                outcome = result(await conn.read_response(timeout=math.inf))
+                if held is None:
+                    call.outcome = outcome
+                else:
+                    held.append((call, outcome))
             except rex.NoScriptError:
                 missing.append(call)
             except rex.ResponseError as exc:
@@ -348,6 +365,11 @@ class AsyncPublisher:
                     failure = failure or exc
                 else:
                     call.outcome = publish_failed(call.biz_id, None, exc)
+        if replicated is not None and held is not None:
+            await conn.read_response(timeout=math.inf)  # the barrier's receivers
+            replicated.check(await conn.read_response(timeout=math.inf))
+            for call, outcome in held:
+                call.outcome = outcome
         if missing:
             # Redis restarted or its script cache was flushed. The command did not run,
             # so sending it again is safe. (Should another connection reload the script

@@ -6,6 +6,12 @@ the exact bytes of ``EVALSHA <publish.lua> 4 KEYS... ARGV...`` that relay.wire d
 rest of a batched publish put together. A contract test checks that the bytes equal
 what redis-py would send for ``wire.publish_call``'s KEYS and ARGV.
 
+With ``min_replicas``, each pipeline ends with ``PUBLISH <prefix>:barrier ""`` and
+``WAIT <min_replicas> <ms>`` (:class:`Replication`): the publishes count as done only
+when WAIT says enough replicas hold everything the master had written up to the barrier
+(which also covers the original of a publish that came back as a duplicate). Fewer
+replicas is a transient failure: retried like a lost connection, with the same ``mid``.
+
 Retries: only failures that say nothing about the command itself are retried (the
 connection broke, timed out, Redis is loading its dataset or was demoted to a replica).
 Anything else is a bug or a misconfiguration and fails at once. After the last attempt
@@ -38,10 +44,13 @@ __all__ = [
     "Call",
     "Item",
     "PublishCodec",
+    "ReplicasBehind",
+    "Replication",
     "RetryPolicy",
     "is_transient",
     "lookup_failed",
     "publish_failed",
+    "replication",
 ]
 
 PUBLISH_SHA: Final = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
@@ -62,6 +71,47 @@ Item = tuple[str, str, Any] | tuple[str, str, Any, str | None]
 _TRANSIENT: Final = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, TimeoutError)
 # A wrong password or missing ACL permission does not heal by waiting.
 _PERMANENT: Final = (rex.AuthenticationError, rex.AuthorizationError)
+
+
+class ReplicasBehind(rex.TimeoutError):
+    """Fewer replicas than ``min_replicas`` acknowledged the writes in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """``min_replicas`` replicas must hold a publish within ``timeout`` seconds (WAIT)."""
+
+    min_replicas: int
+    timeout: float
+    barrier: str
+
+    def commands(self) -> bytes:
+        """The packed ``PUBLISH <barrier> ""`` and ``WAIT``: two replies follow the batch."""
+        ms = b"%d" % max(1, round(self.timeout * 1000))
+        publish = b"*3\r\n" + b"".join(map(_bulk, (b"PUBLISH", self.barrier.encode(), b"")))
+        wait = b"*3\r\n" + b"".join(map(_bulk, (b"WAIT", b"%d" % self.min_replicas, ms)))
+        return publish + wait
+
+    def check(self, acked: Any) -> None:
+        """Raise ReplicasBehind unless WAIT's reply ``acked`` is enough."""
+        if not isinstance(acked, int) or acked < self.min_replicas:
+            raise ReplicasBehind(
+                f"{acked} of {self.min_replicas} replica(s) acknowledged the write"
+                f" within {self.timeout} s"
+            )
+
+
+def replication(
+    key_prefix: str, min_replicas: int, replica_timeout: float, timeout: float
+) -> Replication | None:
+    """The publisher's WAIT settings, checked; None without ``min_replicas``."""
+    if isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 0:
+        raise ConfigError(f"min_replicas must be a non-negative integer, not {min_replicas!r}")
+    if not min_replicas:
+        return None
+    if not 0 < replica_timeout < timeout:
+        raise ConfigError("replica_timeout must be positive and shorter than timeout")
+    return Replication(min_replicas, replica_timeout, KeySpace(key_prefix).barrier())
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -28,7 +28,9 @@ from backend_adapter._core import (
     is_transient,
     lookup_failed,
     publish_failed,
+    replication,
 )
+from backend_adapter._pool import sync_pool
 from relay.errors import ConfigError, EngineError, PublishFailed
 from relay.wire import DEFAULT_MAX_PAYLOAD, PublishResult, validate_client_id
 
@@ -63,6 +65,8 @@ class Publisher:
         timeout: float = 2.0,
         max_connections: int = 32,
         max_batch: int = 500,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.5,
     ) -> None:
         if (redis_url is None) == (client is None):
             raise ConfigError("give exactly one of redis_url or client")
@@ -76,10 +80,11 @@ class Publisher:
             max_payload=max_payload,
         )
         self._retry = RetryPolicy(retries, backoff, max_backoff)
+        self._replication = replication(key_prefix, min_replicas, replica_timeout, timeout)
         self._max_batch = max_batch
         if client is None:
             assert redis_url is not None
-            pool = redis.BlockingConnectionPool.from_url(
+            pool = sync_pool(
                 redis_url,
                 max_connections=max_connections,
                 timeout=timeout,  # waiting for a free connection counts as one attempt
@@ -201,13 +206,23 @@ class Publisher:
             pool.release(conn)
 
     def _round_trip(self, conn: Any, calls: list[Call], *, reload: bool) -> None:
-        conn.send_packed_command([call.command for call in calls])
+        replicated = self._replication
+        commands = [call.command for call in calls]
+        if replicated is not None:
+            commands.append(replicated.commands())
+        conn.send_packed_command(commands)
         missing: list[Call] = []
         failure: Exception | None = None
         result = self._codec.result
+        # With min_replicas, outcomes are kept until WAIT vouches for them.
+        held: list[tuple[Call, PublishResult]] | None = None if replicated is None else []
         for call in calls:
             try:
-                call.outcome = result(conn.read_response())
+                outcome = result(conn.read_response())
+                if held is None:
+                    call.outcome = outcome
+                else:
+                    held.append((call, outcome))
             except rex.NoScriptError:
                 missing.append(call)
             except rex.ResponseError as exc:
@@ -215,6 +230,11 @@ class Publisher:
                     failure = failure or exc
                 else:
                     call.outcome = publish_failed(call.biz_id, None, exc)
+        if replicated is not None and held is not None:
+            conn.read_response()  # the barrier's receivers
+            replicated.check(conn.read_response())
+            for call, outcome in held:
+                call.outcome = outcome
         if missing:
             # Redis restarted or its script cache was flushed; see _asyncio.py.
             if not reload:

@@ -801,6 +801,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--redis-url", default=_env("REDIS_URL"), help="Redis of the relay (env RELAY_REDIS_URL)"
     )
+    parser.add_argument(
+        "--redis-min-replicas",
+        type=int,
+        default=int(_env("REDIS_MIN_REPLICAS", "0") or 0),
+        help="a row counts as published only once this many Redis replicas hold it (WAIT);"
+        " env RELAY_REDIS_MIN_REPLICAS",
+    )
     parser.add_argument("--table", default=_env("OUTBOX_TABLE", "relay_outbox"))
     parser.add_argument(
         "--create-table",
@@ -850,6 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             history_size=args.history_size,
             history_ttl=args.history_ttl,
             dedupe_window=args.dedupe_window,
+            min_replicas=args.redis_min_replicas,
         )
         dispatcher = OutboxDispatcher(
             args.db_url,

@@ -238,7 +238,9 @@ async def _publish(args: argparse.Namespace) -> int:
     else:
         from backend_adapter import AsyncPublisher
 
-        async with AsyncPublisher(args.redis_url, key_prefix=args.key_prefix) as publisher:
+        async with AsyncPublisher(
+            args.redis_url, key_prefix=args.key_prefix, min_replicas=args.redis_min_replicas
+        ) as publisher:
             res = await publisher.publish(args.biz_id, args.event, data, mid=args.mid)
         result = {
             "id": res.id,
@@ -424,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("data", metavar="DATA", nargs="?", help="JSON data (default: null)")
     publish.add_argument(
         "--mid", help="message id for idempotent publish (default: none; no env var)"
+    )
+    _option(
+        publish,
+        "--redis-min-replicas",
+        "with --redis-url: succeed only once this many replicas hold the event (Redis WAIT)",
+        default=0,
+        type=int,
     )
     _target_flags(publish)
     publish.set_defaults(run=lambda a: asyncio.run(_publish(a)))

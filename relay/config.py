@@ -67,6 +67,7 @@ _POSITIVE = (
     "max_fragments",
     "max_request_head",
     "close_timeout",
+    "redis_replica_timeout",
 )
 _NOT_NEGATIVE = (
     "token_leeway",
@@ -76,6 +77,7 @@ _NOT_NEGATIVE = (
     "start_timeout",  # 0: for ever
     "status_feeds",  # 0: no status page
     "max_early_messages",
+    "redis_min_replicas",
 )
 
 
@@ -92,7 +94,25 @@ class Settings:
     port: int = field(default=8080, metadata={"help": "port to listen on"})
     redis_url: str | None = field(
         default=None,
-        metadata={"help": "Redis URL; none means the single-node memory engine", "url": True},
+        metadata={
+            "help": "Redis URL (redis://, rediss://, unix://, redis+sentinel://hosts/service);"
+            " none means the single-node memory engine",
+            "url": True,
+        },
+    )
+    redis_min_replicas: int = field(
+        default=0,
+        metadata={
+            "help": "replicas that must hold a publish (Redis WAIT) before the API acknowledges"
+            " it; 0: the master's word"
+        },
+    )
+    redis_replica_timeout: float = field(
+        default=0.5,
+        metadata={
+            "help": "seconds a publish waits for --redis-min-replicas; then it fails (503,"
+            " retry with the same mid)"
+        },
     )
     node_id: str = field(default="", metadata={"help": "this node's id (default: host-random)"})
     auth_secret: tuple[str, ...] = field(
@@ -282,6 +302,12 @@ class Settings:
             raise _invalid("port", self.port, "must be 0-65535")
         if self.duplicates not in ("replace", "allow"):
             raise _invalid("duplicates", self.duplicates, "must be 'replace' or 'allow'")
+        if self.redis_min_replicas and not self.redis_url:
+            raise _invalid(
+                "redis_min_replicas",
+                self.redis_min_replicas,
+                "needs --redis-url: the memory engine has no replicas",
+            )
 
     @property
     def engine_options(self) -> EngineOptions:
@@ -292,6 +318,8 @@ class Settings:
             max_payload=self.max_payload,
             node_ttl=max(3.0, 2 * self.heartbeat / 5),
             key_prefix=self.key_prefix,
+            min_replicas=self.redis_min_replicas,
+            replica_timeout=self.redis_replica_timeout,
         )
 
     def check_auth(self) -> None:

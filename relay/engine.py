@@ -37,6 +37,8 @@ class EngineOptions:
     max_payload: int = 64 * 1024  # bytes of one encoded publish payload
     node_ttl: float = 10.0  # seconds a node counts as alive after its last heartbeat
     key_prefix: str = "relay"
+    min_replicas: int = 0  # Redis: replicas that must hold a publish before it returns (WAIT)
+    replica_timeout: float = 0.5  # Redis: seconds to wait for them, then the publish fails
 
 
 @dataclass(frozen=True, slots=True)

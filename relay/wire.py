@@ -191,6 +191,11 @@ class KeySpace:
     def control(self, node_id: str) -> str:
         return f"{self.prefix}:ctl:{node_id}"
 
+    def barrier(self) -> str:
+        """The channel of an empty PUBLISH before ``WAIT``: a write that follows every
+        earlier one, so WAIT covers them all (see docs/wire.md, min-replicas)."""
+        return f"{self.prefix}:barrier"
+
     def biz_of_channel(self, channel: str) -> str:
         """Inverse of :meth:`channel`."""
         head = f"{self.prefix}:{{"

@@ -16,6 +16,7 @@ PURE = [
     "relay/auth.py",
     "relay/hub.py",
     "relay/frames.py",
+    "relay/redis_url.py",
 ]
 IO_LIBS = {"asyncio", "aiohttp", "redis", "socket", "structlog"}
 ABOVE_ENGINES = {
@@ -59,11 +60,11 @@ def test_engines_never_import_upward(module: str) -> None:
 
 
 def test_backend_adapter_imports_only_pure_relay_modules() -> None:
-    """backend_adapter uses relay.wire and relay.errors, nothing above, and no aiohttp."""
+    """backend_adapter uses relay.wire, relay.errors and relay.redis_url (all pure), no aiohttp."""
     for path in (ROOT / "backend_adapter").glob("*.py"):
         names = _imports(path)
         relay = {n for n in names if _top(n) == "relay"}
-        assert relay <= {"relay.wire", "relay.errors"}, (path.name, relay)
+        assert relay <= {"relay.wire", "relay.errors", "relay.redis_url"}, (path.name, relay)
         assert "aiohttp" not in {_top(n) for n in names}, path.name
 
 

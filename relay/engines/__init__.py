@@ -1,23 +1,28 @@
-"""Engine implementations, chosen by URL: none means memory, ``redis://`` means Redis."""
+"""Engine implementations, chosen by URL: none means memory, any Redis URL means Redis."""
 
 from __future__ import annotations
 
 from relay.engine import Engine, EngineOptions
 from relay.errors import ConfigError
+from relay.redis_url import parse_redis_url
 
 __all__ = ["REDIS_SCHEMES", "check_redis_url", "create_engine"]
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 
 
 def check_redis_url(url: str) -> str:
     """``url`` if it names a Redis the Redis engine can reach; ConfigError saying how if not."""
-    if not url.startswith(REDIS_SCHEMES):
+    if not url.lower().startswith(REDIS_SCHEMES):
         raise ConfigError(
             # Not quoted: a URL without its scheme may still carry a password.
             f"--redis-url (or RELAY_REDIS_URL) must start with {', '.join(REDIS_SCHEMES)},"
             " e.g. redis://127.0.0.1:6379/0"
         )
+    try:
+        parse_redis_url(url)
+    except ConfigError as exc:
+        raise ConfigError(f"--redis-url (or RELAY_REDIS_URL): {exc}") from None
     return url
 
 

@@ -7,6 +7,12 @@ replies are handed back in order, each to its own caller.
 
 Every call is answered within ``timeout`` of its turn, from the pool checkout to the
 last reply: one timer per batch bounds them all, so callers need no timer of their own.
+
+A call made with :meth:`Batcher.call_replicated` is answered only once ``WAIT`` says
+``min_replicas`` replicas hold it: the batch then ends with ``PUBLISH <barrier> ""`` and
+``WAIT``. The barrier is a write of this connection after every write the master had done
+before, so WAIT also covers a publish that came back as a duplicate of one made earlier
+(``WAIT`` alone only covers the connection's own writes). One WAIT serves the batch.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None = None
 with contextlib.suppress(ImportError):  # a dependency (redis[hiredis]); redis-py works without
     from hiredis import pack_command as _hiredis_pack
 
-__all__ = ["Batcher", "pack_commands"]
+__all__ = ["Batcher", "ReplicasBehind", "pack_commands"]
+
+_Item = tuple[tuple[Any, ...], "asyncio.Future[Any]", bool]  # command, caller, replicated
+
+
+class ReplicasBehind(redis_errors.TimeoutError):
+    """Fewer replicas than asked for acknowledged a write in time; retrying is safe."""
 
 
 def pack_commands(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[bytes]:
@@ -47,19 +59,45 @@ def pack_commands(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> 
 class Batcher:
     """Queue commands; send each turn's queue as one pipeline on one pooled connection."""
 
-    def __init__(self, pool: ConnectionPool, timeout: float, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        timeout: float,
+        max_batch: int = 512,
+        *,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.5,
+        barrier: str = "relay:barrier",
+    ) -> None:
         self._pool = pool
         self._timeout = timeout
         self._max_batch = max_batch
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._min_replicas = min_replicas
+        self._replica_timeout = replica_timeout
+        self._barrier: tuple[tuple[Any, ...], ...] = (
+            ("PUBLISH", barrier, ""),
+            ("WAIT", min_replicas, max(1, round(replica_timeout * 1000))),
+        )
+        self._queue: list[_Item] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def call(self, *args: Any) -> Any:
         """Run one command; its reply, or the redis-py exception it raised."""
+        return await self._call(args, False)
+
+    async def call_replicated(self, *args: Any) -> Any:
+        """Like :meth:`call`; with ``min_replicas``, answered once that many replicas have it.
+
+        ReplicasBehind if they did not acknowledge within ``replica_timeout`` (the
+        command ran on the master all the same).
+        """
+        return await self._call(args, self._min_replicas > 0)
+
+    async def _call(self, args: tuple[Any, ...], replicated: bool) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((args, future))
+        self._queue.append((args, future, replicated))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
@@ -71,7 +109,7 @@ class Batcher:
         futures: list[asyncio.Future[Any]] = []
         for args in commands:
             future: asyncio.Future[Any] = loop.create_future()
-            self._queue.append((args, future))
+            self._queue.append((args, future, False))
             futures.append(future)
         if not self._scheduled:
             self._scheduled = True
@@ -96,37 +134,56 @@ class Batcher:
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._settle, batch))
 
-    def _settle(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], task: Any) -> None:
+    def _settle(self, batch: list[_Item], task: Any) -> None:
         """Fail what a round trip left unanswered: one cancelled before it began runs nothing."""
         self._tasks.discard(task)
-        for _, future in batch:
+        for _, future, _ in batch:
             if not future.done():
                 future.set_exception(redis_errors.ConnectionError("cancelled"))
 
-    async def _round_trip(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        done = 0
+    async def _round_trip(self, batch: list[_Item]) -> None:
         conn = None
+        waiting = any(replicated for _, _, replicated in batch)
         try:
             async with asyncio.timeout(self._timeout):
                 conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-                await conn.send_packed_command(
-                    pack_commands(conn, [args for args, _ in batch]), check_health=False
-                )
-                for _, future in batch:
+                commands = [args for args, _, _ in batch]
+                if waiting:
+                    commands.extend(self._barrier)
+                await conn.send_packed_command(pack_commands(conn, commands), check_health=False)
+                held: list[tuple[asyncio.Future[Any], Any]] = []
+                for _, future, replicated in batch:
                     try:
                         reply = await conn.read_response(timeout=math.inf)
                     except redis_errors.ResponseError as exc:
                         if not future.done():
                             future.set_exception(exc)
                     else:
-                        if not future.done():
+                        if replicated:
+                            held.append((future, reply))
+                        elif not future.done():
                             future.set_result(reply)
-                    done += 1
+                if waiting:
+                    await conn.read_response(timeout=math.inf)  # the barrier's receivers
+                    acked = await conn.read_response(timeout=math.inf)
+                    behind = None
+                    if acked < self._min_replicas:
+                        behind = ReplicasBehind(
+                            f"{acked} of {self._min_replicas} replica(s) acknowledged the write"
+                            f" within {self._replica_timeout} s"
+                        )
+                    for future, reply in held:
+                        if future.done():
+                            continue
+                        if behind is None:
+                            future.set_result(reply)
+                        else:
+                            future.set_exception(behind)
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else redis_errors.ConnectionError("cancelled")
             if isinstance(exc, TimeoutError):
                 error = redis_errors.TimeoutError("redis did not answer in time")
-            for _, future in batch[done:]:
+            for _, future, _ in batch:  # answered ones are done; held ones fail too
                 if not future.done():
                     future.set_exception(error)
             if conn is not None:

@@ -1,5 +1,11 @@
 """The Redis engine: history in Streams, live delivery over one pub/sub connection per node.
 
+The URL names one Redis or, with ``redis+sentinel://``, the master that Sentinel names:
+every new connection (the pool's and the pub/sub one) asks the sentinels, so after a
+failover the engine reconnects to the new master and repairs gaps as after a restart.
+With ``EngineOptions.min_replicas`` a publish returns only once ``WAIT`` says that many
+replicas hold it (:mod:`relay.engines._batch`).
+
 Commands (publish, history, registry) go through a connection pool: hiredis, RESP2, and an
 explicit retry of one quick attempt on connection errors only, so an outage surfaces as
 :class:`~relay.errors.EngineUnavailable` within ``socket_timeout`` instead of being hidden
@@ -51,7 +57,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis import exceptions as redis_errors
 from redis._parsers import _AsyncHiredisParser
-from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.typing import EncodableT, FieldT
@@ -67,7 +73,8 @@ from relay.engine import (
     NodeInfo,
     SessionRecord,
 )
-from relay.engines._batch import Batcher
+from relay.engines._batch import Batcher, ReplicasBehind
+from relay.engines._pool import connection_pool as redis_pool
 from relay.engines._subscriber import (
     _reraise_swallowed_cancel,
     _safely,
@@ -79,7 +86,6 @@ from relay.engines._subscriber import (
     encode_control,
 )
 from relay.errors import (
-    ConfigError,
     EngineError,
     EngineUnavailable,
     InvalidInput,
@@ -198,6 +204,8 @@ def _translate(what: str, exc: BaseException) -> RelayError | None:
     """The relay.errors error for a redis or socket error; None for anything else."""
     if isinstance(exc, RelayError):
         return None
+    if isinstance(exc, ReplicasBehind):
+        return EngineUnavailable(f"redis replication ({what}): {exc}")
     if isinstance(exc, _UNREACHABLE):
         # redis-py's text names the host and port (never a password) and the OS's reason.
         why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -375,26 +383,29 @@ class RedisEngine:
         self._owns_pool = connection_pool is None
         if connection_pool is None:
             parser: dict[str, Any] = {"parser_class": _AsyncHiredisParser}
-            try:
-                connection_pool = BlockingConnectionPool.from_url(
-                    url,
-                    protocol=2,
-                    max_connections=max_connections,
-                    timeout=socket_timeout,
-                    socket_timeout=socket_timeout,
-                    socket_connect_timeout=socket_timeout,
-                    retry=Retry(
-                        ExponentialWithJitterBackoff(cap=0.5, base=0.05),
-                        command_retries,
-                        supported_errors=(redis_errors.ConnectionError,),
-                    ),
-                    **(parser if HIREDIS_AVAILABLE else {}),
-                )
-            except ValueError as exc:
-                raise ConfigError(f"invalid redis URL: {exc}") from None
+            connection_pool = redis_pool(
+                url,
+                protocol=2,
+                max_connections=max_connections,
+                timeout=socket_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                retry=Retry(
+                    ExponentialWithJitterBackoff(cap=0.5, base=0.05),
+                    command_retries,
+                    supported_errors=(redis_errors.ConnectionError,),
+                ),
+                **(parser if HIREDIS_AVAILABLE else {}),
+            )
         self._pool = connection_pool
         self._redis = aioredis.Redis(connection_pool=connection_pool)
-        self._batch = Batcher(connection_pool, command_timeout)
+        self._batch = Batcher(
+            connection_pool,
+            command_timeout,
+            min_replicas=self.options.min_replicas,
+            replica_timeout=self.options.replica_timeout,
+            barrier=self._keys.barrier(),
+        )
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
         self._history_script = self._redis.register_script(HISTORY_LUA)
         self._claim_script = self._redis.register_script(_CLAIM_LUA)
@@ -496,7 +507,7 @@ class RedisEngine:
             dedupe_window=opts.dedupe_window,
         )
         async with self._guard("publish", batched=True):
-            reply = await self._evalsha(self._publish_script, keys, args)
+            reply = await self._evalsha(self._publish_script, keys, args, replicated=True)
         return parse_publish_reply(reply)
 
     async def history(self, biz_id: str, since: StreamId | None, limit: int) -> History:
@@ -531,15 +542,21 @@ class RedisEngine:
                 ("EVALSHA", history.sha, 1, log_key, *args),
             )
 
-    async def _evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a registered script through the batcher; load it once on NOSCRIPT."""
+    async def _evalsha(
+        self, script: Any, keys: list[str], args: list[Any], *, replicated: bool = False
+    ) -> Any:
+        """Run a registered script through the batcher; load it once on NOSCRIPT.
+
+        ``replicated``: answered once ``min_replicas`` replicas have its writes.
+        """
+        call = self._batch.call_replicated if replicated else self._batch.call
         try:
-            return await self._batch.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await call("EVALSHA", script.sha, len(keys), *keys, *args)
         except redis_errors.NoScriptError:
             pass
         async with asyncio.timeout(self._command_timeout):  # see _history_and_epoch
             script.sha = await self._redis.script_load(script.script)
-            return await self._batch.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def subscribe(self, biz_id: str) -> None:
         """Subscribe; returns when Redis confirmed it, EngineUnavailable if it did not in time.

@@ -1,0 +1,75 @@
+"""The publishers' connection pools, built from any Redis URL that relay.redis_url accepts.
+
+``redis+sentinel://`` gives a pool that asks the sentinels for the master whenever it
+opens a connection, so after a failover the publisher's retries reach the new master.
+Both pools block for a free connection rather than fail, like redis-py's
+``BlockingConnectionPool``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.sentinel as async_sentinel
+import redis.sentinel as sync_sentinel
+
+from relay.errors import ConfigError
+from relay.redis_url import parse_redis_url
+
+__all__ = ["async_pool", "sync_pool"]
+
+
+class _AsyncSentinelPool(
+    async_sentinel.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool
+):
+    """Sentinel's master behind a pool that waits for a free connection (asyncio)."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # closing the pool: the sentinels' connections go too
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.connection_pool.disconnect()
+
+
+class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Sentinel's master behind a pool that waits for a free connection (threads)."""
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                sentinel.connection_pool.disconnect()
+
+
+def _pool(url: str, options: dict[str, Any], sentinel: Any, sentinel_pool: Any, pool: Any) -> Any:
+    target = parse_redis_url(url)
+    if target.is_sentinel:
+        timeout = options.get("socket_connect_timeout") or options.get("socket_timeout")
+        manager = sentinel(target.sentinels, sentinel_kwargs=target.sentinel_kwargs(timeout))
+        return sentinel_pool(target.service, manager, **target.master_kwargs(), **options)
+    try:
+        return pool.from_url(url, **options)
+    except ValueError as exc:
+        raise ConfigError(f"invalid redis URL: {exc}") from None
+
+
+def async_pool(url: str, **options: Any) -> redis.asyncio.ConnectionPool:
+    """A blocking asyncio pool for ``url``; ``options`` are redis-py pool/connection arguments."""
+    result: redis.asyncio.ConnectionPool = _pool(
+        url,
+        options,
+        async_sentinel.Sentinel,
+        _AsyncSentinelPool,
+        redis.asyncio.BlockingConnectionPool,
+    )
+    return result
+
+
+def sync_pool(url: str, **options: Any) -> redis.ConnectionPool:
+    """A blocking pool for threads; see :func:`async_pool`."""
+    result: redis.ConnectionPool = _pool(
+        url, options, sync_sentinel.Sentinel, _SyncSentinelPool, redis.BlockingConnectionPool
+    )
+    return result

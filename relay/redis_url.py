@@ -1,0 +1,142 @@
+"""Redis connection strings: one URL names a single Redis or a Sentinel-watched master.
+
+Pure: no I/O, no Redis client. The Redis engine and ``backend_adapter`` each build their
+own redis-py pool (async or sync) from what :func:`parse_redis_url` returns, so every
+entry point (``relay serve``, ``relay publish``, ``relay outbox-dispatch``, the
+publishers) accepts the same strings:
+
+- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://…`` (TLS), ``unix:///path``:
+  one Redis; redis-py parses these itself (with its query options).
+- ``redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/<service>[/db]``:
+  the master that the sentinels at those addresses (port 26379 by default) name for
+  ``<service>``. The userinfo is the master's (and replicas') password. Sentinels that
+  require a password of their own take ``?sentinel_password=…`` (and
+  ``sentinel_username=…``). After a failover every new connection asks the sentinels
+  again, so clients follow the new master.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import parse_qsl, unquote
+
+from relay.errors import ConfigError
+
+__all__ = ["SENTINEL_PORT", "RedisTarget", "parse_redis_url"]
+
+SENTINEL_PORT: Final = 26379
+_DIRECT: Final = ("redis", "rediss", "unix")
+_SENTINEL_QUERY: Final = frozenset({"sentinel_password", "sentinel_username"})
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where Redis is: one server (``url`` for redis-py) or a Sentinel-watched master."""
+
+    url: str
+    service: str = ""  # Sentinel's name of the master; "" for one server
+    sentinels: tuple[tuple[str, int], ...] = ()
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    @property
+    def is_sentinel(self) -> bool:
+        return bool(self.service)
+
+    def master_kwargs(self) -> dict[str, Any]:
+        """Connection arguments of the master (and replicas) behind Sentinel."""
+        kwargs: dict[str, Any] = {"db": self.db}
+        if self.username is not None:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password
+        return kwargs
+
+    def sentinel_kwargs(self, timeout: float | None) -> dict[str, Any]:
+        """Connection arguments of the sentinels themselves."""
+        kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if self.sentinel_username is not None:
+            kwargs["username"] = self.sentinel_username
+        if self.sentinel_password is not None:
+            kwargs["password"] = self.sentinel_password
+        return kwargs
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    if text.startswith("["):  # [v6]:port
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    else:
+        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    if not host:
+        raise ConfigError(f"redis+sentinel URL: sentinel address {text!r} has no host")
+    if not port_text:
+        return host, SENTINEL_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"redis+sentinel URL: sentinel address {text!r} has a bad port")
+    return host, int(port_text)
+
+
+def _sentinel(url: str, rest: str) -> RedisTarget:
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else unquote(user) or None
+        if not colon:
+            username = None  # "secret@host": a lone userinfo is the password
+    sentinels = tuple(_host_port(part) for part in hosts.split(",") if part)
+    if not sentinels:
+        raise ConfigError("redis+sentinel URL: give at least one sentinel host:port")
+    service, _, db_text = path.partition("/")
+    service = unquote(service)
+    if not service:
+        raise ConfigError("redis+sentinel URL: give the master's service name: …/<service>[/db]")
+    db_text = db_text.rstrip("/")
+    if db_text and not db_text.isdigit():
+        raise ConfigError(f"redis+sentinel URL: database {db_text!r} is not a number")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - _SENTINEL_QUERY)
+    if unknown:
+        raise ConfigError(
+            f"redis+sentinel URL: unknown option(s) {', '.join(unknown)};"
+            f" known: {', '.join(sorted(_SENTINEL_QUERY))}"
+        )
+    return RedisTarget(
+        url,
+        service,
+        sentinels,
+        int(db_text or 0),
+        username,
+        password,
+        options.get("sentinel_username") or None,
+        options.get("sentinel_password") or None,
+    )
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Check ``url`` and say where Redis is; ConfigError names what is wrong."""
+    if not isinstance(url, str) or not url:
+        raise ConfigError("the Redis URL is empty")
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ConfigError(
+            "the Redis URL needs a scheme: redis://, rediss://, unix:// or redis+sentinel://"
+        )
+    if scheme in _DIRECT:
+        return RedisTarget(url)
+    if scheme == "redis+sentinel":
+        return _sentinel(url, rest)
+    if scheme in ("rediss+sentinel", "redis+cluster", "rediss+cluster"):
+        raise ConfigError(f"{scheme}:// is not supported by this version of Relay")
+    raise ConfigError(
+        f"unknown Redis URL scheme {scheme!r}: use redis://, rediss://, unix:// or redis+sentinel://"
+    )

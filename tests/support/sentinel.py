@@ -1,0 +1,194 @@
+"""A private Redis Sentinel deployment: a master, replicas and sentinels on free loopback ports.
+
+Every process is ``redis-server`` (a sentinel is ``redis-server <conf> --sentinel``, so no
+separate package is needed). A test may kill the master with SIGKILL and wait for the
+sentinels to promote a replica; ``down_after`` is small so that takes about a second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from tests.support.ports import free_port, wait_port
+from tests.support.redis_server import REDIS_BIN
+
+SERVICE = "relay-test"
+
+
+class SentinelDeployment:
+    """``replicas`` replicas of one master, watched by ``sentinels`` sentinels (quorum 2)."""
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 2,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+        password: str | None = None,
+    ) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-test-sentinel-"))
+        self.password = password
+        self.down_after_ms = down_after_ms
+        self.data_ports = [free_port() for _ in range(1 + replicas)]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """The ``redis+sentinel://`` URL of this deployment."""
+        auth = f":{self.password}@" if self.password else ""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{auth}{hosts}/{SERVICE}/0"
+
+    def _server(self, port: int, *extra: str) -> None:
+        auth = ("--requirepass", self.password, "--masterauth", self.password)
+        args = [
+            REDIS_BIN,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--dbfilename",
+            f"dump-{port}.rdb",
+            "--logfile",
+            str(self.dir / f"redis-{port}.log"),
+            *(auth if self.password else ()),
+            *extra,
+        ]
+        self.procs[port] = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port(port, 10.0)
+
+    def _sentinel(self, port: int, master_port: int) -> None:
+        conf = self.dir / f"sentinel-{port}.conf"
+        lines = [
+            f"port {port}",
+            "bind 127.0.0.1",
+            f"dir {self.dir}",
+            f"logfile {self.dir / f'sentinel-{port}.log'}",
+            f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2",
+            f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}",
+            f"sentinel failover-timeout {SERVICE} {max(3000, self.down_after_ms * 3)}",
+            f"sentinel parallel-syncs {SERVICE} 2",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {SERVICE} {self.password}")
+        conf.write_text("\n".join(lines) + "\n")
+        self.procs[port] = subprocess.Popen(
+            [REDIS_BIN, str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(port, 10.0)
+
+    def start(self) -> SentinelDeployment:
+        master, *replicas = self.data_ports
+        self._server(master)
+        for port in replicas:
+            self._server(port, "--replicaof", "127.0.0.1", str(master))
+        self.wait_replicated(len(replicas))
+        for port in self.sentinel_ports:
+            self._sentinel(port, master)
+        self.wait_sentinels_agree(master)
+        return self
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=self.password, socket_timeout=2)
+
+    def master_port(self) -> int:
+        """The master's port as the first answering sentinel reports it."""
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=1) as sentinel:
+                    _, master = sentinel.execute_command(
+                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE
+                    )
+                return int(master)
+            except (redis.RedisError, TypeError, ValueError):
+                continue
+        raise RuntimeError("no sentinel answers")
+
+    def wait_replicated(self, replicas: int, timeout: float = 20.0) -> None:
+        """Wait until the master has ``replicas`` replicas online and in sync."""
+        deadline = time.monotonic() + timeout
+        with self.client(self.data_ports[0]) as master:
+            while True:
+                info = master.info("replication")
+                online = [
+                    v
+                    for k, v in info.items()
+                    if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+                ]
+                if len(online) >= replicas:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"replicas not in sync: {info}")
+                time.sleep(0.05)
+
+    def wait_sentinels_agree(self, master_port: int, timeout: float = 30.0) -> None:
+        """Wait until every sentinel names ``master_port`` and knows the others and replicas."""
+        deadline = time.monotonic() + timeout
+        replicas = len(self.data_ports) - 1
+        others = len(self.sentinel_ports) - 1
+        while True:
+            ok = True
+            for port in self.sentinel_ports:
+                try:
+                    with redis.Redis(port=port, socket_timeout=1) as sentinel:
+                        state = sentinel.sentinel_master(SERVICE)
+                except redis.RedisError:
+                    ok = False
+                    break
+                if (
+                    int(state["port"]) != master_port
+                    or int(state["num-slaves"]) < replicas
+                    or int(state["num-other-sentinels"]) < others
+                ):
+                    ok = False
+                    break
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("sentinels do not agree on the deployment")
+            time.sleep(0.1)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one process (a data node or a sentinel)."""
+        proc = self.procs.pop(port, None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def wait_failover(self, old_master: int, timeout: float = 30.0) -> int:
+        """Wait until a sentinel names a new master that answers as one; its port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                port = self.master_port()
+                if port != old_master:
+                    with self.client(port) as new:
+                        if new.info("replication").get("role") == "master":
+                            return port
+            except (redis.RedisError, RuntimeError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("no failover happened")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for port in list(self.procs):
+            self.kill(port)
+        shutil.rmtree(self.dir, ignore_errors=True)

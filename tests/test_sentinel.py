@@ -1,0 +1,128 @@
+"""Redis Sentinel: engine and publishers follow a failover; min_replicas waits for replicas.
+
+A real deployment of redis-server processes (a master, two replicas, three sentinels with
+down-after 1 s) per test; the tests kill and stop its processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+import structlog
+
+from backend_adapter import AsyncPublisher, Publisher
+from relay.engine import EngineOptions
+from relay.engines.redis import RedisEngine
+from relay.errors import EngineUnavailable, PublishFailed
+from tests.engines.conftest import RecordingHandler
+from tests.support.sentinel import SentinelDeployment
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def deployment() -> AsyncIterator[SentinelDeployment]:
+    found = await asyncio.to_thread(SentinelDeployment(password="s3cret-pw").start)
+    yield found
+    await asyncio.to_thread(found.close)
+
+
+async def _publish_until_accepted(
+    publisher: AsyncPublisher, biz_id: str, seq: int, deadline: float
+) -> int:
+    """Publish with a mid until Redis accepts it; how many attempts failed."""
+    failures = 0
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await publisher.publish(biz_id, "tick", {"seq": seq}, mid=f"{biz_id}:{seq}")
+            return failures
+        except PublishFailed:
+            failures += 1
+            assert loop.time() < deadline, "no publish accepted after the failover"
+            await asyncio.sleep(0.1)
+
+
+async def test_sentinel_engine_and_publishers_follow_a_failover(
+    deployment: SentinelDeployment,
+) -> None:
+    """Kill -9 the master: publishes reach the new master, the node resubscribes and
+    receives them live, and the password never reaches a log line."""
+    handler = RecordingHandler()
+    engine = RedisEngine(deployment.url, EngineOptions(), socket_timeout=1.0)
+    with structlog.testing.capture_logs() as logs:
+        await engine.start("sentinel-node", handler)
+        try:
+            await engine.subscribe("b1")
+            async with AsyncPublisher(deployment.url, timeout=1.0, retries=1) as publisher:
+                await publisher.publish("b1", "tick", {"seq": 0}, mid="b1:0")
+                await handler.wait_until(lambda: len(handler.events_for("b1")) == 1)
+                old = deployment.master_port()
+                await asyncio.to_thread(deployment.kill, old)
+                loop = asyncio.get_running_loop()
+                failures = await _publish_until_accepted(publisher, "b1", 1, loop.time() + 30)
+                assert deployment.master_port() != old
+                # The node's subscription moved too: a live event arrives after resubscribing.
+                await handler.wait_until(lambda: handler.resubscribes >= 1, 20_000)
+                await _publish_until_accepted(publisher, "b1", 2, loop.time() + 10)
+                await handler.wait_until(
+                    lambda: [e.data["seq"] for e in handler.events_for("b1")][-1:] == [2],
+                    10_000,
+                )
+            with Publisher(deployment.url, timeout=1.0) as sync_publisher:
+                result = await asyncio.to_thread(sync_publisher.publish, "b1", "tick", {"seq": 3})
+            await handler.wait_until(lambda: len(handler.events_for("b1")) >= 3, 5_000)
+            history = await engine.history("b1", None, 10)
+            assert history.last is not None and result.id.startswith(str(history.last[0]))
+        finally:
+            await engine.close()
+    assert failures >= 1, "the kill should have failed at least one attempt"
+    assert "s3cret-pw" not in repr(logs)
+
+
+async def test_sentinel_min_replicas_holds_the_ack_until_replicas_have_the_event(
+    deployment: SentinelDeployment,
+) -> None:
+    """With min_replicas=1 a publish fails (retryable) while no replica answers -- also one
+    that finds its mid already written by another publisher -- and succeeds once they are
+    back; the engine's publish (the HTTP API's) too."""
+    replica_pids = [deployment.procs[port].pid for port in deployment.data_ports[1:]]
+    engine = RedisEngine(
+        deployment.url, EngineOptions(min_replicas=1, replica_timeout=0.2), socket_timeout=1.0
+    )
+    await engine.start("wait-node", RecordingHandler())
+    waiting = AsyncPublisher(
+        deployment.url, min_replicas=1, replica_timeout=0.2, timeout=1.0, retries=0
+    )
+    plain = AsyncPublisher(deployment.url, timeout=1.0, retries=0)
+    try:
+        assert not (await waiting.publish("w1", "tick", {"seq": 0}, mid="w1:0")).duplicate
+        assert not (await engine.publish("w1", "tick", {"seq": 1}, mid="w1:1")).duplicate
+        for pid in replica_pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            # Another publisher wrote w1:3 on the master alone. Finding its mid writes
+            # nothing, yet the ack must still wait until a replica holds the original.
+            assert not (await plain.publish("w1", "tick", {"seq": 3}, mid="w1:3")).duplicate
+            with pytest.raises(PublishFailed, match="replica"):
+                await waiting.publish("w1", "tick", {"seq": 3}, mid="w1:3")
+            with pytest.raises(PublishFailed, match=r"0 of 1 replica\(s\) acknowledged"):
+                await waiting.publish("w1", "tick", {"seq": 2}, mid="w1:2")
+            with pytest.raises(EngineUnavailable, match="replica"):
+                await engine.publish("w1", "tick", {"seq": 4}, mid="w1:4")
+        finally:
+            for pid in replica_pids:
+                os.kill(pid, signal.SIGCONT)
+        again = await waiting.publish("w1", "tick", {"seq": 2}, mid="w1:2")
+        assert again.duplicate, "the failed attempt had reached the master"
+        assert (await engine.publish("w1", "tick", {"seq": 4}, mid="w1:4")).duplicate
+        with Publisher(deployment.url, min_replicas=2, replica_timeout=0.5) as sync_publisher:
+            await asyncio.to_thread(sync_publisher.publish, "w1", "tick", {"seq": 5})
+    finally:
+        await plain.close()
+        await waiting.close()
+        await engine.close()
