@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.node import Listener, NodeUnderTest
 from tests.support.redis_server import RedisServer
+from tests.support.sentinel import PASSWORD, SentinelDeployment
 
 MS = float(os.environ.get("RELAY_TEST_TIMEOUT_FACTOR", "1")) / 1000
 """One millisecond, scaled by RELAY_TEST_TIMEOUT_FACTOR on slow machines."""
@@ -35,6 +36,14 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.close()
+
+
+@pytest.fixture
+async def sentinel_deployment() -> AsyncIterator[SentinelDeployment]:
+    """A Sentinel deployment of this test's own (master, 2 replicas, 3 sentinels)."""
+    found = await asyncio.to_thread(SentinelDeployment(password=PASSWORD).start)
+    yield found
+    await asyncio.to_thread(found.close)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 
 import pytest
 import structlog
@@ -19,16 +18,9 @@ from relay.engine import EngineOptions
 from relay.engines.redis import RedisEngine
 from relay.errors import EngineUnavailable, PublishFailed
 from tests.engines.conftest import RecordingHandler
-from tests.support.sentinel import SentinelDeployment
+from tests.support.sentinel import PASSWORD, SentinelDeployment
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-async def deployment() -> AsyncIterator[SentinelDeployment]:
-    found = await asyncio.to_thread(SentinelDeployment(password="s3cret-pw").start)
-    yield found
-    await asyncio.to_thread(found.close)
 
 
 async def _publish_until_accepted(
@@ -48,10 +40,11 @@ async def _publish_until_accepted(
 
 
 async def test_sentinel_engine_and_publishers_follow_a_failover(
-    deployment: SentinelDeployment,
+    sentinel_deployment: SentinelDeployment,
 ) -> None:
     """Kill -9 the master: publishes reach the new master, the node resubscribes and
     receives them live, and the password never reaches a log line."""
+    deployment = sentinel_deployment
     handler = RecordingHandler()
     engine = RedisEngine(deployment.url, EngineOptions(), socket_timeout=1.0)
     with structlog.testing.capture_logs() as logs:
@@ -81,15 +74,16 @@ async def test_sentinel_engine_and_publishers_follow_a_failover(
         finally:
             await engine.close()
     assert failures >= 1, "the kill should have failed at least one attempt"
-    assert "s3cret-pw" not in repr(logs)
+    assert PASSWORD not in repr(logs)
 
 
 async def test_sentinel_min_replicas_holds_the_ack_until_replicas_have_the_event(
-    deployment: SentinelDeployment,
+    sentinel_deployment: SentinelDeployment,
 ) -> None:
     """With min_replicas=1 a publish fails (retryable) while no replica answers -- also one
     that finds its mid already written by another publisher -- and succeeds once they are
     back; the engine's publish (the HTTP API's) too."""
+    deployment = sentinel_deployment
     replica_pids = [deployment.procs[port].pid for port in deployment.data_ports[1:]]
     engine = RedisEngine(
         deployment.url, EngineOptions(min_replicas=1, replica_timeout=0.2), socket_timeout=1.0

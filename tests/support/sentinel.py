@@ -7,7 +7,9 @@ sentinels to promote a replica; ``down_after`` is small so that takes about a se
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -19,6 +21,7 @@ from tests.support.ports import free_port, wait_port
 from tests.support.redis_server import REDIS_BIN
 
 SERVICE = "relay-test"
+PASSWORD = "sentinel-test-pw-93f1"  # the master's; tests check it never reaches a log
 
 
 class SentinelDeployment:
@@ -81,7 +84,9 @@ class SentinelDeployment:
             f"logfile {self.dir / f'sentinel-{port}.log'}",
             f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2",
             f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}",
-            f"sentinel failover-timeout {SERVICE} {max(3000, self.down_after_ms * 3)}",
+            # Short enough for a test, long enough that a loaded machine never sees a
+            # failover aborted and retried by another sentinel (a second promotion).
+            f"sentinel failover-timeout {SERVICE} 30000",
             f"sentinel parallel-syncs {SERVICE} 2",
         ]
         if self.password:
@@ -172,8 +177,24 @@ class SentinelDeployment:
             proc.kill()
             proc.wait(10)
 
-    def wait_failover(self, old_master: int, timeout: float = 30.0) -> int:
-        """Wait until a sentinel names a new master that answers as one; its port."""
+    def cut_replicas(self, master: int) -> None:
+        """Replication stops: the replicas are stopped (SIGSTOP) and the master drops their
+        links, so what it accepts from now on exists only on the master until
+        :meth:`resume_replicas` (they then resync, if the master is still there)."""
+        for port in self.data_ports:
+            if port != master and port in self.procs:
+                os.kill(self.procs[port].pid, signal.SIGSTOP)
+        with self.client(master) as client:
+            client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+
+    def resume_replicas(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+
+    def wait_failover(self, old_master: int, timeout: float = 30.0) -> tuple[int, float]:
+        """Wait until a sentinel names a new master that answers as one: its port, and the
+        time.monotonic() when that was seen."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -181,7 +202,7 @@ class SentinelDeployment:
                 if port != old_master:
                     with self.client(port) as new:
                         if new.info("replication").get("role") == "master":
-                            return port
+                            return port, time.monotonic()
             except (redis.RedisError, RuntimeError):
                 pass
             if time.monotonic() > deadline:
@@ -189,6 +210,8 @@ class SentinelDeployment:
             time.sleep(0.05)
 
     def close(self) -> None:
+        self.resume_replicas()
         for port in list(self.procs):
             self.kill(port)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not os.environ.get("KEEP_SENTINEL_DIR"):
+            shutil.rmtree(self.dir, ignore_errors=True)
