@@ -42,8 +42,8 @@ async def _publish_until_accepted(
 async def test_sentinel_engine_and_publishers_follow_a_failover(
     sentinel_deployment: SentinelDeployment,
 ) -> None:
-    """Kill -9 the master: publishes reach the new master, the node resubscribes and
-    receives them live, and the password never reaches a log line."""
+    """Kill -9 the master and the URL's first sentinel: publishes reach the new master, the
+    node resubscribes and receives them live, and the password never reaches a log line."""
     deployment = sentinel_deployment
     handler = RecordingHandler()
     engine = RedisEngine(deployment.url, EngineOptions(), socket_timeout=1.0)
@@ -55,6 +55,8 @@ async def test_sentinel_engine_and_publishers_follow_a_failover(
                 await publisher.publish("b1", "tick", {"seq": 0}, mid="b1:0")
                 await handler.wait_until(lambda: len(handler.events_for("b1")) == 1)
                 old = deployment.master_port()
+                # The first sentinel of the URL is gone too: the others are asked.
+                await asyncio.to_thread(deployment.kill, deployment.sentinel_ports[0])
                 await asyncio.to_thread(deployment.kill, old)
                 loop = asyncio.get_running_loop()
                 failures = await _publish_until_accepted(publisher, "b1", 1, loop.time() + 30)
