@@ -168,11 +168,13 @@ async def test_demo_canvas_reloads_the_labels_when_history_is_lost(
     await asyncio.to_thread(demo.restart_redis)
     await add_label(admin, "After the restart")  # the outbox publishes into the new Redis
     await move_label(admin, 1, 50, 60)
-    await wait_canvas(canvas, "d.reloads === 2 && d.state === 'live'")
+    await wait_canvas(canvas, "d.reloads >= 2 && d.state === 'live'")
     await wait_canvas(canvas, "d.labels.size === 3 && d.labels.get(1).x === 50")
     assert await canvas_labels(canvas) == drawn_like(service_labels(demo))
-    welcome = await canvas.evaluate("() => window.demo.welcomes.at(-1)")
-    assert welcome["recovered"] is False
+    # The node may also be asked to re-register its sessions (the new Redis forgot it):
+    # a later welcome then resumes, recovered, from the reloaded position.
+    recovered = await canvas.evaluate("() => window.demo.welcomes.map((w) => w.recovered)")
+    assert False in recovered[1:]
     assert await canvas.evaluate("() => window.demo.errors") == []
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 from playwright.async_api import BrowserContext, Page
 
 from tests.conftest import MS
@@ -66,7 +67,8 @@ async def test_status_page_shows_two_live_nodes_after_login(
     listeners: list[Listener],
     tmp_path: Path,
 ) -> None:
-    """Wrong key refused; right key: both nodes, ready, with figures that follow the traffic."""
+    """Wrong key refused; right key: both nodes, ready, with figures that follow the traffic
+    and the gaps a lost live feed caused."""
     a = await start_node(started_nodes, redis_url=redis_server.url, node_id="status-a")
     b = await start_node(started_nodes, redis_url=redis_server.url, node_id="status-b")
     page = await context.new_page()
@@ -109,6 +111,22 @@ async def test_status_page_shows_two_live_nodes_after_login(
             && parseFloat(document.querySelector('#t-publishes').textContent) > 0;
         }""",
     )
+
+    # Redis cuts both nodes' live feeds: each resubscribes and fills the gap from history.
+    # The page lists what its node did, newest first.
+    raw = aioredis.from_url(redis_server.url)
+    try:
+        await raw.client_kill_filter(_type="pubsub")
+    finally:
+        await raw.aclose()
+    await wait_page(
+        page,
+        """() => {
+          const kinds = [...document.querySelectorAll('#recent .kind')].map((k) => k.textContent);
+          return kinds.includes('engine.resubscribed') && kinds.includes('gap.repaired');
+        }""",
+    )
+    assert await page.is_hidden("#recent-empty")
     await save_screenshot(page, tmp_path, "status-page.png")
 
     # The key is kept for the tab: a reload goes straight to the figures.
