@@ -3,8 +3,10 @@
 Three nodes behind nginx (deploy/local-cluster.sh), resuming clients
 (:class:`~tests.cluster.support.TrackingClient`), one event per client per tick from a
 publisher that retries with one ``mid`` per event and counts an event as accepted only
-once its publish returned. Meanwhile :class:`FaultScript` picks one fault at a time from
-a seeded random generator, lets the cluster recover from it, pauses, picks the next:
+once its publish returned. Meanwhile :class:`FaultScript` runs two lanes at once, one of
+Redis faults and one of node faults; each picks a fault from its own seeded generator, lets
+the cluster recover from it, pauses 2-8 s, picks the next (so a node may drain, die or
+start while Redis is down or hung):
 
 - ``pubsub_kill``  ``CLIENT KILL TYPE pubsub``: every node loses its live feed at once
 - ``redis_restart`` Redis stopped (SIGTERM: AOF written) and started again
@@ -38,58 +40,71 @@ import redis.asyncio as aioredis
 from tests.cluster.support import Fleet, LocalCluster, TickPublisher
 
 SETTINGS = {"heartbeat": 5, "drain_grace": 3, "close_linger": 0.1}
-FAULTS = ("pubsub_kill", "redis_restart", "redis_stall", "node_kill", "node_term")
+REDIS_FAULTS = ("pubsub_kill", "redis_restart", "redis_stall")
+NODE_FAULTS = ("node_kill", "node_term")
+FAULTS = REDIS_FAULTS + NODE_FAULTS
 
 
 @dataclass
 class FaultScript:
-    """Injects one random fault at a time into ``cluster`` until stopped."""
+    """Injects random faults into ``cluster`` until stopped: two lanes, Redis and nodes.
+
+    Each lane runs one fault at a time (a node is back before the next node fault, Redis is
+    back before the next Redis fault), with its own seeded generator, but the lanes overlap:
+    a node may drain, die or start while Redis is down or hung.
+    """
 
     cluster: LocalCluster
-    rng: random.Random
-    pause: tuple[float, float] = (2.0, 6.0)  # seconds between a recovery and the next fault
+    seed: int
+    pause: tuple[float, float] = (2.0, 8.0)  # seconds between a recovery and a lane's next fault
     counts: Counter[str] = field(default_factory=Counter)
     log: list[tuple[float, str, float]] = field(default_factory=list)  # (start, fault, took)
     last_recovered: float = 0.0  # monotonic time the last fault's cluster was whole again
 
     async def run(self, until: float) -> None:
+        await asyncio.gather(
+            self._lane(REDIS_FAULTS, random.Random(f"{self.seed}:redis"), until),
+            self._lane(NODE_FAULTS, random.Random(f"{self.seed}:nodes"), until),
+        )
+
+    async def _lane(self, faults: tuple[str, ...], rng: random.Random, until: float) -> None:
         while time.monotonic() < until:
-            await asyncio.sleep(self.rng.uniform(*self.pause))
+            await asyncio.sleep(rng.uniform(*self.pause))
             if time.monotonic() >= until:
                 break
-            fault = self.rng.choice(FAULTS)
+            fault = rng.choice(faults)
             began = time.monotonic()
-            await getattr(self, fault)()
+            await getattr(self, fault)(rng)
             self.last_recovered = time.monotonic()
             self.counts[fault] += 1
             self.log.append((began, fault, self.last_recovered - began))
 
-    async def pubsub_kill(self) -> None:
+    async def pubsub_kill(self, rng: random.Random) -> None:
         client = aioredis.Redis.from_url(self.cluster.redis_url)
         try:
             await client.client_kill_filter(_type="pubsub")
         finally:
             await client.aclose()
 
-    async def redis_restart(self) -> None:
+    async def redis_restart(self, rng: random.Random) -> None:
         await asyncio.to_thread(self.cluster.run, "stop-redis")
-        await asyncio.sleep(self.rng.uniform(0.2, 2.0))
+        await asyncio.sleep(rng.uniform(0.2, 2.0))
         await asyncio.to_thread(self.cluster.run, "start-redis")
 
-    async def redis_stall(self) -> None:
+    async def redis_stall(self, rng: random.Random) -> None:
         pid = self.cluster.pid("redis")
         with _signalled(pid):
-            await asyncio.sleep(self.rng.uniform(2.0, 5.0))
+            await asyncio.sleep(rng.uniform(2.0, 5.0))
 
-    async def node_kill(self) -> None:
-        k = self.rng.randint(1, self.cluster.nodes)
+    async def node_kill(self, rng: random.Random) -> None:
+        k = rng.randint(1, self.cluster.nodes)
         self.cluster.signal_node(k, signal.SIGKILL)
         await self.cluster.wait_exit(k, 10)
-        await asyncio.sleep(self.rng.uniform(0.5, 3.0))
+        await asyncio.sleep(rng.uniform(0.5, 3.0))
         await asyncio.to_thread(self.cluster.start_node, k)
 
-    async def node_term(self) -> None:
-        k = self.rng.randint(1, self.cluster.nodes)
+    async def node_term(self, rng: random.Random) -> None:
+        k = rng.randint(1, self.cluster.nodes)
         self.cluster.signal_node(k, signal.SIGTERM)
         code = await self.cluster.wait_exit(k, 60)
         assert code == 0, f"node{k} exited {code} after SIGTERM"
@@ -235,13 +250,12 @@ async def run_chaos(
     cluster: LocalCluster, *, seconds: float, clients: int, rate: float, seed: int
 ) -> ChaosOutcome:
     """Clients and events through nginx, random faults for ``seconds``, then the verdict."""
-    rng = random.Random(seed)
     ids = [f"chaos-{i}" for i in range(clients)]
     async with Fleet({cid: cluster.lb_ws(cid) for cid in ids}) as fleet:
         await fleet.wait_connected(60)
         async with TickPublisher(cluster.redis_url, ids, clients / rate) as publisher:
             await publisher.wait_ticks(2)
-            script = FaultScript(cluster, rng)
+            script = FaultScript(cluster, seed)
             began = time.monotonic()
             await script.run(began + seconds)
             ran = time.monotonic() - began
