@@ -1,9 +1,16 @@
-"""The Engine: broker (publish, subscribe, history) and registry (sessions, nodes).
+"""The Engine: a broker, a session registry and a node registry behind one object.
+
+Three small interfaces, as in centrifuge: :class:`Broker` (publish, subscribe, history),
+:class:`SessionRegistry` (claim, release, lookup, kick) and :class:`NodeRegistry`
+(heartbeat, list; register and reap happen in :meth:`Engine.start` and the heartbeat).
+:class:`Engine` is their union plus a lifecycle, so the node holds one object, and a new
+engine can be written one interface at a time against its contract suite
+(tests/engines/test_*_contract.py, each run on every implementation).
 
 Two implementations sit in ``relay.engines``: ``memory`` (one process, no Redis) and
-``redis``. Engines never import the hub, the node or aiohttp; they report upward through
-an :class:`EngineHandler` the node passes to :meth:`Engine.start`. One contract suite
-(tests/engines/test_contract.py) runs against every implementation.
+``redis``; each proves statically that it fits every interface. Engines never import the
+hub, the node or aiohttp; they report upward through an :class:`EngineHandler` the node
+passes to :meth:`Engine.start`.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 from relay.wire import Event, History, PublishResult, StreamId, superseded
 
 __all__ = [
+    "Broker",
     "ClientStatus",
     "Control",
     "Engine",
@@ -22,7 +30,9 @@ __all__ = [
     "EngineOptions",
     "NodeFigures",
     "NodeInfo",
+    "NodeRegistry",
     "SessionRecord",
+    "SessionRegistry",
     "is_stale_claim",
 ]
 
@@ -156,21 +166,11 @@ class EngineHandler(Protocol):
 
 
 @runtime_checkable
-class Engine(Protocol):
-    """Broker and registry. ``ready`` is False while live delivery cannot be proven."""
+class Broker(Protocol):
+    """Moves events: appends each to its BizId's history and delivers it live.
 
-    name: str
-
-    @property
-    def ready(self) -> bool: ...
-
-    async def start(self, node_id: str, handler: EngineHandler) -> None:
-        """Connect, subscribe the node's control channel, register the node."""
-
-    async def close(self) -> None:
-        """Deregister the node and release every connection. Idempotent."""
-
-    # -- broker ----------------------------------------------------------------------
+    Live events reach the :class:`EngineHandler` given to :meth:`Engine.start`.
+    """
 
     async def publish(
         self, biz_id: str, event: str, data: Any, *, mid: str | None = None
@@ -189,7 +189,10 @@ class Engine(Protocol):
     async def history(self, biz_id: str, since: StreamId | None, limit: int) -> History:
         """Read history: the stream's bounds and, given ``since``, the entries after it."""
 
-    # -- registry --------------------------------------------------------------------
+
+@runtime_checkable
+class SessionRegistry(Protocol):
+    """Who holds each client_id, fenced by session, and a way to reach its node (kick)."""
 
     async def claim_session(
         self, record: SessionRecord, *, exclusive: bool = True
@@ -218,13 +221,40 @@ class Engine(Protocol):
         """What is known of ``client_id``; online only if its node is alive."""
 
     async def send_control(self, node_id: str, control: Control) -> None:
-        """Send a control message to ``node_id`` (possibly this node)."""
+        """Send a control message to ``node_id`` (possibly this node): a kick, or the
+        node's own canary and rejoin."""
+
+
+@runtime_checkable
+class NodeRegistry(Protocol):
+    """Which nodes are alive and what they carry.
+
+    :meth:`Engine.start` registers the node and :meth:`Engine.close` deregisters it; the
+    Redis engine reaps the session records of long-silent nodes from :meth:`heartbeat`.
+    """
 
     async def heartbeat(self, connections: int, figures: NodeFigures | None = None) -> None:
         """Refresh this node's liveness and load (``figures`` default to none reported)."""
 
     async def nodes(self) -> list[NodeInfo]:
         """The live nodes, each with the figures of its last heartbeat."""
+
+
+@runtime_checkable
+class Engine(Broker, SessionRegistry, NodeRegistry, Protocol):
+    """All three interfaces and a lifecycle. ``ready`` is False while live delivery
+    cannot be proven."""
+
+    name: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self, node_id: str, handler: EngineHandler) -> None:
+        """Connect, subscribe the node's control channel, register the node."""
+
+    async def close(self) -> None:
+        """Deregister the node and release every connection. Idempotent."""
 
     async def health(self) -> EngineHealth:
         """Probe the broker once (one round trip); never raises for an unreachable one."""

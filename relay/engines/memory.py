@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.engine import (
     ClientStatus,
@@ -34,6 +34,9 @@ from relay.wire import (
     encode_payload,
     format_id,
 )
+
+if TYPE_CHECKING:
+    from relay.engine import Broker, Engine, NodeRegistry, SessionRegistry
 
 __all__ = ["MemoryEngine"]
 
@@ -233,3 +236,11 @@ class MemoryEngine:
 
     async def health(self) -> EngineHealth:
         return EngineHealth(self.name, self.ready, True, latency_ms=0.0)
+
+
+if TYPE_CHECKING:  # mypy proves the memory engine fits each interface
+
+    def _fits_every_interface(
+        engine: MemoryEngine,
+    ) -> tuple[Broker, SessionRegistry, NodeRegistry, Engine]:
+        return engine, engine, engine, engine

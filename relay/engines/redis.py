@@ -109,7 +109,7 @@ from relay.wire import (
 )
 
 if TYPE_CHECKING:
-    from relay.engine import Engine
+    from relay.engine import Broker, Engine, NodeRegistry, SessionRegistry
 
 __all__ = ["RedisEngine", "decode_control", "encode_control"]
 
@@ -755,7 +755,9 @@ class RedisEngine:
         return self._sub
 
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # mypy proves the Redis engine fits each interface
 
-    def _fits_engine_protocol(engine: RedisEngine) -> Engine:
-        return engine
+    def _fits_every_interface(
+        engine: RedisEngine,
+    ) -> tuple[Broker, SessionRegistry, NodeRegistry, Engine]:
+        return engine, engine, engine, engine
