@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
-from relay.engine import Control, Engine, EngineOptions
+from relay.engine import Control, Engine, EngineOptions, SessionRecord
 from relay.engines.memory import MemoryEngine
 from relay.engines.redis import RedisEngine
 from relay.wire import Event, KeySpace
@@ -87,6 +88,11 @@ class Harness:
         assert self.raw is not None
         await self.raw.pexpire(self.keys.log(biz_id), 1)
         await asyncio.sleep(0.01)
+
+
+def record(h: Harness, client_id: str, session: str, since: str | None = None) -> SessionRecord:
+    """A session record of ``client_id`` on ``h``'s node, claimed now."""
+    return SessionRecord(client_id, h.node_id, session, since, time.time())
 
 
 StartEngine = Callable[..., Awaitable[Harness]]

@@ -1,4 +1,4 @@
-"""The Engine contract, run against every engine: memory, real Redis, and fakeredis."""
+"""The Broker contract (publish, subscribe, history), run on memory, real Redis, fakeredis."""
 
 from __future__ import annotations
 
@@ -7,49 +7,21 @@ import time
 
 import pytest
 
-from relay.engine import (
-    ClientStatus,
-    Control,
-    Engine,
-    EngineOptions,
-    NodeFigures,
-    NodeInfo,
-    SessionRecord,
-)
+from relay.engine import EngineOptions
 from relay.errors import InvalidClientId, InvalidInput, PayloadTooLarge
 from relay.wire import ID_ZERO, parse_id, prove_recovery
-from tests.engines.conftest import KINDS, Harness, StartEngine
+from tests.engines.conftest import KINDS, Harness, StartEngine, record
 
 pytestmark = pytest.mark.parametrize("start_engine", KINDS, indirect=True)
 
 TTL_MS = EngineOptions().history_ttl * 1000
 
 
-def record(h: Harness, client_id: str, session: str, since: str | None = None) -> SessionRecord:
-    return SessionRecord(client_id, h.node_id, session, since, time.time())
-
-
 async def publish_many(h: Harness, biz_id: str, count: int) -> list[str]:
     return [(await h.engine.publish(biz_id, "n", {"n": i})).id for i in range(count)]
 
 
-# -- lifecycle ----------------------------------------------------------------------------
-
-
-async def test_engine_fits_protocol_and_is_ready(harness: Harness) -> None:
-    """A started engine is an Engine and reports ready."""
-    assert isinstance(harness.engine, Engine)
-    assert harness.engine.ready
-
-
-async def test_close_is_idempotent(harness: Harness) -> None:
-    """Closing twice is harmless and leaves the engine not ready."""
-    await harness.engine.close()
-    await harness.engine.close()
-    assert not harness.engine.ready
-
-
-# -- publish ------------------------------------------------------------------------------
+# -- publish ---------------------------------------------------------------------------
 
 
 async def test_publish_returns_increasing_ids(harness: Harness) -> None:
@@ -116,7 +88,7 @@ async def test_publish_rejects_non_json_data(harness: Harness) -> None:
         await harness.engine.publish("json", "", None)
 
 
-# -- live delivery ------------------------------------------------------------------------
+# -- live delivery ---------------------------------------------------------------------
 
 
 async def test_subscribe_returns_when_live(harness: Harness) -> None:
@@ -183,7 +155,7 @@ async def test_resubscribe_after_unsubscribe_delivers(harness: Harness) -> None:
     await handler.wait_until(lambda: [e.id for e in handler.events_for("again")] == [result.id])
 
 
-# -- history ------------------------------------------------------------------------------
+# -- history ---------------------------------------------------------------------------
 
 
 async def test_history_keeps_newest_entries_contiguous(start_engine: StartEngine) -> None:
@@ -252,7 +224,7 @@ async def test_history_expires_after_ttl(harness: Harness) -> None:
     assert len(reborn.entries) == 1 and reborn.entries[0].prev == ID_ZERO
 
 
-# -- recovery proof, end to end -----------------------------------------------------------
+# -- recovery proof, end to end --------------------------------------------------------
 
 
 async def test_recovery_proven_when_history_intact(harness: Harness) -> None:
@@ -299,148 +271,3 @@ async def test_recovery_refused_for_unknown_future_id(harness: Harness) -> None:
     last = parse_id(ids[-1])
     since = (last[0] + 10_000, 0)
     assert not prove_recovery(since, await harness.engine.history("future", since, 10), TTL_MS)
-
-
-# -- registry -----------------------------------------------------------------------------
-
-
-async def test_claim_session_returns_previous_record(harness: Harness) -> None:
-    """A claim replaces the record and returns the one it replaced."""
-    engine = harness.engine
-    first = record(harness, "claim", "s1", since="5-0")
-    assert await engine.claim_session(first) is None
-    second = record(harness, "claim", "s2")
-    assert await engine.claim_session(second) == first
-    status = await engine.client_status("claim")
-    assert (status.session, status.since) == ("s2", None)
-
-
-async def test_claim_session_stale_handshake_on_same_node_does_not_displace(
-    harness: Harness,
-) -> None:
-    """A handshake that began earlier on this node loses to the later one, whatever order."""
-    engine = harness.engine
-    later = SessionRecord("stale", harness.node_id, "later", None, 2000.0)
-    earlier = SessionRecord("stale", harness.node_id, "earlier", None, 1000.0)
-    assert await engine.claim_session(later) is None
-    assert await engine.claim_session(earlier) == later
-    assert (await engine.client_status("stale")).session == "later"
-    elsewhere = SessionRecord("stale", "other-node", "elsewhere", None, 1500.0)
-    assert await engine.claim_session(elsewhere) == later
-    assert (await engine.client_status("stale")).session == "elsewhere"
-
-
-async def test_claim_session_shared_record_survives_while_a_session_lives(
-    harness: Harness,
-) -> None:
-    """Non-exclusive claims: releasing the newest hands the record to a live one."""
-    engine = harness.engine
-    first = SessionRecord("fan", harness.node_id, "one", None, 1000.0)
-    second = SessionRecord("fan", harness.node_id, "two", None, 2000.0)
-    assert await engine.claim_session(first, exclusive=False) is None
-    assert await engine.claim_session(second, exclusive=False) == first
-    assert await engine.release_session("fan", "two")
-    status = await engine.client_status("fan")
-    assert status.online and status.session == "one"
-    assert not await engine.release_session("fan", "two")
-    assert await engine.release_session("fan", "one")
-    assert not (await engine.client_status("fan")).online
-
-
-async def test_claim_session_earlier_attempt_of_same_instance_does_not_displace(
-    harness: Harness,
-) -> None:
-    """Attempt 1 of an instance never replaces its attempt 2, on any node or clock."""
-    engine = harness.engine
-    second = SessionRecord("att", "node-b", "two", None, 1000.0, "inst.2")
-    first = SessionRecord("att", "node-a", "one", None, 2000.0, "inst.1")
-    assert await engine.claim_session(second) is None
-    holder = await engine.claim_session(first)
-    assert holder is not None and holder.session == "two" and holder.attempt == "inst.2"
-    other = SessionRecord("att", "node-a", "other", None, 3000.0, "else.1")
-    assert (await engine.claim_session(other)) == holder
-    assert (await engine.client_status("att")).session == "other"
-
-
-async def test_release_session_is_fenced(harness: Harness) -> None:
-    """A late release by a replaced session leaves the newer record alone."""
-    engine = harness.engine
-    await engine.claim_session(record(harness, "fence", "old"))
-    await engine.claim_session(record(harness, "fence", "new"))
-    assert not await engine.release_session("fence", "old")
-    assert (await engine.client_status("fence")).session == "new"
-    assert await engine.release_session("fence", "new")
-    assert not (await engine.client_status("fence")).online
-    assert not await engine.release_session("fence", "new")
-
-
-async def test_record_ack_is_fenced(harness: Harness) -> None:
-    """Only the session holding the record stores acks; a new claim starts without one."""
-    engine = harness.engine
-    await engine.record_ack("ack", "nobody", "1-0")
-    assert (await engine.client_status("ack")) == ClientStatus("ack", False, None, None, None, None)
-    await engine.claim_session(record(harness, "ack", "s1"))
-    await engine.record_ack("ack", "s1", "5-0")
-    assert (await engine.client_status("ack")).last_ack == "5-0"
-    await engine.claim_session(record(harness, "ack", "s2"))
-    assert (await engine.client_status("ack")).last_ack is None
-    await engine.record_ack("ack", "s1", "6-0")
-    assert (await engine.client_status("ack")).last_ack is None
-    await engine.record_ack("ack", "s2", "7-0")
-    assert (await engine.client_status("ack")).last_ack == "7-0"
-
-
-async def test_client_status_online_on_live_node(harness: Harness) -> None:
-    """A record held on this (live) node is online and shows node, session and since."""
-    await harness.engine.claim_session(record(harness, "who", "s1", since="3-1"))
-    status = await harness.engine.client_status("who")
-    assert status == ClientStatus("who", True, harness.node_id, "s1", "3-1", None)
-    assert not (await harness.engine.client_status("stranger")).online
-
-
-async def test_nodes_lists_self_after_heartbeat(harness: Harness) -> None:
-    """After a heartbeat this node is listed with its connection count."""
-    before = time.time()
-    await harness.engine.heartbeat(7)
-    nodes = await harness.engine.nodes()
-    assert [n.node for n in nodes] == [harness.node_id]
-    info: NodeInfo = nodes[0]
-    assert info.connections == 7
-    assert info.started_at <= info.last_seen
-    assert before - 1 <= info.last_seen <= time.time() + 1
-
-
-async def test_nodes_carry_the_figures_of_the_last_heartbeat(harness: Harness) -> None:
-    """Address, state, rates and counts a node reports come back from nodes() as sent."""
-    figures = NodeFigures(
-        address="10.0.0.7:8080",
-        state="draining",
-        messages_per_s=12.5,
-        events_per_s=3.25,
-        publishes_per_s=0.5,
-        gaps_repaired=2,
-        gaps_unrecoverable=1,
-        closed_4509=4,
-    )
-    await harness.engine.heartbeat(3, figures)
-    [info] = await harness.engine.nodes()
-    assert (info.connections, info.figures) == (3, figures)
-    await harness.engine.heartbeat(4)
-    [info] = await harness.engine.nodes()
-    assert (info.connections, info.figures) == (4, NodeFigures())
-
-
-async def test_health_reports_a_reachable_ready_engine(harness: Harness) -> None:
-    """health() of a started engine: reachable, ready, a round-trip time, no error."""
-    health = await harness.engine.health()
-    assert (health.engine, health.ready, health.reachable) == (harness.engine.name, True, True)
-    assert health.latency_ms is not None and health.latency_ms >= 0
-    assert health.error == ""
-
-
-async def test_send_control_reaches_self(harness: Harness) -> None:
-    """A control message sent to this node's id arrives through on_control, intact."""
-    kick = Control("kick", client_id="c1", session="s-9", code=4000, reason="replaced")
-    await harness.engine.send_control(harness.node_id, kick)
-    await harness.handler.wait_until(lambda: bool(harness.handler.controls))
-    assert harness.handler.controls == [kick]
