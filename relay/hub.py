@@ -39,19 +39,17 @@ class Verdict(enum.Enum):
     STALE = "stale"  # already delivered (a replay overlap): drop
     GAP = "gap"  # something before it is missing: repair from history first
     HELD = "held"  # a repair is under way: kept until it ends
-    UNWANTED = "unwanted"  # no local session wants this BizId any more
 
 
 class Subscription(Generic[S]):
     """One BizId's local sessions and its live-feed position."""
 
-    __slots__ = ("biz_id", "held", "last", "live", "repairing", "sessions")
+    __slots__ = ("biz_id", "held", "last", "repairing", "sessions")
 
     def __init__(self, biz_id: str) -> None:
         self.biz_id = biz_id
         self.sessions: list[S] = []
         self.last: StreamId | None = None  # newest id fanned out, None before the first
-        self.live = False  # the engine confirmed the subscription
         self.repairing = False
         self.held: list[Event] = []
 
