@@ -196,13 +196,6 @@ class KeySpace:
         earlier one, so WAIT covers them all (see docs/wire.md, min-replicas)."""
         return f"{self.prefix}:barrier"
 
-    def biz_of_channel(self, channel: str) -> str:
-        """Inverse of :meth:`channel`."""
-        head = f"{self.prefix}:{{"
-        if not (channel.startswith(head) and channel.endswith("}:ch")):
-            raise InvalidEnvelope("not a relay channel")
-        return channel[len(head) : -len("}:ch")]
-
 
 # -- envelopes --------------------------------------------------------------------------
 

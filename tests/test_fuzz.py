@@ -29,7 +29,6 @@ from relay.wire import (
     ID_ZERO,
     Event,
     History,
-    KeySpace,
     StreamId,
     decode_live,
     decode_payload,
@@ -224,14 +223,6 @@ def test_fuzz_validate_client_id(text: str) -> None:
         assert not valid
     else:
         assert valid
-
-
-@SHORT
-@given(client_ids, st.text(CLIENT_ID_ALPHABET + "{}", min_size=1, max_size=20))
-def test_fuzz_keyspace_channel_round_trip(biz_id: str, prefix: str) -> None:
-    """biz_of_channel inverts channel for every valid BizId and prefix."""
-    keys = KeySpace(prefix)
-    assert keys.biz_of_channel(keys.channel(biz_id)) == biz_id
 
 
 # -- envelopes -----------------------------------------------------------------------------

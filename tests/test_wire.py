@@ -231,22 +231,6 @@ def test_keyspace_names_match_design() -> None:
     assert keys.control("n1") == "relay:ctl:n1"
 
 
-@pytest.mark.parametrize("biz_id", ["cml", "a", "x:y@z.q-1_2", "x" * 128])
-def test_keyspace_biz_of_channel_inverts_channel(biz_id: str) -> None:
-    """biz_of_channel(channel(B)) == B."""
-    keys = KeySpace("p")
-    assert keys.biz_of_channel(keys.channel(biz_id)) == biz_id
-
-
-@pytest.mark.parametrize(
-    "channel", ["relay:{cml}:log", "other:{cml}:ch", "relay:cml:ch", "relay:ctl:n1", ""]
-)
-def test_keyspace_biz_of_channel_rejects_foreign_channels(channel: str) -> None:
-    """A channel that is not this prefix's BizId channel raises InvalidEnvelope."""
-    with pytest.raises(InvalidEnvelope):
-        KeySpace().biz_of_channel(channel)
-
-
 # -- envelopes ---------------------------------------------------------------------------
 
 
