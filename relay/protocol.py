@@ -1,6 +1,6 @@
 """Client protocol v1: formats, frames, client commands and close codes.
 
-Pure: functions of bytes and values, no I/O. The aiohttp layer only moves what these
+Pure: functions of bytes and values, no I/O. The edge (relay.edge) only moves what these
 functions return. docs/protocol.md is the same contract in prose.
 """
 

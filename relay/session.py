@@ -27,7 +27,7 @@ log = structlog.get_logger("relay.session")
 
 
 class Transport(Protocol):
-    """The socket under a session (an aiohttp WebSocketResponse in production)."""
+    """The socket under a session (a relay.edge.EdgeConnection in production)."""
 
     async def send(self, frame: bytes) -> None:
         """Send one encoded frame (text for JSON, binary for MessagePack)."""
