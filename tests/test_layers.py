@@ -31,13 +31,29 @@ ABOVE_ENGINES = {
 }
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, root: Path = ROOT) -> set[str]:
+    """Every module ``path`` imports, relative imports resolved against its package.
+
+    ``from . import x`` names both the package and ``package.x`` (x may be a module).
+    """
+    package = list(path.relative_to(root).with_suffix("").parts[:-1])
+    if path.name == "__init__.py":
+        package = list(path.relative_to(root).parts[:-1])
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            assert node.module is not None
             names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1]
+            assert base, f"{path}: relative import above the top package"
+            if node.module:
+                names.add(".".join([*base, node.module]))
+            else:
+                names.add(".".join(base))
+                names.update(".".join([*base, alias.name]) for alias in node.names)
     return names
 
 
@@ -72,3 +88,17 @@ def test_session_and_node_do_not_import_aiohttp() -> None:
     """The node and sessions reach sockets only through the Transport protocol."""
     for module in ("relay/node.py", "relay/session.py", "relay/engine.py"):
         assert "aiohttp" not in {_top(n) for n in _imports(ROOT / module)}, module
+
+
+def test_imports_sees_relative_imports(tmp_path: Path) -> None:
+    """A relative import counts as the absolute one, so it cannot slip past the layers."""
+    engines = tmp_path / "relay" / "engines"
+    engines.mkdir(parents=True)
+    module = engines / "sneaky.py"
+    module.write_text("from .. import node\nfrom ..hub import Hub\nfrom . import _pool\n")
+    names = _imports(module, tmp_path)
+    assert {"relay.node", "relay.hub", "relay.engines._pool"} <= names
+    assert names & ABOVE_ENGINES == {"relay.node", "relay.hub"}
+    package = engines / "__init__.py"
+    package.write_text("from .memory import MemoryEngine\n")
+    assert _imports(package, tmp_path) == {"relay.engines.memory"}
