@@ -50,6 +50,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Iterator
+from importlib import resources
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -115,79 +116,17 @@ __all__ = ["RedisEngine", "decode_control", "encode_control"]
 
 _CLIENT_NAME_UNSAFE: Final = re.compile(r"[^!-~]")
 
-# Registry scripts. Each touches one key, so they run in Redis Cluster too.
-# A session record names the newest session (node, session, since, connected_at,
-# last_ack) and lists every live one as ``s:<session> = <node>``; with duplicates replaced
-# that list has one entry.
-_CLAIM_LUA: Final = """
-local old = redis.call('HGETALL', KEYS[1])
-if ARGV[5] == '1' then
-  -- A stale handshake never displaces a later one of the same client: a later attempt of
-  -- the same instance ("<instance>.<n>"), or one that began later on the same node.
-  local holder = redis.call('HMGET', KEYS[1], 'node', 'connected_at', 'attempt')
-  if holder[3] and ARGV[6] ~= '' then
-    local hi, hn = string.match(holder[3], '^(.+)%.(%d+)$')
-    local oi, on = string.match(ARGV[6], '^(.+)%.(%d+)$')
-    if hi and oi and hi == oi and tonumber(hn) > tonumber(on) then
-      return old
-    end
-  end
-  if holder[1] == ARGV[1] and holder[2] and tonumber(holder[2]) > tonumber(ARGV[4]) then
-    return old
-  end
-  redis.call('DEL', KEYS[1])
-end
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since', ARGV[3],
-           'connected_at', ARGV[4], 's:' .. ARGV[2], ARGV[1])
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[1], 'attempt', ARGV[6])
-else
-  redis.call('HDEL', KEYS[1], 'attempt')
-end
-return old
-"""
-# Forget sessions in one record: ARGV[1] 'session' forgets session ARGV[2] (a release),
-# 'node' every session of node ARGV[2] (reaping a dead node). If the record named what was
-# forgotten, it is handed to another live session, or deleted. Returns 1 if it was named.
-_FORGET_LUA: Final = """
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local f = all[i]
-  if string.sub(f, 1, 2) == 's:' and
-     ((ARGV[1] == 'session' and string.sub(f, 3) == ARGV[2]) or
-      (ARGV[1] == 'node' and all[i + 1] == ARGV[2])) then
-    redis.call('HDEL', KEYS[1], f)
-  end
-end
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
-  return 0
-end
-local rest = redis.call('HGETALL', KEYS[1])
-for i = 1, #rest, 2 do
-  if string.sub(rest[i], 1, 2) == 's:' then
-    redis.call('HSET', KEYS[1], 'session', string.sub(rest[i], 3), 'node', rest[i + 1])
-    return 1
-  end
-end
-redis.call('DEL', KEYS[1])
-return 1
-"""
-# The dataset's epoch: the Redis clock when Relay first saw this dataset. A restart without
-# persistence or a FLUSHALL deletes it, so history older than it cannot be vouched for.
-_EPOCH_LUA: Final = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[1], string.format('%.0f', now_ms), 'NX')
-return tonumber(redis.call('GET', KEYS[1]))
-"""
-_ACK_LUA: Final = """
-if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'last_ack', ARGV[2])
-  return 1
-end
-return 0
-"""
 
+def _lua(name: str) -> str:
+    return resources.files("relay").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+# The registry scripts, one file each in relay/lua/ (the key and argument layout is at
+# the head of each). Each touches one key, so they run in Redis Cluster too.
+_CLAIM_LUA: Final = _lua("claim.lua")
+_FORGET_LUA: Final = _lua("forget.lua")
+_EPOCH_LUA: Final = _lua("epoch.lua")
+_ACK_LUA: Final = _lua("ack.lua")
 
 # -- helpers ------------------------------------------------------------------------------
 
