@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -11,9 +10,7 @@ import pytest
 from tests.support.node import Listener, NodeUnderTest
 from tests.support.redis_server import RedisServer
 from tests.support.sentinel import PASSWORD, SentinelDeployment
-
-MS = float(os.environ.get("RELAY_TEST_TIMEOUT_FACTOR", "1")) / 1000
-"""One millisecond, scaled by RELAY_TEST_TIMEOUT_FACTOR on slow machines."""
+from tests.support.timing import MS as MS  # re-exported: many modules import it from here
 
 
 @pytest.fixture(scope="session")
