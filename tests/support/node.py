@@ -20,6 +20,7 @@ from relay.edge import Edge
 from relay.engine import Engine
 from relay.node import Node
 from tests.support.ports import free_port
+from tests.support.timing import MS
 
 API_KEY = "test-api-key"
 
@@ -164,7 +165,7 @@ class Listener:
             self.close_code = self.ws.close_code
         self._changed.set()
 
-    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
+    async def wait_for(self, predicate: Any, timeout: float = 5000 * MS) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self._changed.clear()
@@ -178,11 +179,11 @@ class Listener:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
-    async def wait_messages(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    async def wait_messages(self, count: int, timeout: float = 5000 * MS) -> list[dict[str, Any]]:
         await self.wait_for(lambda: len(self.messages) >= count, timeout)
         return self.messages
 
-    async def wait_closed(self, timeout: float = 5.0) -> int | None:
+    async def wait_closed(self, timeout: float = 5000 * MS) -> int | None:
         await self.wait_for(lambda: self.close_code is not None, timeout)
         return self.close_code
 

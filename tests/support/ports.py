@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import time
 
+from tests.support.timing import MS
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -12,16 +14,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+def wait_port(port: int, timeout: float = 10_000 * MS, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host, port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=200 * MS):
                 return
         except OSError:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port}") from None
-            time.sleep(0.02)
+            time.sleep(20 * MS)
 
 
 def stuck_reader(port: int, path: str) -> socket.socket:

@@ -13,6 +13,7 @@ from pathlib import Path
 import redis
 
 from tests.support.ports import free_port, wait_port
+from tests.support.timing import MS
 
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -52,9 +53,9 @@ class RedisServer:
             *(("--requirepass", self.password) if self.password else ()),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, 10.0)
+        wait_port(self.port, 10_000 * MS)
         client = redis.Redis(port=self.port, password=self.password)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10_000 * MS
         while True:
             try:
                 client.ping()
@@ -62,7 +63,7 @@ class RedisServer:
             except redis.BusyLoadingError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.02)
+                time.sleep(20 * MS)
         client.close()
         return self
 

@@ -19,6 +19,7 @@ import redis
 
 from tests.support.ports import free_port, wait_port
 from tests.support.redis_server import REDIS_BIN
+from tests.support.timing import MS
 
 SERVICE = "relay-test"
 PASSWORD = "sentinel-test-pw-93f1"  # the master's; tests check it never reaches a log
@@ -111,13 +112,13 @@ class SentinelDeployment:
         return self
 
     def client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=self.password, socket_timeout=2)
+        return redis.Redis(port=port, password=self.password, socket_timeout=2000 * MS)
 
     def master_port(self) -> int:
         """The master's port as the first answering sentinel reports it."""
         for port in self.sentinel_ports:
             try:
-                with redis.Redis(port=port, socket_timeout=1) as sentinel:
+                with redis.Redis(port=port, socket_timeout=1000 * MS) as sentinel:
                     _, master = sentinel.execute_command(
                         "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE
                     )
@@ -126,7 +127,7 @@ class SentinelDeployment:
                 continue
         raise RuntimeError("no sentinel answers")
 
-    def wait_replicated(self, replicas: int, timeout: float = 20.0) -> None:
+    def wait_replicated(self, replicas: int, timeout: float = 20_000 * MS) -> None:
         """Wait until the master has ``replicas`` replicas online and in sync."""
         deadline = time.monotonic() + timeout
         with self.client(self.data_ports[0]) as master:
@@ -141,9 +142,9 @@ class SentinelDeployment:
                     return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"replicas not in sync: {info}")
-                time.sleep(0.05)
+                time.sleep(50 * MS)
 
-    def wait_sentinels_agree(self, master_port: int, timeout: float = 30.0) -> None:
+    def wait_sentinels_agree(self, master_port: int, timeout: float = 30_000 * MS) -> None:
         """Wait until every sentinel names ``master_port`` and knows the others and replicas."""
         deadline = time.monotonic() + timeout
         replicas = len(self.data_ports) - 1
@@ -152,7 +153,7 @@ class SentinelDeployment:
             ok = True
             for port in self.sentinel_ports:
                 try:
-                    with redis.Redis(port=port, socket_timeout=1) as sentinel:
+                    with redis.Redis(port=port, socket_timeout=1000 * MS) as sentinel:
                         state = sentinel.sentinel_master(SERVICE)
                 except redis.RedisError:
                     ok = False
@@ -168,7 +169,7 @@ class SentinelDeployment:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError("sentinels do not agree on the deployment")
-            time.sleep(0.1)
+            time.sleep(100 * MS)
 
     def kill(self, port: int) -> None:
         """SIGKILL one process (a data node or a sentinel)."""
@@ -192,7 +193,7 @@ class SentinelDeployment:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)
 
-    def wait_failover(self, old_master: int, timeout: float = 30.0) -> tuple[int, float]:
+    def wait_failover(self, old_master: int, timeout: float = 30_000 * MS) -> tuple[int, float]:
         """Wait until a sentinel names a new master that answers as one: its port, and the
         time.monotonic() when that was seen."""
         deadline = time.monotonic() + timeout
@@ -207,7 +208,7 @@ class SentinelDeployment:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("no failover happened")
-            time.sleep(0.05)
+            time.sleep(50 * MS)
 
     def close(self) -> None:
         self.resume_replicas()

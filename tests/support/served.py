@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.support.ports import free_port
+from tests.support.timing import MS
 
 RELAY = Path(sys.executable).with_name("relay")
 """The console script installed next to the interpreter running the tests."""
@@ -37,7 +38,7 @@ class ServedNode:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 15.0) -> ServedNode:
+    def start(self, timeout: float = 15_000 * MS) -> ServedNode:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         with self.stderr_path.open("wb") as stderr:
             self.proc = subprocess.Popen(
@@ -52,14 +53,14 @@ class ServedNode:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relay serve exited {self.proc.returncode}: {self.stderr()}")
             try:
-                with urllib.request.urlopen(f"{self.base}/readyz", timeout=1) as response:
+                with urllib.request.urlopen(f"{self.base}/readyz", timeout=1000 * MS) as response:
                     if response.status == 200:
                         return self
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"relay serve not ready: {self.stderr()}")
-            time.sleep(0.05)
+            time.sleep(50 * MS)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from tests.support.timing import MS
+
 
 @dataclass
 class Tail:
@@ -54,7 +56,7 @@ class Tail:
     def welcomed(self) -> bool:
         return any('"welcome"' in line for line in self.err)
 
-    async def exit_code(self, timeout: float = 20.0) -> int:
+    async def exit_code(self, timeout: float = 20_000 * MS) -> int:
         code = await asyncio.wait_for(self.proc.wait(), timeout)
         await asyncio.gather(*self.readers)
         return code
