@@ -21,6 +21,7 @@ from tests.support.node import (
 )
 from tests.support.ports import stuck_reader
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS
 
 SERVERS = [("memory", "edge"), ("redis", "edge"), ("memory", "aiohttp")]
 """Engine and WebSocket server: relay serve's edge on both engines, and aiohttp's route."""
@@ -52,7 +53,7 @@ async def test_delivery_twenty_clients_in_order_without_misroute(
         assert {m["biz_id"] for m in messages} == {f"c{i}"}
         ids = [m["id"] for m in messages]
         assert len(set(ids)) == 10
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(50 * MS)
     assert all(len(c.messages) == 10 for c in clients)
 
 
@@ -236,26 +237,26 @@ async def test_client_that_never_reads_is_closed_4508_others_unaffected(
     make_node: MakeNode, listeners: list[Listener]
 ) -> None:
     """A stuck client is closed with 4508 while an honest one receives every event."""
-    relay = await make_node(send_queue_max=50, send_timeout=1.0)
+    relay = await make_node(send_queue_max=50, send_timeout=1000 * MS)
     honest = await listen(listeners, relay.ws_url("honest"))
     stuck = stuck_reader(relay.settings.port, "/ws/stuck")
     try:
         for _ in range(100):
             if relay.node.by_client.get("stuck"):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * MS)
         blob = "x" * 20000
         for seq in range(400):
             await relay.publish("stuck", "big", {"blob": blob})
             await relay.publish("honest", "e", {"seq": seq})
             if seq % 50 == 0:
                 await asyncio.sleep(0)
-        messages = await honest.wait_messages(400, timeout=10)
+        messages = await honest.wait_messages(400, timeout=10_000 * MS)
         assert [m["data"]["seq"] for m in messages] == list(range(400))
         for _ in range(300):
             if not relay.node.by_client.get("stuck"):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * MS)
         closed = relay.node.metrics.sessions_closed.labels("4508")._value.get()
         assert closed == 1
         assert not relay.node.by_client.get("stuck")
@@ -281,7 +282,7 @@ async def test_drain_closes_sessions_1012(make_node: MakeNode, listeners: list[L
     """Draining closes every session with 1012 (reconnect at once and resume)."""
     relay = await make_node()
     clients = [await listen(listeners, relay.ws_url(f"d{i}")) for i in range(5)]
-    await relay.node.drain(0.3)
+    await relay.node.drain(300 * MS)
     for client in clients:
         assert await client.wait_closed() == 1012
 
@@ -341,7 +342,7 @@ async def test_restarted_redis_without_persistence_ends_session_4509_then_resume
         await relay.publish("ned", "e", {"seq": 0})
         await client.wait_messages(1)
         own_redis.restart()
-        assert await client.wait_closed(timeout=15) == CloseCode.FEED_GAP
+        assert await client.wait_closed(timeout=15_000 * MS) == CloseCode.FEED_GAP
         assert [m["data"]["seq"] for m in client.messages] == [0]
         since = client.messages[-1]["id"]
         again = None
@@ -349,10 +350,10 @@ async def test_restarted_redis_without_persistence_ends_session_4509_then_resume
             again = await listen(listeners, relay.ws_url("ned", since=since))
             if again.close_code is None:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * MS)
         assert again is not None and again.welcome["recovered"] is False
         await relay.publish("ned", "e", {"seq": 1})
-        messages = await again.wait_messages(1, timeout=15)
+        messages = await again.wait_messages(1, timeout=15_000 * MS)
         assert [m["data"]["seq"] for m in messages] == [1]
     finally:
         await relay.stop()
@@ -368,7 +369,7 @@ async def test_resume_on_restarted_memory_node_is_not_recovered(
     head = first.welcome["last_id"]
     await first.close()
     await relay.stop()
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(10 * MS)
     relay = await NodeUnderTest(settings).start()
     try:
         again = await listen(listeners, relay.ws_url("otto", since=head))
@@ -385,7 +386,7 @@ async def test_occasional_bursts_over_the_rate_are_forgiven(listeners: list[List
         for _ in range(3):
             for _ in range(3):
                 await client.send({"type": "ping"})
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(500 * MS)
         assert client.close_code is None
         for _ in range(200):
             await client.send({"type": "ping"})
@@ -424,7 +425,7 @@ async def test_stale_handshake_finishing_last_does_not_replace_newer(make_node: 
     for _ in range(100):
         if stale.closed_with is not None:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * MS)
     assert stale.closed_with == 4000
     assert live.closed_with is None and not newer.closing
     assert (await node.engine.client_status("twice")).session == newer.id
