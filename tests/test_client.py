@@ -34,6 +34,7 @@ from relay.protocol import CloseCode, Format
 from relay.wire import parse_id
 from tests.support.node import API_KEY, NodeUnderTest, node_settings
 from tests.support.scripted import ScriptedNode, overlapping_replay, welcome
+from tests.support.timing import MS
 
 SECRET = "client-tests-hs256-secret-of-32-bytes+"  # PyJWT warns below 32 bytes
 
@@ -44,7 +45,7 @@ class Timing(TypedDict):
     connect_timeout: float
 
 
-FAST = Timing(backoff_base=0.05, backoff_max=0.2, connect_timeout=2.0)
+FAST = Timing(backoff_base=50 * MS, backoff_max=200 * MS, connect_timeout=2000 * MS)
 """Backoff short enough that every reconnect in these tests takes well under a second."""
 
 
@@ -96,15 +97,15 @@ async def publish(node: NodeUnderTest, biz_id: str, event: str, data: Any = None
     return str(result["id"])
 
 
-async def take(client: RelayClient, count: int, timeout: float = 5.0) -> list[Message]:
+async def take(client: RelayClient, count: int, timeout: float = 5000 * MS) -> list[Message]:
     async with asyncio.timeout(timeout):
         return [await anext(client) for _ in range(count)]
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+async def eventually(predicate: Callable[[], bool], timeout: float = 5000 * MS) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * MS)
 
 
 def on_node(client: RelayClient, node_id: str) -> bool:
@@ -277,7 +278,7 @@ async def stop_without_racing_reconnects(node: NodeUnderTest, gone: asyncio.Even
     A connection accepted while aiohttp's runner cleans up is never closed (the socket
     leaks, and ResourceWarning is an error here), so reconnects must not hit that window.
     """
-    await node.node.drain(0.1)
+    await node.node.drain(100 * MS)
     await node.stop()
     gone.set()
 
@@ -396,9 +397,9 @@ async def test_client_speaks_msgpack(relay: NodeUnderTest) -> None:
 
 
 async def eventually_status(node: NodeUnderTest, client_id: str, key: str, value: Any) -> None:
-    async with asyncio.timeout(5.0):
+    async with asyncio.timeout(5000 * MS):
         while (await api(node, "GET", f"/api/clients/{client_id}")).get(key) != value:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * MS)
 
 
 async def test_client_auto_ack_acknowledges_what_the_app_took(relay: NodeUnderTest) -> None:
@@ -416,7 +417,7 @@ async def test_client_queue_is_bounded_and_applies_back_pressure(relay: NodeUnde
         await client.wait_connected()
         ids = [(await relay.publish("cml", "e", n)).id for n in range(60)]
         await eventually(lambda: client.queued == 5)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(200 * MS)
         assert client.queued == 5
         assert [m.id for m in await take(client, 60)] == ids
         assert client.connects == 1
@@ -454,7 +455,7 @@ async def test_client_close_ends_iteration(relay: NodeUnderTest) -> None:
     await iterating.wait()
     assert not consumer.done()  # waiting inside ``async for``
     await client.close()
-    assert await asyncio.wait_for(consumer, 2.0) == []
+    assert await asyncio.wait_for(consumer, 2000 * MS) == []
     assert client.closed and not client.connected
     await eventually(lambda: not relay.node.sessions)
 
@@ -500,7 +501,7 @@ async def test_tail_prints_json_lines_until_a_terminal_close(relay: NodeUnderTes
     await eventually(lambda: out.getvalue().count("\n") == 2)
     await api(relay, "DELETE", "/api/clients/cml")
     with pytest.raises(RelayClosed):
-        await asyncio.wait_for(task, 5.0)
+        await asyncio.wait_for(task, 5000 * MS)
     lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [(x["id"], x["event"], x["data"]) for x in lines] == [
         (ids[0], "e", {"n": 0}),
