@@ -10,14 +10,15 @@ so a receiver can tell a gap from a duplicate without asking anyone.
 
 from __future__ import annotations
 
+import enum
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
 import msgpack
-import orjson
 
 from relay.errors import InvalidClientId, InvalidEnvelope, InvalidId, InvalidInput, PayloadTooLarge
 
@@ -26,12 +27,14 @@ __all__ = [
     "HISTORY_LUA",
     "ID_ZERO",
     "MAX_CLIENT_ID_LEN",
+    "MAX_DATA_DEPTH",
     "PUBLISH_LUA",
     "Event",
     "History",
     "KeySpace",
     "PublishResult",
     "StreamId",
+    "check_json_data",
     "decode_live",
     "decode_payload",
     "encode_live",
@@ -62,11 +65,60 @@ DEFAULT_MAX_PAYLOAD: Final = 64 * 1024
 _CLIENT_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 _ID_RE: Final = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _U64: Final = 2**64
-_STRICT_JSON: Final = (
-    orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
+_INT_MIN: Final = -(2**63)  # the integers orjson and MessagePack both encode
+_INT_END: Final = 2**64
+MAX_DATA_DEPTH: Final = 254
+"""Containers nested in ``data`` at most: orjson refuses deeper ones."""
+
+
+def _check_plain(data: Any, depth: int = 0) -> None:
+    """TypeError/ValueError for ``data`` that is not plain JSON, without orjson.
+
+    Same verdicts as :func:`_check_orjson` (a hypothesis test holds them together): exact
+    JSON types and tuples, str keys, 64-bit integers, enum members that are ints or
+    strings; nothing else, not even subclasses.
+    """
+    kind = type(data)
+    if data is None or kind in (bool, float, str):
+        return
+    if kind is int or (isinstance(data, enum.Enum) and isinstance(data, int | str)):
+        if isinstance(data, int) and not _INT_MIN <= data < _INT_END:
+            raise TypeError("Integer exceeds 64-bit range")
+        return
+    if kind in (list, tuple, dict):
+        if depth >= MAX_DATA_DEPTH:
+            raise TypeError(f"more than {MAX_DATA_DEPTH} nested containers")
+        if kind is dict:
+            for key, value in data.items():
+                if type(key) is not str:
+                    raise TypeError("Dict key must be str")
+                _check_plain(value, depth + 1)
+        else:
+            for value in data:
+                _check_plain(value, depth + 1)
+        return
+    raise TypeError(f"Type is not JSON serializable: {kind.__name__}")
+
+
+def _orjson_check() -> Callable[[Any], None] | None:
+    try:
+        import orjson
+    except ImportError:  # relay-backend: a publisher installed without the server
+        return None
+    strict = (
+        orjson.OPT_PASSTHROUGH_DATETIME
+        | orjson.OPT_PASSTHROUGH_DATACLASS
+        | orjson.OPT_PASSTHROUGH_SUBCLASS
+    )
+
+    def _check_orjson(data: Any) -> None:
+        orjson.dumps(data, option=strict)
+
+    return _check_orjson
+
+
+check_json_data: Final[Callable[[Any], None]] = _orjson_check() or _check_plain
+"""Raise TypeError/ValueError unless ``data`` is plain JSON (orjson in C when installed)."""
 
 
 def _lua(name: str) -> str:
@@ -219,7 +271,7 @@ def encode_payload(
     try:
         # JSON clients receive `data` as JSON: refuse what JSON has no type for, even
         # where orjson or msgpack would invent an encoding (datetime, UUID, bytes).
-        orjson.dumps(data, option=_STRICT_JSON)
+        check_json_data(data)
         payload: bytes = msgpack.packb(
             {
                 "v": ENVELOPE_VERSION,
