@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from relay.engines import check_redis_url
 from relay.errors import ConfigError
 from relay.redis_url import SENTINEL_PORT, parse_redis_url
 
@@ -72,3 +73,11 @@ def test_redis_url_errors_never_show_the_password() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_redis_url("redis+sentinel://:hunter2@h:1/svc/x?sentinel_password=hunter3")
     assert "hunter" not in str(caught.value)
+
+
+def test_redis_url_check_names_the_flag_for_sentinel_mistakes() -> None:
+    """relay's --redis-url check accepts a sentinel URL and names the flag when it is wrong."""
+    good = "redis+sentinel://:pw@h1:26379,h2/main/0"
+    assert check_redis_url(good) == good
+    with pytest.raises(ConfigError, match=r"--redis-url \(or RELAY_REDIS_URL\): .*service name"):
+        check_redis_url("redis+sentinel://h1:26379")
