@@ -27,20 +27,22 @@ class _AsyncSentinelPool(
     """Sentinel's master behind a pool that waits for a free connection (asyncio)."""
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
-        await super().disconnect(inuse_connections)
-        if inuse_connections:  # closing the pool: the sentinels' connections go too
-            for sentinel in self.sentinel_manager.sentinels:
-                await sentinel.connection_pool.disconnect()
+        try:
+            await super().disconnect(inuse_connections)
+        finally:
+            if inuse_connections:  # closing the pool (even if a connection's close failed)
+                await self.sentinel_manager.aclose()
 
 
 class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
     """Sentinel's master behind a pool that waits for a free connection (threads)."""
 
     def disconnect(self, inuse_connections: bool = True) -> None:
-        super().disconnect(inuse_connections)
-        if inuse_connections:
-            for sentinel in self.sentinel_manager.sentinels:
-                sentinel.connection_pool.disconnect()
+        try:
+            super().disconnect(inuse_connections)
+        finally:
+            if inuse_connections:
+                self.sentinel_manager.close()
 
 
 def _pool(url: str, options: dict[str, Any], sentinel: Any, sentinel_pool: Any, pool: Any) -> Any:

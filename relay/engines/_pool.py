@@ -24,10 +24,11 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """The master named by Sentinel, behind a pool that waits for a free connection."""
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
-        await super().disconnect(inuse_connections)
-        if inuse_connections:  # closing the pool: the sentinels' connections go too
-            for sentinel in self.sentinel_manager.sentinels:
-                await sentinel.connection_pool.disconnect()
+        try:
+            await super().disconnect(inuse_connections)
+        finally:
+            if inuse_connections:  # closing the pool (even if a connection's close failed)
+                await self.sentinel_manager.aclose()
 
 
 def connection_pool(url: str, **options: Any) -> ConnectionPool:
