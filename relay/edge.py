@@ -271,14 +271,17 @@ class EdgeConnection(asyncio.Protocol):
         messages = parser.feed(data)
         budget = self._frame_budget
         assert budget is not None  # made with the parser
-        if parser.frames > counted and not budget.allow(now, parser.frames - counted):
-            self._parser = None
-            self._fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-            return
+        over_budget = parser.frames > counted and not budget.allow(now, parser.frames - counted)
+        # The messages of this read (at most one read's worth) are answered first, in the
+        # order the client sent them, so the first offence is the one the close names.
         for opcode, payload in messages:
             self._on_message(opcode, payload)
             if self._parser is None:
                 return  # a close frame: nothing after it counts
+        if over_budget:
+            self._parser = None
+            self._fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return
         if parser.failure is not None:
             self._parser = None
             self._fail(parser.failure.close_code)

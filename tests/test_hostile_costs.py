@@ -167,8 +167,8 @@ def run_flood(
         assert node.stop() == 0
     print(figures)
     assert figures["growth_mb"] * 1024 < MAX_GROWTH_KB, figures
-    assert figures["health_failures"] == 0, figures
     if cpu_bounded:
+        assert figures["health_failures"] == 0, figures
         assert figures["health_worst_ms"] < MAX_HEALTH_LATENCY * 1000, figures
     return figures
 
