@@ -33,6 +33,7 @@ from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_se
 from tests.support.ports import stuck_reader
 from tests.support.redis_server import RedisServer
 from tests.support.served import ServedNode
+from tests.support.timing import MS
 
 SECRET = "relay-hostile-secret-0123456789abcdef"
 T = TypeVar("T")
@@ -69,7 +70,7 @@ class SteadyPublisher:
         while not self._stop.is_set():
             await self.publish(self.biz_id, "tick", {"seq": self.count})
             self.count += 1
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(1 * MS)
 
     async def stop(self) -> int:
         self._stop.set()
@@ -81,7 +82,7 @@ class SteadyPublisher:
 async def assert_got_everything(honest: Listener, publisher: SteadyPublisher) -> None:
     """Stop publishing; the honest client has every event, in order, nothing else."""
     total = await publisher.stop()
-    messages = await honest.wait_messages(total, timeout=10)
+    messages = await honest.wait_messages(total, timeout=10_000 * MS)
     assert [m["data"]["seq"] for m in messages] == list(range(total))
     assert {m["biz_id"] for m in messages} == {honest.welcome["client_id"]}
     assert honest.close_code is None
@@ -171,11 +172,11 @@ async def test_hostile_attack_gets_its_code_honest_client_gets_everything(
     attacker = await listen(listeners, url, fmt=fmt)
     assert attacker.welcome["type"] == "welcome"
     await attack(attacker)
-    assert await attacker.wait_closed(timeout=10) == code
+    assert await attacker.wait_closed(timeout=10_000 * MS) == code
     assert attacker.close_reason == reason
     during = publisher.count
     while publisher.count < during + 10:  # keep publishing a little after the close
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(5 * MS)
     await assert_got_everything(honest, publisher)
     assert not relay.node.by_client.get("mallory")
 
@@ -191,7 +192,7 @@ async def test_hostile_slow_consumer_is_bounded_by_bytes(
         for _ in range(200):
             if relay.node.by_client.get("stuck"):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * MS)
         blob = "x" * 50_000
         with capture_logs() as logs:
             publisher = SteadyPublisher(relay.publish, "honest").start()
@@ -201,7 +202,7 @@ async def test_hostile_slow_consumer_is_bounded_by_bytes(
             for _ in range(300):
                 if not relay.node.by_client.get("stuck"):
                     break
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(10 * MS)
             await assert_got_everything(honest, publisher)
         overflow = next(e for e in logs if e["event"] == "session.overflowed")
         assert overflow["client_id"] == "stuck"
@@ -240,7 +241,9 @@ async def test_hostile_malformed_http_is_400_node_keeps_serving(
     publisher = SteadyPublisher(relay.publish, "honest").start()
 
     def exchange(request: bytes) -> bytes:
-        with socket.create_connection(("127.0.0.1", relay.settings.port), timeout=5) as sock:
+        with socket.create_connection(
+            ("127.0.0.1", relay.settings.port), timeout=5000 * MS
+        ) as sock:
             sock.sendall(request)
             return sock.recv(64)
 
@@ -264,7 +267,7 @@ async def test_hostile_connection_limit_closes_1013(
     for _ in range(100):
         if len(relay.node.sessions) < 3:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * MS)
     again = await listen(listeners, relay.ws_url("c3"))
     assert again.welcome["type"] == "welcome"
     await relay.publish("c1", "e", {})
@@ -290,7 +293,7 @@ async def test_hostile_origin_allow_list(make_node: MakeNode) -> None:
             assert body["error"]["code"] == "origin_not_allowed"
         for origin in ("https://app.example.com", "HTTPS://APP.example.com/", None):
             async with http.ws_connect(relay.ws_url("cml"), origin=origin) as ws:
-                welcome = orjson.loads((await ws.receive(timeout=5)).data)
+                welcome = orjson.loads((await ws.receive(timeout=5000 * MS)).data)
                 assert welcome["type"] == "welcome", origin
 
 
@@ -298,10 +301,10 @@ async def test_hostile_since_older_than_max_age_is_not_recovered(
     make_node: MakeNode, listeners: list[Listener]
 ) -> None:
     """A since past --max-since-age gets recovered=false (no proof), still the replay."""
-    relay = await make_node(max_since_age=0.5)
+    relay = await make_node(max_since_age=500 * MS)
     first = await relay.publish("sam", "e", {"n": 1})
     await relay.publish("sam", "e", {"n": 2})
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(700 * MS)
     third = await relay.publish("sam", "e", {"n": 3})
     stale = await listen(listeners, relay.ws_url("sam", since=first.id))
     assert stale.welcome["recovered"] is False and stale.welcome["replayed"] == 2
@@ -312,7 +315,7 @@ async def test_hostile_since_older_than_max_age_is_not_recovered(
     unlimited = await make_node(max_since_age=0)
     old = await unlimited.publish("sam", "e", {"n": 1})
     await unlimited.publish("sam", "e", {"n": 2})
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(600 * MS)
     again = await listen(listeners, unlimited.ws_url("sam", since=old.id))
     assert again.welcome["recovered"] is True and again.welcome["replayed"] == 1
 
@@ -355,7 +358,7 @@ async def test_hostile_unexpected_errors_close_1011_without_leaking(
         assert acker.close_reason == "internal error"
         late = await listen(listeners, relay.ws_url("late", token=tokens["late"]))
         assert late.welcome["type"] == "welcome"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * MS)
         await assert_got_everything(honest, publisher)
         async with aiohttp.ClientSession() as http:
             auth = {"Authorization": f"Bearer {API_KEY}"}
@@ -387,7 +390,7 @@ class LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 15.0) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 15_000 * MS) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
@@ -421,9 +424,9 @@ class LiveNode:
         async with self.http.get(f"{self.relay.base}/healthz") as response:
             assert response.status == 200
         async with self.http.ws_connect(self.relay.ws_url("canary")) as ws:
-            assert orjson.loads((await ws.receive(timeout=5)).data)["type"] == "welcome"
+            assert orjson.loads((await ws.receive(timeout=5000 * MS)).data)["type"] == "welcome"
             await self.relay.publish("canary", "e", {"alive": True})
-            message = orjson.loads((await ws.receive(timeout=5)).data)
+            message = orjson.loads((await ws.receive(timeout=5000 * MS)).data)
             assert message["data"] == {"alive": True}
 
 
@@ -535,7 +538,7 @@ async def _one_frame(live: LiveNode, fmt: str, opcode: WSMsgType, payload: bytes
     seen: list[Any] = []
     url = live.relay.ws_url("fuzzer", format=fmt)
     async with live.http.ws_connect(url, autoclose=False) as ws:
-        assert (await ws.receive(timeout=5)).type in (WSMsgType.TEXT, WSMsgType.BINARY)
+        assert (await ws.receive(timeout=5000 * MS)).type in (WSMsgType.TEXT, WSMsgType.BINARY)
         await ws.send_frame(payload, opcode)
         ping = {"type": "ping"}
         with contextlib.suppress(ConnectionError):
@@ -544,7 +547,7 @@ async def _one_frame(live: LiveNode, fmt: str, opcode: WSMsgType, payload: bytes
             else:
                 await ws.send_bytes(msgpack.packb(ping))
         while True:
-            msg = await ws.receive(timeout=5)
+            msg = await ws.receive(timeout=5000 * MS)
             if msg.type == WSMsgType.TEXT:
                 seen.append(orjson.loads(msg.data))
             elif msg.type == WSMsgType.BINARY:
@@ -604,7 +607,7 @@ def test_fuzz_arbitrary_frames_over_a_socket(live: LiveNode) -> None:
     for _ in range(200):  # the fuzzer's last session closes in the background
         if "fuzzer" not in node.by_client:
             break
-        time.sleep(0.01)
+        time.sleep(10 * MS)
     assert set(node.by_client) <= {"canary"}
 
 
@@ -612,10 +615,10 @@ def test_fuzz_arbitrary_frames_over_a_socket(live: LiveNode) -> None:
 
 
 def test_hostile_handshake_timeout_cuts_half_requests(tmp_path: Path) -> None:
-    """--handshake-timeout 1: a half-sent request and a silent socket are disconnected;
+    """--handshake-timeout 1 s: a half-sent request and a silent socket are disconnected;
     keep-alive requests and upgraded WebSockets are not."""
     node = ServedNode(
-        tmp_path, "--allow-anonymous", "--api-key", API_KEY, "--handshake-timeout", "1"
+        tmp_path, "--allow-anonymous", "--api-key", API_KEY, "--handshake-timeout", f"{1000 * MS:g}"
     )
     node.start()
     try:
@@ -624,25 +627,25 @@ def test_hostile_handshake_timeout_cuts_half_requests(tmp_path: Path) -> None:
         started = time.monotonic()
         half.sendall(b"GET /ws/slowloris HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
         for sock in (half, silent):
-            sock.settimeout(5)
+            sock.settimeout(5000 * MS)
             assert sock.recv(1024) == b""  # EOF: the node hung up
-        assert 0.8 < time.monotonic() - started < 3.0
+        assert 800 * MS < time.monotonic() - started < 3000 * MS
         half.close()
         silent.close()
 
         kept = socket.create_connection(("127.0.0.1", node.port))
-        kept.settimeout(5)
+        kept.settimeout(5000 * MS)
         for _ in range(3):
             kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert kept.recv(4096).startswith(b"HTTP/1.1 200")
-            time.sleep(0.4)  # the deadline restarts after each response
+            time.sleep(400 * MS)  # the deadline restarts after each response
         kept.close()
 
         async def websocket_outlives_the_deadline() -> None:
             client = Listener(node.ws_url("patient"))
             await client.connect()
             try:
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(1500 * MS)
                 async with (
                     aiohttp.ClientSession() as http,
                     http.post(
@@ -701,7 +704,7 @@ async def _flood_stuck_readers(node: ServedNode) -> dict[str, int]:
 
         for _ in range(20):  # warm up allocator and code paths before the baseline
             await publish("warmup", "e", {"blob": blob})
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(200 * MS)
         before = node.status("VmRSS")
         publisher = SteadyPublisher(publish, "honest").start()
         sem = asyncio.Semaphore(8)
@@ -717,16 +720,16 @@ async def _flood_stuck_readers(node: ServedNode) -> dict[str, int]:
                     async with http.get(f"{node.base}/api/clients/stuck", headers=auth) as r:
                         if (await r.json())["online"]:
                             break
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(10 * MS)
                 await asyncio.gather(*(big() for _ in range(per_round)))
                 for _ in range(500):
                     if await closed_4508() == round_ + 1:
                         break
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(20 * MS)
                 assert await closed_4508() == round_ + 1
             finally:
                 stuck.close()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * MS)
         count = publisher.count
         await assert_got_everything(honest, publisher)
         return {
@@ -767,7 +770,7 @@ async def test_isolation_thousand_clients_each_get_exactly_their_own(
     async def open_one(cid: str) -> None:
         async with gate:
             ws = await http.ws_connect(relay.ws_url(cid))
-            welcome = orjson.loads((await ws.receive(timeout=10)).data)
+            welcome = orjson.loads((await ws.receive(timeout=10_000 * MS)).data)
             assert welcome["type"] == "welcome" and welcome["client_id"] == cid
             sockets.append(ws)
             readers.append(asyncio.get_running_loop().create_task(read(cid, ws)))
@@ -781,10 +784,10 @@ async def test_isolation_thousand_clients_each_get_exactly_their_own(
             cid = rng.choice(ids)
             expected[cid].append(seq)
             await relay.publish(cid, "e", {"seq": seq, "to": cid})
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 15_000 * MS
         while sum(map(len, got.values())) < 3000 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # anything misrouted would arrive meanwhile
+            await asyncio.sleep(50 * MS)
+        await asyncio.sleep(200 * MS)  # anything misrouted would arrive meanwhile
         for cid in ids:
             frames = got[cid]
             assert all(f["type"] == "message" and f["biz_id"] == cid for f in frames), cid
