@@ -172,7 +172,8 @@ async def _http(base: str, method: str, path: str, api_key: str | None, body: An
             raw = await response.read()
     except aiohttp.ClientConnectorError as exc:
         error = exc.os_error  # asyncio's text is "Connect call failed (host, port)"
-        why = os.strerror(error.errno) if error.errno else str(error)
+        # A resolver error (socket.gaierror) has a negative errno and its own text.
+        why = os.strerror(error.errno) if (error.errno or 0) > 0 else error.strerror or str(error)
         raise ConfigError(
             f"cannot reach a node at {base}: {why}; check --http (RELAY_HTTP) and that the"
             " node runs"
@@ -192,10 +193,7 @@ async def _http(base: str, method: str, path: str, api_key: str | None, body: An
         ) from None
     if response.status >= 400:
         error = payload.get("error", {}) if isinstance(payload, dict) else {}
-        hint = {
-            401: "; check --api-key (RELAY_API_KEY)",
-            404: "; is the node started with --api-key?" if path.startswith("/api/") else "",
-        }.get(response.status, "")
+        hint = "; check --api-key (RELAY_API_KEY)" if response.status == 401 else ""
         raise RelayError(f"HTTP {response.status}: {error.get('message', payload)}{hint}")
     return payload
 

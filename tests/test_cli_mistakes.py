@@ -120,6 +120,10 @@ def test_cli_http_answered_by_something_else_asks_whether_it_is_a_node(web_page:
             r"cannot reach a node at http://127\.0\.0\.1:\d+: .*refused.*--http \(RELAY_HTTP\)",
         ),
         (["nodes", "--http", "http://127.0.0.1:{dead}"], r"cannot reach a node"),
+        (
+            ["nodes", "--http", "http://relay.invalid:8080"],  # .invalid never resolves
+            r"cannot reach a node at http://relay\.invalid:8080: (?!Unknown error)[A-Z]\w+ ",
+        ),
         (["publish", "cml", "e"], r"--redis-url URL \(RELAY_REDIS_URL\) or --http"),
         (["publish", "cml", "e", "--redis-url", "127.0.0.1:6379"], r"--redis-url .*redis://"),
         (
