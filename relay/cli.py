@@ -173,7 +173,8 @@ async def _http(base: str, method: str, path: str, api_key: str | None, body: An
     except aiohttp.ClientConnectorError as exc:
         error = exc.os_error  # asyncio's text is "Connect call failed (host, port)"
         # A resolver error (socket.gaierror) has a negative errno and its own text.
-        why = os.strerror(error.errno) if (error.errno or 0) > 0 else error.strerror or str(error)
+        code = error.errno or 0
+        why = os.strerror(code) if code > 0 else error.strerror or str(error)
         raise ConfigError(
             f"cannot reach a node at {base}: {why}; check --http (RELAY_HTTP) and that the"
             " node runs"
