@@ -30,13 +30,14 @@ from tests.support.frames import client_frame
 from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
 from tests.support.redis_server import RedisServer
 from tests.support.served import RELAY, ServedNode
+from tests.support.timing import MS
 
 SECRET = "relay-costs-secret-0123456789abcdef"
 OTHER_SECRET = "relay-costs-second-secret-fedcba9876543210"
 REDIS_PASSWORD = "redis-pass-4f1c9e2a7b"
 MAX_GROWTH_KB = 32 * 1024
-MAX_HEALTH_LATENCY = 0.5
-FLOOD_SECONDS = 4.0
+MAX_HEALTH_LATENCY = 500 * MS
+FLOOD_SECONDS = 4000 * MS
 
 UPGRADE = (
     "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -63,7 +64,7 @@ class HealthProbe:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                with urllib.request.urlopen(f"{self.base}/healthz", timeout=5) as response:
+                with urllib.request.urlopen(f"{self.base}/healthz", timeout=5000 * MS) as response:
                     assert response.status == 200
             except OSError:
                 self.failures += 1
@@ -93,7 +94,7 @@ def flood_once(port: int, head: bytes, prelude: bytes, block: bytes, until: floa
         answer += sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 101 "), answer
     sent = 0
-    sock.settimeout(0.2)
+    sock.settimeout(200 * MS)
     try:
         sock.sendall(prelude)
         while time.monotonic() < until:
@@ -123,16 +124,16 @@ def flood(port: int, head: bytes, prelude: bytes, block: bytes, seconds: float) 
     return {"sent_mb": sent / 1e6, "connections": connections, "hung_up_after": first_lasted}
 
 
-def wait_sessions_gone(node: ServedNode, timeout: float = 10.0) -> None:
+def wait_sessions_gone(node: ServedNode, timeout: float = 10_000 * MS) -> None:
     """Until the node's relay_connections gauge is back to 0."""
     deadline = time.monotonic() + timeout
     while True:
-        with urllib.request.urlopen(f"{node.base}/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"{node.base}/metrics", timeout=5000 * MS) as response:
             text = response.read().decode()
         if re.search(r"^relay_connections 0(\.0)?$", text, re.MULTILINE):
             return
         assert time.monotonic() < deadline, "the flooding session is still open"
-        time.sleep(0.02)
+        time.sleep(20 * MS)
 
 
 def run_flood(
@@ -152,7 +153,7 @@ def run_flood(
     node = ServedNode(tmp_path, "--log-level", "warning", *flags).start()
     try:
         for _ in range(20):  # warm up code paths before the baseline
-            urllib.request.urlopen(f"{node.base}/healthz", timeout=5).close()
+            urllib.request.urlopen(f"{node.base}/healthz", timeout=5000 * MS).close()
         before = node.status("VmRSS")
         with HealthProbe(node.base).running() as probe:
             figures = flood(node.port, upgrade(path), prelude, block, FLOOD_SECONDS)
@@ -193,14 +194,14 @@ def test_hostile_ping_flood_from_a_never_reading_client(tmp_path: Path, budget: 
     flags = ("--auth-secret", SECRET, *(() if bounded else NO_BUDGET))
     figures = run_flood(tmp_path, flags, token_path("pinger"), b"", PINGS, cpu_bounded=bounded)
     if budget == "defaults":
-        assert figures["hung_up_after"] is not None and figures["hung_up_after"] < 2.0
+        assert figures["hung_up_after"] is not None and figures["hung_up_after"] < 2000 * MS
 
 
 def test_hostile_ping_flood_without_a_token_during_the_4001_close(tmp_path: Path) -> None:
     """No token: the node closes 4001 and waits for the answer; pings sent meanwhile get
     no pong, and the frame budget ends the connection at once, not after the timeout."""
     figures = run_flood(tmp_path, ("--auth-secret", SECRET), "/ws/anonymous", b"", PINGS)
-    assert figures["hung_up_after"] is not None and figures["hung_up_after"] < 1.0
+    assert figures["hung_up_after"] is not None and figures["hung_up_after"] < 1000 * MS
 
 
 @pytest.mark.parametrize("limits", ["defaults", "no-frame-or-fragment-limit"])
@@ -217,7 +218,7 @@ def test_hostile_empty_continuation_flood(tmp_path: Path, limits: str) -> None:
         tmp_path, flags, token_path("fragments"), opened, EMPTY_CONTINUATIONS, cpu_bounded=bounded
     )
     if limits == "defaults":
-        assert figures["hung_up_after"] is not None and figures["hung_up_after"] < 2.0
+        assert figures["hung_up_after"] is not None and figures["hung_up_after"] < 2000 * MS
 
 
 # -- secrets in the whole log ----------------------------------------------------------
@@ -267,7 +268,7 @@ def test_hostile_no_secret_anywhere_in_the_log(tmp_path: Path) -> None:
                 await asyncio.gather(*(listener.close() for listener in opened))
 
         asyncio.run(exercise())
-        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5000 * MS) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"y" * 9000 + b"\r\n\r\n")
             assert sock.recv(64).startswith((b"HTTP/1.1 400", b"HTTP/1.0 400"))
     finally:
@@ -287,7 +288,7 @@ def test_hostile_no_secret_anywhere_in_the_log(tmp_path: Path) -> None:
 
 def exchange(port: int, request: bytes, *, hang_up: bool = False) -> bytes:
     """Send ``request`` on a fresh connection; what came back (nothing if we hung up)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=5000 * MS) as sock:
         sock.sendall(request)
         if hang_up:
             return b""
@@ -317,7 +318,7 @@ def test_hostile_client_bytes_are_never_a_traceback(tmp_path: Path) -> None:
     node = ServedNode(
         tmp_path,
         *("--auth-secret", SECRET, "--api-key", API_KEY, "--log-format", "json"),
-        *("--close-timeout", "0.2"),
+        *("--close-timeout", f"{200 * MS:g}"),
     ).start()
     port = node.port
     try:
@@ -348,8 +349,8 @@ def test_hostile_client_bytes_are_never_a_traceback(tmp_path: Path) -> None:
                 port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"y" * 9000 + b"\r\n\r\n"
             )
             assert answer[9:13] == b"400 ", answer[:100]
-        time.sleep(1.5)  # the count of what the rate limit left out is written after 1 s
-        with urllib.request.urlopen(f"{node.base}/healthz", timeout=5) as response:
+        time.sleep(1500 * MS)  # the count of what the rate limit left out is written after 1 s
+        with urllib.request.urlopen(f"{node.base}/healthz", timeout=5000 * MS) as response:
             assert response.status == 200
     finally:
         assert node.stop() == 0
@@ -432,7 +433,7 @@ def test_hostile_short_auth_secret_refused_at_start(tmp_path: Path) -> None:
         [str(RELAY), "serve", "--port", "0", "--auth-secret", "abc"],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=30_000 * MS,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert done.returncode != 0 and "Traceback" not in done.stderr
