@@ -33,6 +33,7 @@ import orjson
 from backend_adapter import AsyncPublisher
 from relay.errors import PublishFailed
 from relay.wire import StreamId, parse_id
+from tests.support.timing import MS
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "local-cluster.sh"
@@ -102,7 +103,7 @@ class LocalCluster:
 
     # -- script ---------------------------------------------------------------------------
 
-    def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, timeout: float = 60_000 * MS) -> subprocess.CompletedProcess[str]:
         """Run the script with this cluster's --dir; raise with its output and logs if it fails."""
         result = subprocess.run(
             [str(SCRIPT), *args, "--dir", str(self.dir)],
@@ -138,7 +139,7 @@ class LocalCluster:
         if not self.started:
             return ""
         self.started = False
-        return self.run("stop", timeout=90).stdout
+        return self.run("stop", timeout=90_000 * MS).stdout
 
     def start_node(self, k: int) -> None:
         self.run("start-node", str(k))
@@ -208,8 +209,8 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while (code := self.exit_code(k)) is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"node{k} still running after {timeout} s")
-            await asyncio.sleep(0.05)
+                raise TimeoutError(f"node{k} still running after {timeout:.1f} s")
+            await asyncio.sleep(50 * MS)
         return code
 
     def rss_kb(self, k: int) -> int:
@@ -232,7 +233,7 @@ async def get_json(
 
 async def readyz(http: aiohttp.ClientSession, base: str) -> int:
     try:
-        async with http.get(f"{base}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as r:
+        async with http.get(f"{base}/readyz", timeout=aiohttp.ClientTimeout(total=2000 * MS)) as r:
             return r.status
     except (aiohttp.ClientError, TimeoutError):
         return 0
@@ -307,7 +308,7 @@ class TrackingClient:
             code: int | None = None
             try:
                 async with http.ws_connect(
-                    url, autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=2.0)
+                    url, autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=2000 * MS)
                 ) as ws:
                     self._ws = ws
                     async for msg in ws:
@@ -395,7 +396,7 @@ class Fleet:
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.gather(*(c.stop() for c in self.clients.values()))
         if self.tasks:
-            _, pending = await asyncio.wait(self.tasks, timeout=5)
+            _, pending = await asyncio.wait(self.tasks, timeout=5000 * MS)
             for task in pending:
                 task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -413,11 +414,11 @@ class Fleet:
         start = time.monotonic()
         while not predicate():
             if time.monotonic() - start > timeout:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            await asyncio.sleep(0.02)
+                raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+            await asyncio.sleep(20 * MS)
         return time.monotonic() - start
 
-    async def wait_connected(self, timeout: float = 30.0) -> float:
+    async def wait_connected(self, timeout: float = 30_000 * MS) -> float:
         return await self.wait(
             lambda: all(c.node is not None for c in self), timeout, "every client's welcome"
         )
@@ -449,7 +450,7 @@ class TickPublisher:
     def __init__(
         self, redis_url: str, client_ids: Iterable[str], interval: float, **publisher: Any
     ) -> None:
-        publisher.setdefault("timeout", 1.0)
+        publisher.setdefault("timeout", 1000 * MS)
         self.publisher = AsyncPublisher(redis_url, **publisher)
         self.client_ids = list(client_ids)
         self.interval = interval
@@ -475,7 +476,7 @@ class TickPublisher:
         if self._task is not None:
             await self._task
 
-    async def wait_ticks(self, count: int, timeout: float = 60.0) -> None:
+    async def wait_ticks(self, count: int, timeout: float = 60_000 * MS) -> None:
         target = self.ticks + count
         deadline = time.monotonic() + timeout
         while self.ticks < target:
@@ -484,7 +485,7 @@ class TickPublisher:
                 raise AssertionError("publisher stopped")
             if time.monotonic() > deadline:
                 raise AssertionError(f"publisher made {self.ticks} of {target} ticks")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(20 * MS)
 
     @property
     def total(self) -> int:
@@ -510,7 +511,7 @@ class TickPublisher:
                 )
             except PublishFailed:
                 self.failures += 1
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(100 * MS)
                 continue
             self.duplicates += result.duplicate
             self.accepted[client_id].append(seq)
@@ -544,5 +545,5 @@ async def wait_delivered(fleet: Fleet, accepted: dict[str, list[int]], timeout: 
 
     start = time.monotonic()
     while not done() and time.monotonic() - start < timeout:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * MS)
     return time.monotonic() - start
