@@ -16,6 +16,7 @@ import orjson
 from backend_adapter import AsyncPublisher
 from tests.cluster.conftest import MakeCluster
 from tests.cluster.support import API_KEY, LocalCluster, get_json, relay_cli
+from tests.support.timing import MS
 
 SETTINGS = {"heartbeat": 5, "drain_grace": 1, "close_linger": 0.05}
 
@@ -87,18 +88,18 @@ async def test_same_client_on_two_nodes_older_gets_4000_registry_names_the_survi
     cluster = await make_cluster(3, **SETTINGS)
     async with aiohttp.ClientSession() as http, AsyncPublisher(cluster.redis_url) as publisher:
         older = await Conn(http, cluster.node_ws(1, "dup")).open()
-        await asyncio.wait_for(older.welcomed.wait(), 5)
+        await asyncio.wait_for(older.welcomed.wait(), 5000 * MS)
         assert older.welcome["node"] == "node1"
         assert await publisher.is_online("dup")
         newer = await Conn(http, cluster.node_ws(2, "dup")).open()
-        await asyncio.wait_for(newer.welcomed.wait(), 5)
+        await asyncio.wait_for(newer.welcomed.wait(), 5000 * MS)
         welcomed_at = time.monotonic()
-        await asyncio.wait_for(older.closed.wait(), 3)
+        await asyncio.wait_for(older.closed.wait(), 3000 * MS)
         kicked_after = older.closed_at - welcomed_at
         assert older.close_code == 4000
         assert newer.welcome["node"] == "node2"
         # Give node1 time to run its (fenced) release of the older session, then look.
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(500 * MS)
         session = newer.welcome["session"]
         for body in await _status_everywhere(http, cluster, "dup"):
             assert (body["online"], body["node"], body["session"]) == (True, "node2", session)
@@ -107,7 +108,7 @@ async def test_same_client_on_two_nodes_older_gets_4000_registry_names_the_survi
         assert await publisher.is_online("dup")
         result = await publisher.publish("dup", "e", {"to": "newer"})
         assert (result.online, result.receivers) == (True, 1)  # node1 unsubscribed
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(300 * MS)
         assert [m["data"] for m in newer.messages] == [{"to": "newer"}]
         assert older.messages == []
         # DELETE on a third node kicks the session on node2.
@@ -116,12 +117,12 @@ async def test_same_client_on_two_nodes_older_gets_4000_registry_names_the_survi
             headers={"Authorization": f"Bearer {API_KEY}"},
         ) as response:
             assert response.status == 200
-        await asyncio.wait_for(newer.closed.wait(), 3)
+        await asyncio.wait_for(newer.closed.wait(), 3000 * MS)
         assert newer.close_code == 4000
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 3000 * MS
         while await publisher.is_online("dup"):
             assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * MS)
         assert not (await _cli_clients(cluster, "dup"))["online"]
         await older.close()
         await newer.close()
@@ -146,18 +147,18 @@ async def test_simultaneous_connects_on_two_nodes_leave_exactly_one_survivor(
             a, b = Conn(http, cluster.node_ws(1, cid)), Conn(http, cluster.node_ws(2, cid))
             await asyncio.gather(a.open(), b.open())
             conns.append((cid, a, b))
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 5000 * MS
         while not all(a.closed.is_set() or b.closed.is_set() for _, a, b in conns):
             assert time.monotonic() < deadline, "a round still has two sessions"
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.5)  # late releases and kicks have landed
+            await asyncio.sleep(20 * MS)
+        await asyncio.sleep(500 * MS)  # late releases and kicks have landed
         for cid, a, b in conns:
             alive = [c for c in (a, b) if not c.closed.is_set()]
             dead = [c for c in (a, b) if c.closed.is_set()]
             assert len(alive) == 1, (cid, a.close_code, b.close_code)
             assert dead[0].close_code == 4000
             survivor = alive[0]
-            await asyncio.wait_for(survivor.welcomed.wait(), 2)
+            await asyncio.wait_for(survivor.welcomed.wait(), 2000 * MS)
             body = (await _status_everywhere(http, cluster, cid))[0]
             assert (body["online"], body["node"], body["session"]) == (
                 True,
@@ -182,10 +183,10 @@ async def test_duplicates_allow_fans_out_across_nodes(make_cluster: MakeCluster)
         await asyncio.gather(one.welcomed.wait(), two.welcomed.wait())
         results = [await publisher.publish("fan", "e", {"seq": seq}) for seq in range(5)]
         assert {r.receivers for r in results} == {2}
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 3000 * MS
         while len(one.messages) < 5 or len(two.messages) < 5:
             assert time.monotonic() < deadline, (len(one.messages), len(two.messages))
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(20 * MS)
         for conn in (one, two):
             assert [m["data"]["seq"] for m in conn.messages] == list(range(5))
         assert not one.closed.is_set() and not two.closed.is_set()
@@ -200,14 +201,16 @@ async def test_client_of_a_dead_node_goes_offline_when_its_node_key_expires(
     cluster = await make_cluster(2, **SETTINGS)
     async with aiohttp.ClientSession() as http, AsyncPublisher(cluster.redis_url) as publisher:
         ghost = await Conn(http, cluster.node_ws(2, "ghost")).open()
-        await asyncio.wait_for(ghost.welcomed.wait(), 5)
+        await asyncio.wait_for(ghost.welcomed.wait(), 5000 * MS)
         assert (await _status_everywhere(http, cluster, "ghost"))[0]["online"]
         cluster.signal_node(2, signal.SIGKILL)
         killed_at = time.monotonic()
-        await asyncio.wait_for(ghost.closed.wait(), 5)
+        await asyncio.wait_for(ghost.closed.wait(), 5000 * MS)
         while await publisher.is_online("ghost"):
-            assert time.monotonic() - killed_at < 10, "still online 10 s after its node died"
-            await asyncio.sleep(0.1)
+            assert time.monotonic() - killed_at < 10_000 * MS, (
+                "still online 10 s after its node died"
+            )
+            await asyncio.sleep(100 * MS)
         offline_after = time.monotonic() - killed_at
         status, body = await get_json(http, f"{cluster.node_http(1)}/api/clients/ghost")
         assert (status, body["online"], body["node"]) == (200, False, "node2")
@@ -230,11 +233,11 @@ async def test_duplicates_allow_client_stays_online_while_a_session_lives_elsewh
     cluster = await make_cluster(2, duplicates="allow", **SETTINGS)
     async with aiohttp.ClientSession() as http, AsyncPublisher(cluster.redis_url) as publisher:
         one = await Conn(http, cluster.node_ws(1, "fan2")).open()
-        await asyncio.wait_for(one.welcomed.wait(), 5)
+        await asyncio.wait_for(one.welcomed.wait(), 5000 * MS)
         two = await Conn(http, cluster.node_ws(2, "fan2")).open()
-        await asyncio.wait_for(two.welcomed.wait(), 5)
+        await asyncio.wait_for(two.welcomed.wait(), 5000 * MS)
         await two.close()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(300 * MS)
         try:
             assert not one.closed.is_set()
             assert await publisher.is_online("fan2")
