@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Final
 
@@ -28,6 +29,7 @@ from aiohttp import web
 
 from relay.auth import api_key_matches
 from relay.engine import EngineHealth, NodeInfo
+from relay.errors import EngineError
 from relay.metrics import RateMeter
 from relay.node import Node
 from relay.ws import NODE_KEY
@@ -159,7 +161,7 @@ class StatusFeed:
         registry: list[NodeInfo] | None
         try:
             registry = await node.engine.nodes() if health.reachable else None
-        except Exception:  # unreachable between the two calls: shown, not raised
+        except EngineError:  # unreachable between the two calls: shown, not raised
             registry = None
         body = snapshot(node.id, live, registry, health, list(node.recent), time.time())
         return b"data: " + orjson.dumps(body) + b"\n\n"
@@ -182,7 +184,10 @@ def _error(status: int, code: str, message: str) -> web.Response:
 async def feed(request: web.Request) -> web.StreamResponse:
     """``text/event-stream`` of snapshots; the API key as ``Authorization: Bearer``."""
     status_feed = request.app[FEED_KEY]
-    api_key = status_feed.node.settings.api_key
+    settings = status_feed.node.settings
+    if not settings.status_feeds:
+        raise web.HTTPNotFound()
+    api_key = settings.api_key
     if not api_key:
         return _error(404, "api_disabled", "the status page needs an API key: --api-key")
     if not api_key_matches(request.headers.get("Authorization"), api_key):
@@ -209,7 +214,10 @@ async def feed(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _static_handler(name: str) -> Any:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _static_handler(name: str) -> Handler:
     body = (resources.files("relay") / "static" / name).read_bytes()
     headers = {
         "Content-Type": f"{_STATIC[name]}; charset=utf-8",
