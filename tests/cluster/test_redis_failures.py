@@ -30,9 +30,10 @@ from tests.cluster.support import (
     wait_delivered,
 )
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS
 
 CLIENTS = 300
-TICK = 0.5
+TICK = 500 * MS
 SETTINGS = {"heartbeat": 5, "drain_grace": 1, "close_linger": 0.05}
 
 
@@ -67,7 +68,7 @@ async def _wait_ready(
     while not await _all_ready(http, cluster, want):
         if time.monotonic() - start > timeout:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * MS)
     return time.monotonic() - start
 
 
@@ -83,37 +84,39 @@ async def test_redis_restart_with_aof_under_load_loses_no_accepted_event(
         http = fleet.http
         # A client that leaves while Redis is down and never comes back.
         leaver = await http.ws_connect(cluster.node_ws(1, "leaver"))
-        await leaver.receive(timeout=5)
+        await leaver.receive(timeout=5000 * MS)
         async with TickPublisher(aof_redis.url, ids, TICK) as publisher:
             await publisher.wait_ticks(3)
             before = publisher.total
             killed_at = time.monotonic()
             await asyncio.to_thread(aof_redis.kill)
-            unready = await _wait_ready(http, cluster, 503, 5, "/readyz 503 on every node")
+            unready = await _wait_ready(http, cluster, 503, 5000 * MS, "/readyz 503 on every node")
             # Twenty clients drop their connection while Redis is down and must come back.
             movers = list(fleet)[:20]
             for client in movers:
                 await client.stop_connection()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * MS)
             stopped_at = time.monotonic()
             await leaver.close()
-            await asyncio.sleep(max(0.0, 1.5 - (time.monotonic() - killed_at)))
+            await asyncio.sleep(max(0.0, 1500 * MS - (time.monotonic() - killed_at)))
             await asyncio.to_thread(aof_redis.start)
             restarted_at = time.monotonic()
             down_for = restarted_at - killed_at
-            ready = await _wait_ready(http, cluster, 200, 20, "/readyz 200 on every node")
+            ready = await _wait_ready(http, cluster, 200, 20_000 * MS, "/readyz 200 on every node")
             await fleet.wait(
-                lambda: all(c.node is not None for c in fleet), 20, "every client connected"
+                lambda: all(c.node is not None for c in fleet),
+                20_000 * MS,
+                "every client connected",
             )
             await publisher.wait_ticks(3)
             # Its node could not release its record while Redis was down; once Redis is
             # back the record goes, or it would read online for as long as node1 lives.
             ready_at = time.monotonic()
             while await publisher.publisher.is_online("leaver"):
-                assert time.monotonic() - ready_at < 10, "leaver still online 10 s later"
-                await asyncio.sleep(0.1)
+                assert time.monotonic() - ready_at < 10_000 * MS, "leaver still online 10 s later"
+                await asyncio.sleep(100 * MS)
             left = time.monotonic() - restarted_at
-        delivery = await wait_delivered(fleet, publisher.accepted, 20)
+        delivery = await wait_delivered(fleet, publisher.accepted, 20_000 * MS)
         missing, wrong, examples = missing_and_extra(fleet, publisher.accepted)
         assert (missing, wrong) == (0, 0), examples
         rewelcomes = [w for c in movers for w in c.welcomes_after(killed_at)]
@@ -153,20 +156,22 @@ async def test_redis_sigstop_beyond_canary_deadline_turns_unready_then_replays_t
         async with TickPublisher(own_redis.url, ids, TICK) as publisher:
             await publisher.wait_ticks(3)
             # Stop Redis just before a tick: its publishes are sent to a hung Redis.
-            await asyncio.sleep(publisher.tick_times[-1] + TICK - time.monotonic() - 0.02)
+            await asyncio.sleep(publisher.tick_times[-1] + TICK - time.monotonic() - 20 * MS)
             before = publisher.total
             stopped_at = time.monotonic()
             own_redis.stop_process()
-            unready = await _wait_ready(http, cluster, 503, 10, "/readyz 503 on every node")
+            unready = await _wait_ready(
+                http, cluster, 503, 10_000 * MS, "/readyz 503 on every node"
+            )
             # Stay hung a little past the moment the last node noticed.
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(500 * MS)
             own_redis.continue_process()
             continued_at = time.monotonic()
             stopped_for = continued_at - stopped_at
             ticks_at_cont = publisher.ticks
-            ready = await _wait_ready(http, cluster, 200, 20, "/readyz 200 on every node")
+            ready = await _wait_ready(http, cluster, 200, 20_000 * MS, "/readyz 200 on every node")
             await publisher.wait_ticks(3)
-        delivery = await wait_delivered(fleet, publisher.accepted, 20)
+        delivery = await wait_delivered(fleet, publisher.accepted, 20_000 * MS)
         missing, wrong, examples = missing_and_extra(fleet, publisher.accepted)
         assert (missing, wrong) == (0, 0), examples
         assert all(not c.welcomes_after(stopped_at) for c in fleet), "a client was dropped"
