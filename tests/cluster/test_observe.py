@@ -9,6 +9,7 @@ from relay.client import RelayClient
 from tests.cluster.conftest import MakeCluster
 from tests.cluster.support import API_KEY
 from tests.support.tail import Tail
+from tests.support.timing import MS
 
 
 async def test_tail_through_nginx_leaves_the_client_connected(make_cluster: MakeCluster) -> None:
@@ -22,15 +23,15 @@ async def test_tail_through_nginx_leaves_the_client_connected(make_cluster: Make
         await client.wait_connected()
         tail = await Tail.start("lb-watched", "--url", lb, "--api-key", API_KEY)
         try:
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(20_000 * MS):
                 while not tail.welcomed():
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(20 * MS)
             async with AsyncPublisher(cluster.redis_url) as publisher:
                 ids = [(await publisher.publish("lb-watched", "e", n)).id for n in range(3)]
-            got = [(await asyncio.wait_for(client.__anext__(), 10)).id for _ in ids]
-            async with asyncio.timeout(10):
+            got = [(await asyncio.wait_for(client.__anext__(), 10_000 * MS)).id for _ in ids]
+            async with asyncio.timeout(10_000 * MS):
                 while len(tail.out) < len(ids):
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(20 * MS)
             assert got == ids and [line["id"] for line in tail.out] == ids
             assert client.connected and client.connects == 1 and closes == []
         finally:
