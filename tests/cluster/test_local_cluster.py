@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from tests.cluster.support import ROOT, SCRIPT, LocalCluster, get_json, node_env
+from tests.support.timing import MS
 
 TEMPLATE = ROOT / "deploy" / "nginx" / "relay.conf.template"
 
@@ -58,7 +59,7 @@ async def test_script_start_status_restart_a_node_and_stop(tmp_path: Path) -> No
         pids = {name: cluster.pid(name) for name in ("nginx", "redis", "node1", "node2")}
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(cluster.lb_ws("script")) as ws:
-                welcome = orjson.loads((await ws.receive(timeout=5)).data)
+                welcome = orjson.loads((await ws.receive(timeout=5000 * MS)).data)
                 assert welcome["type"] == "welcome" and welcome["node"] in ("node1", "node2")
             code, body = await get_json(http, f"{cluster.lb_http}/api/nodes")
             assert code == 200 and [n["node"] for n in body["nodes"]] == ["node1", "node2"]
