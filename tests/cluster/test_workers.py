@@ -15,6 +15,7 @@ import aiohttp
 from tests.cluster.support import API_KEY, Fleet, TickPublisher, get_json, readyz
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS
 
 RELAY = Path(sys.executable).with_name("relay")
 CLIENTS = 50
@@ -38,7 +39,7 @@ async def test_workers_2_share_one_port_and_stop_together_on_sigterm(
     try:
         ids = [f"w-{i}" for i in range(CLIENTS)]
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 20_000 * MS
             while True:
                 status, body = (0, {})
                 if await readyz(http, base) == 200:
@@ -47,7 +48,7 @@ async def test_workers_2_share_one_port_and_stop_together_on_sigterm(
                     break
                 assert parent.poll() is None, (tmp_path / "workers.log").read_text()
                 assert time.monotonic() < deadline, "two workers never registered"
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(100 * MS)
             assert [n["node"] for n in body["nodes"]] == ["wk-w0", "wk-w1"]
             children = [
                 int(pid)
@@ -60,24 +61,24 @@ async def test_workers_2_share_one_port_and_stop_together_on_sigterm(
                 await fleet.wait_connected()
                 spread = fleet.by_node()
                 assert set(spread) == {"wk-w0", "wk-w1"}, spread
-                async with TickPublisher(own_redis.url, ids, 0.2) as publisher:
+                async with TickPublisher(own_redis.url, ids, 200 * MS) as publisher:
                     await publisher.wait_ticks(3)
                 await fleet.wait(
                     lambda: all(len(c.seqs) == len(publisher.accepted[c.client_id]) for c in fleet),
-                    10,
+                    10_000 * MS,
                     "every event",
                 )
                 assert all(c.seqs == publisher.accepted[c.client_id] for c in fleet)
                 connections: dict[str, int] = {}
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 10_000 * MS
                 while connections != spread:  # as of each worker's last heartbeat
                     assert time.monotonic() < deadline, f"/api/nodes says {connections}"
                     _, body = await get_json(http, f"{base}/api/nodes")
                     connections = {n["node"]: n["connections"] for n in body["nodes"]}
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(100 * MS)
                 started = time.monotonic()
                 parent.send_signal(signal.SIGTERM)
-                code = await asyncio.to_thread(parent.wait, 20)
+                code = await asyncio.to_thread(parent.wait, 20_000 * MS)
                 stopped_after = time.monotonic() - started
                 closes = {cl.code for c in fleet for cl in c.closes if cl.welcomed}
         assert code == 0, (tmp_path / "workers.log").read_text()[-3000:]
