@@ -24,6 +24,7 @@ from relay.wire import KeySpace
 from tests.cluster.conftest import MakeCluster
 from tests.cluster.support import Fleet, TickPublisher, missing_and_extra, wait_delivered
 from tests.support.sentinel import PASSWORD, SentinelDeployment
+from tests.support.timing import MS
 
 CLIENTS = int(os.environ.get("RELAY_SENTINEL_CLIENTS", "100"))
 RATE = float(os.environ.get("RELAY_SENTINEL_RATE", "200"))
@@ -56,9 +57,9 @@ async def _kill_master_under_load(
     )
     ids = [f"sf-{i}" for i in range(CLIENTS)]
     async with Fleet({cid: cluster.lb_ws(cid) for cid in ids}) as fleet:
-        await fleet.wait_connected(60)
+        await fleet.wait_connected(60_000 * MS)
         async with TickPublisher(
-            deployment.url, ids, TICK, min_replicas=min_replicas, timeout=1.0
+            deployment.url, ids, TICK, min_replicas=min_replicas, timeout=1000 * MS
         ) as publisher:
             await publisher.wait_ticks(3)
             old = deployment.master_port()
@@ -73,13 +74,17 @@ async def _kill_master_under_load(
             # in flight at the kill; for everyone: every client has received one.
             after = in_flight + 1
             first = await fleet.wait(
-                lambda: any(c.seqs and c.seqs[-1] >= after for c in fleet), 60, "first delivery"
+                lambda: any(c.seqs and c.seqs[-1] >= after for c in fleet),
+                60_000 * MS,
+                "first delivery",
             )
             everyone = first + await fleet.wait(
-                lambda: all(c.seqs and c.seqs[-1] >= after for c in fleet), 60, "all delivering"
+                lambda: all(c.seqs and c.seqs[-1] >= after for c in fleet),
+                60_000 * MS,
+                "all delivering",
             )
             await publisher.wait_ticks(5)
-        delivery = await wait_delivered(fleet, publisher.accepted, 30)
+        delivery = await wait_delivered(fleet, publisher.accepted, 30_000 * MS)
         missing, wrong, examples = missing_and_extra(fleet, publisher.accepted)
         told = {
             c.client_id
