@@ -81,12 +81,13 @@ async def move_label(admin: Page, label_id: int, x: int, y: int) -> None:
     await row.locator("input[name=x]").fill(str(x))
     await row.locator("input[name=y]").fill(str(y))
     await row.locator("button.move").click()
+    # The board is drawn again once the service answered (the inputs hold what we typed).
     await admin.wait_for_function(
-        """([id, x]) => {
-             const row = document.querySelector(`#labels tbody tr[data-id="${id}"]`);
-             return row && row.querySelector('input[name=x]').value === String(x);
+        """([id, x, y]) => {
+             const chip = document.querySelector(`#admin-board .label[data-id="${id}"]`);
+             return chip && chip.style.left === `${x}px` && chip.style.top === `${y}px`;
            }""",
-        arg=[label_id, x],
+        arg=[label_id, x, y],
     )
 
 
@@ -120,6 +121,19 @@ async def test_demo_canvas_follows_the_admin_page_across_a_node_restart(
         await add_label(admin, text)
     await move_label(admin, 2, 300, 200)
     await wait_canvas(canvas, "d.labels.size === 3 && d.labels.get(2).x === 300")
+    # Dragging a label on the admin board moves it too (label 3: drawn last, on top).
+    before = await canvas.evaluate("() => window.demo.labels.get(3)")
+    box = await admin.locator('#admin-board .label[data-id="3"]').bounding_box()
+    assert box is not None
+    await admin.mouse.move(box["x"] + 10, box["y"] + 10)
+    await admin.mouse.down()
+    await admin.mouse.move(box["x"] + 60, box["y"] + 40, steps=5)
+    await admin.mouse.up()
+    await wait_canvas(
+        canvas,
+        "d.labels.get(3).x === arg[0] && d.labels.get(3).y === arg[1]",
+        [before["x"] + 50, before["y"] + 30],
+    )
     assert await canvas_labels(canvas) == drawn_like(service_labels(demo))
 
     # The node goes away; the admin keeps working (the outbox publishes to Redis).
