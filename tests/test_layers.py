@@ -68,7 +68,12 @@ def test_pure_modules_do_no_io(module: str) -> None:
     assert not {_top(n) for n in _imports(ROOT / module)} & IO_LIBS
 
 
-@pytest.mark.parametrize("module", sorted(p.name for p in (ROOT / "relay/engines").glob("*.py")))
+@pytest.mark.parametrize(
+    "module",
+    sorted(
+        str(p.relative_to(ROOT / "relay/engines")) for p in (ROOT / "relay/engines").rglob("*.py")
+    ),
+)
 def test_engines_never_import_upward(module: str) -> None:
     """An engine knows neither the hub, the node, sessions nor aiohttp."""
     names = _imports(ROOT / "relay/engines" / module)
@@ -113,7 +118,8 @@ def test_architecture_diagram_names_every_module() -> None:
     words = set(re.findall(r"[\w/]+", picture))
     modules = {p.stem for p in (ROOT / "relay").glob("*.py")} - {"__init__", "__main__"}
     modules |= {f"engines/{p.stem}" for p in (ROOT / "relay/engines").glob("[!_]*.py")}
-    modules |= {f"{p.stem}" for p in (ROOT / "relay/engines").glob("_*.py")} - {"__init__"}
+    modules |= {f"engines/{p.name}/" for p in (ROOT / "relay/engines").iterdir() if p.is_dir()}
+    modules |= {p.stem for p in (ROOT / "relay/engines").glob("*/*.py")} - {"__init__"}
     modules |= {"bench/", "lua/", "backend_adapter/"}
     missing = {m for m in modules if m.rstrip("/") not in {w.rstrip("/") for w in words}}
     assert not missing, f"add these to the picture in docs/architecture.md: {sorted(missing)}"

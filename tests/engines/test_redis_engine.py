@@ -13,8 +13,8 @@ from redis.exceptions import DataError
 from structlog.testing import capture_logs
 
 from relay.engine import Control, EngineOptions, SessionRecord
-from relay.engines._batch import pack_commands
 from relay.engines.redis import RedisEngine, decode_control, encode_control
+from relay.engines.redis._batch import pack_commands
 from relay.errors import EngineUnavailable, InvalidEnvelope
 from relay.wire import ID_ZERO, Event, encode_live, encode_payload, parse_id, prove_recovery
 from tests.conftest import MS

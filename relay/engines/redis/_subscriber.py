@@ -4,7 +4,7 @@ It batches SUBSCRIBE and UNSUBSCRIBE commands and waits for Redis to confirm the
 resubscribes every wanted channel after a reconnect (then calls
 ``handler.on_resubscribed()``), runs the canary, and dispatches what arrives: messages to
 ``handler.on_event``, control frames to ``handler.on_control``. It lives apart from
-:mod:`relay.engines.redis` (commands, history, registry) because it is its own state
+:mod:`relay.engines.redis`'s broker and registries (commands, history) because it is its own state
 machine with its own connection; the engine creates one and forwards subscribe and
 unsubscribe to it. The control-message encoding and the small task helpers are here
 because both sides use them and this module must not import the engine.
@@ -32,9 +32,20 @@ from redis.backoff import NoBackoff
 from redis.utils import HIREDIS_AVAILABLE
 
 from relay.engine import Control, EngineHandler
-from relay.engines._batch import pack_commands
+from relay.engines.redis._batch import pack_commands
 from relay.errors import EngineError, EngineUnavailable, InvalidEnvelope
 from relay.wire import decode_live
+
+__all__ = [
+    "Subscriber",
+    "Timings",
+    "as_text",
+    "decode_control",
+    "encode_control",
+    "reraise_swallowed_cancel",
+    "safely",
+    "stop_task",
+]
 
 _SUBSCRIBE: Final = b"subscribe"
 _UNSUBSCRIBE: Final = b"unsubscribe"
@@ -69,7 +80,7 @@ def decode_control(data: bytes) -> Control:
 
 
 @dataclass(frozen=True, slots=True)
-class _Timings:
+class Timings:
     socket_timeout: float
     canary_interval: float
     canary_deadline: float
@@ -105,7 +116,7 @@ def _hiredis_reader(conn: AbstractConnection) -> Any:
     return reader if HIREDIS_AVAILABLE and callable(getattr(reader, "gets", None)) else None
 
 
-class _Subscriber:
+class Subscriber:
     """The node's one pub/sub connection: subscriptions, the reader, reconnects, the canary."""
 
     def __init__(
@@ -115,7 +126,7 @@ class _Subscriber:
         handler: EngineHandler,
         control_channel: str,
         client_name: str,
-        timings: _Timings,
+        timings: Timings,
         log: Any,
     ) -> None:
         self._pool = pool
@@ -165,7 +176,7 @@ class _Subscriber:
         self.ready = False
         for task in (self._canary, self._task):
             if task is not None:
-                await _stop(task)
+                await stop_task(task)
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -293,7 +304,7 @@ class _Subscriber:
         finally:
             self._session = None
             self._reader = None
-            await _stop(reader)
+            await stop_task(reader)
             await _discard(session.conn)
         if reader.cancelled():
             return "replaced"
@@ -426,7 +437,7 @@ class _Subscriber:
                 self._canary_ok_at = asyncio.get_running_loop().time()
                 self._set_health(True)
             return
-        _safely(self._log, self._handler.on_control, control)
+        safely(self._log, self._handler.on_control, control)
 
     def _bad_message(self, channel: bytes, data: bytes, reason: str) -> None:
         # Another publisher's bug can send junk at full speed: at most ten lines a second,
@@ -442,7 +453,7 @@ class _Subscriber:
         self._log.warning(
             "engine.bad_message",
             source="pubsub",
-            channel=_text(channel),
+            channel=as_text(channel),
             size=len(data),
             reason=reason,
             suppressed=suppressed,
@@ -458,7 +469,7 @@ class _Subscriber:
             # A confirmation nobody asked for: the subscription was re-established, and
             # whatever was published before it may be lost.
             self._log.warning("engine.resubscribed", reason="unexpected_confirmation")
-            _safely(self._log, self._handler.on_resubscribed)
+            safely(self._log, self._handler.on_resubscribed)
         if kind != _SUBSCRIBE or channel not in session.sent or channel in session.ops:
             return
         if channel in session.awaiting:
@@ -476,7 +487,7 @@ class _Subscriber:
             self._first_live.set_result(None)
         if self._ever_live:
             self._log.info("engine.resubscribed", channels=len(self._channels) + 1)
-            _safely(self._log, self._handler.on_resubscribed)
+            safely(self._log, self._handler.on_resubscribed)
         self._ever_live = True
         self._canary_kick.set()
 
@@ -490,7 +501,7 @@ class _Subscriber:
             self._log.info("engine.healthy")
         else:
             self._log.warning("engine.unhealthy", reason=reason)
-        _safely(self._log, self._handler.on_health, healthy)
+        safely(self._log, self._handler.on_health, healthy)
 
     async def _run_canary(self) -> None:
         """Publish a canary to ourselves every interval; replace a deaf connection."""
@@ -513,7 +524,7 @@ class _Subscriber:
                     await self._redis.publish(channel, encode_control(canary))
             except Exception as exc:
                 self._log.debug("engine.canary_failed", error=type(exc).__name__)
-            _reraise_swallowed_cancel(asyncio.current_task(), 0)
+            reraise_swallowed_cancel(asyncio.current_task(), 0)
             self._check_canary(loop.time())
 
     def _check_canary(self, now: float) -> None:
@@ -538,7 +549,7 @@ def _wake(waiters: Iterable[asyncio.Future[None]]) -> None:
             waiter.set_result(None)
 
 
-def _safely(log: Any, callback: Callable[..., None], *args: Any) -> None:
+def safely(log: Any, callback: Callable[..., None], *args: Any) -> None:
     """Call a handler callback; its failure is logged and never reaches the reader."""
     try:
         callback(*args)
@@ -546,7 +557,7 @@ def _safely(log: Any, callback: Callable[..., None], *args: Any) -> None:
         log.exception("engine.handler_failed", callback=getattr(callback, "__name__", "?"))
 
 
-def _reraise_swallowed_cancel(task: asyncio.Task[Any] | None, before: int) -> None:
+def reraise_swallowed_cancel(task: asyncio.Task[Any] | None, before: int) -> None:
     """Raise CancelledError if the task was cancelled during a command that returned anyway.
 
     On Python 3.11 redis-py writes through ``asyncio.wait_for``, which drops a cancellation
@@ -556,7 +567,7 @@ def _reraise_swallowed_cancel(task: asyncio.Task[Any] | None, before: int) -> No
         raise asyncio.CancelledError
 
 
-async def _stop(task: asyncio.Task[None]) -> None:
+async def stop_task(task: asyncio.Task[None]) -> None:
     """Cancel ``task`` and wait for it, cancelling again if a cancellation was swallowed."""
     while not task.done():
         task.cancel()
@@ -570,7 +581,7 @@ async def _discard(conn: AbstractConnection) -> None:
         await conn.disconnect(nowait=True)
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     if value is None:
         return ""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
