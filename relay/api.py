@@ -32,6 +32,7 @@ from relay.errors import (
 )
 from relay.log import bad_request
 from relay.node import Node
+from relay.protocol import encode_http_error
 from relay.wire import PublishResult, validate_client_id
 from relay.ws import NODE_KEY
 
@@ -45,7 +46,9 @@ log = structlog.get_logger("relay.api")
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    return web.Response(
+        body=encode_http_error(code, message), status=status, content_type="application/json"
+    )
 
 
 def _json(body: Any, status: int = 200) -> web.Response:

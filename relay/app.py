@@ -28,16 +28,16 @@ from aiohttp import web
 
 from relay.api import add_routes
 from relay.config import Settings
-from relay.edge import Edge
+from relay.edge import EDGE_KEY, Edge, adopt, adopt_observer
 from relay.engine import Engine
 from relay.engines import create_engine
 from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.node import Node
 from relay.status import add_status_routes
-from relay.ws import LB_RETRY_HEADER, NODE_KEY, observer_handler, websocket_handler
+from relay.ws import LB_RETRY_HEADER, NODE_KEY
 
-__all__ = ["LB_RETRY_HEADER", "NODE_KEY", "create_app", "listening_socket", "serve"]
+__all__ = ["EDGE_KEY", "LB_RETRY_HEADER", "NODE_KEY", "create_app", "listening_socket", "serve"]
 
 log = structlog.get_logger("relay.app")
 
@@ -56,8 +56,11 @@ def create_app(
         client_max_size=2 * settings.max_payload + 4096,
     )
     app[NODE_KEY] = node
-    app.router.add_get("/ws/{client_id}", websocket_handler)
-    app.router.add_get("/observe/{client_id}", observer_handler)
+    # The one WebSocket server is the edge (relay.edge). aiohttp sees only observers and
+    # upgrades arriving on a keep-alive connection it serves, and gives their socket to it.
+    app[EDGE_KEY] = Edge(node)
+    app.router.add_get("/ws/{client_id}", adopt)
+    app.router.add_get("/observe/{client_id}", adopt_observer)
     add_routes(app)
     add_status_routes(app)
 
@@ -66,6 +69,9 @@ def create_app(
             await node.start()
         yield
         await drain(app)
+        # The edge's heartbeat sweep and any socket it still holds end with the app (also
+        # when it is mounted in another server and only ever saw adopted WebSockets).
+        await app[EDGE_KEY].close()
 
     async def drain(app: web.Application) -> None:
         # On shutdown, before aiohttp closes the connections: its WebSockets then get
@@ -155,8 +161,8 @@ async def serve(
     await runner.setup()
     sock = listening_socket(settings.host, settings.port, reuse_port)
     assert runner.server is not None  # made by setup()
-    edge = Edge(node, runner.server)
-    await edge.listen(sock)
+    edge = app[EDGE_KEY]
+    await edge.listen(sock, runner.server)
     _tune_gc()
     log.info(
         "node.listening",

@@ -78,6 +78,7 @@ _NOT_NEGATIVE = (
     "status_feeds",  # 0: no status page
     "max_early_messages",
     "redis_min_replicas",
+    "compress_min_size",
 )
 
 
@@ -286,7 +287,23 @@ class Settings:
         },
     )
     compress: bool = field(
-        default=False, metadata={"help": "allow permessage-deflate (costly; off by default)"}
+        default=False,
+        metadata={"help": "answer permessage-deflate offers (RFC 7692); off: never compress"},
+    )
+    compress_min_size: int = field(
+        default=256,
+        metadata={"help": "server frames shorter than this many bytes are sent uncompressed"},
+    )
+    compress_context_takeover: bool = field(
+        default=False,
+        metadata={
+            "help": "a compressor per connection whose client allows it (smaller frames,"
+            " more memory); off: each frame compressed on its own, once per event"
+        },
+    )
+    compress_window_bits: int = field(
+        default=12,
+        metadata={"help": "LZ77 window (9-15 bits) of a per-connection compressor"},
     )
 
     def __post_init__(self) -> None:
@@ -300,6 +317,8 @@ class Settings:
                 raise _invalid(name, getattr(self, name), "must not be negative")
         if not 0 <= self.port <= 65535:
             raise _invalid("port", self.port, "must be 0-65535")
+        if not 9 <= self.compress_window_bits <= 15:
+            raise _invalid("compress_window_bits", self.compress_window_bits, "must be 9-15")
         if self.duplicates not in ("replace", "allow"):
             raise _invalid("duplicates", self.duplicates, "must be 'replace' or 'allow'")
         if self.redis_min_replicas and not self.redis_url:
@@ -490,6 +509,19 @@ Notes:
   plus ~40 bytes (id, `prev`, field names). With 200-byte payloads and the default 100
   entries that is ~25-50 KB per active BizId, released `history_ttl` after its last
   publish. A `mid` costs one small key for `dedupe_window` seconds.
+- `--compress`: the same listener serves compressed and plain connections; a client that
+  offers permessage-deflate gets it, others are not affected. By default every frame is
+  compressed on its own (no context kept between frames), so one shared compressor
+  serves the whole node and an event sent to several sessions is compressed once: no
+  memory per connection. That saves little on small events (a 116-byte event becomes
+  ~92 bytes, for ~4 µs of CPU), hence `--compress-min-size`. With
+  `--compress-context-takeover`, a connection whose client did not offer
+  `server_no_context_takeover` gets its own compressor, created with its first
+  compressed frame: small events then shrink to a fifth (116 → ~19 bytes), but each
+  such connection holds ~39 KB (`--compress-window-bits 12`; ~18 KB at 10, ~270 KB at
+  15), against ~3 KB for a whole idle connection. A client that compresses what it
+  sends without `client_no_context_takeover` (browsers) makes its connection keep a
+  ~43 KB inflater from its first compressed message on.
 """
 
 _CONFIG_FILE = """

@@ -6,12 +6,15 @@ Relay does anything (docs/benchmarks.md). Here a connection that starts with
 ``GET /ws/`` is one asyncio Protocol: the request head is parsed once and dropped, the
 frame parser is :mod:`relay.frames`, the protocol object is the session's Transport,
 and server pings come from one sweep over all connections instead of a timer each.
-Every other request (the API, health, metrics, a WebSocket on a keep-alive connection
-that began with another request) is handed, bytes and socket, to aiohttp's own
-protocol. With ``--compress`` every request goes to aiohttp, which does permessage-deflate.
+Every other request (the API, health, metrics) is handed, bytes and socket, to
+aiohttp's own protocol.
 
-Validation, authentication and inbound frames are :mod:`relay.ws`'s, shared with the
-aiohttp route, so both answer alike.
+This is the only WebSocket server: a WebSocket upgrade that arrives on a keep-alive
+connection aiohttp is serving (a proxy reusing an idle upstream connection) is taken
+back from aiohttp by :func:`adopt` and served by an EdgeConnection like any other, and
+``--compress`` only adds permessage-deflate (:mod:`relay.deflate`) to the connections
+whose client offers it. Validation, authentication and inbound frames are
+:mod:`relay.ws`'s.
 
 What one client costs is bounded whatever it sends (docs/security.md): every frame,
 control frames and empty fragments included, is charged against ``--client-frame-rate``
@@ -29,12 +32,13 @@ import binascii
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 from urllib.parse import parse_qsl, unquote
 
-import orjson
 import structlog
+from aiohttp import web
 
+from relay.deflate import Agreement, Deflater, Inflater, negotiate
 from relay.errors import AuthError
 from relay.frames import (
     OP_BINARY,
@@ -42,6 +46,7 @@ from relay.frames import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    RSV1,
     FrameError,
     FrameParser,
     accept_key,
@@ -51,7 +56,7 @@ from relay.frames import (
 )
 from relay.log import bad_request
 from relay.node import Node
-from relay.protocol import CloseCode
+from relay.protocol import CloseCode, encode_http_error
 from relay.session import RateLimiter, Session
 from relay.ws import (
     Admission,
@@ -59,11 +64,12 @@ from relay.ws import (
     Refused,
     admit,
     authenticate,
+    authorise_observer,
     open_session,
     session_failed,
 )
 
-__all__ = ["Edge", "EdgeConnection"]
+__all__ = ["EDGE_KEY", "Edge", "EdgeConnection", "adopt", "adopt_observer"]
 
 log = structlog.get_logger("relay.edge")
 
@@ -84,7 +90,7 @@ _REASONS = {
 
 
 def _http_error(status: int, code: str, message: str, headers: dict[str, str]) -> bytes:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    body = encode_http_error(code, message)
     lines = [
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
         "Content-Type: application/json; charset=utf-8",
@@ -152,23 +158,34 @@ def handshake_key(headers: dict[str, str]) -> str:
 class Edge:
     """The protocol factory of the node's listening socket, and its connections."""
 
-    def __init__(self, node: Node, http: Callable[[], asyncio.BaseProtocol]) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.http = http
+        self.http: Callable[[], asyncio.BaseProtocol] | None = None
         self.connections: set[EdgeConnection] = set()
+        self._deflaters: dict[int, Deflater] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
 
     def __call__(self) -> asyncio.BaseProtocol:
-        if self.node.settings.compress:
-            return self.http()
         return EdgeConnection(self)
 
-    async def listen(self, sock: socket.socket) -> None:
-        """Serve connections on a bound, listening socket."""
+    async def listen(self, sock: socket.socket, http: Callable[[], asyncio.BaseProtocol]) -> None:
+        """Serve connections on a bound, listening socket; ``http`` makes aiohttp's protocol."""
+        self.http = http
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self, sock=sock, backlog=4096)
-        self._sweeper = loop.create_task(self._sweep())
+        self._start_sweeping()
+
+    def _start_sweeping(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def deflater(self, window_bits: int) -> Deflater:
+        """The compressor shared by every connection without context takeover."""
+        deflater = self._deflaters.get(window_bits)
+        if deflater is None:
+            deflater = self._deflaters[window_bits] = Deflater(window_bits, context_takeover=False)
+        return deflater
 
     def stop_listening(self) -> None:
         if self._server is not None:
@@ -180,6 +197,7 @@ class Edge:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         for connection in list(self.connections):
             connection.abort()
 
@@ -207,11 +225,14 @@ class EdgeConnection(asyncio.Protocol):
         "_buffer",
         "_closed",
         "_deadline",
+        "_deflate",
+        "_deflater",
         "_drain",
         "_edge",
         "_frame_budget",
         "_inbound",
         "_lost",
+        "_on_lost",
         "_opcode",
         "_opener",
         "_parser",
@@ -244,6 +265,9 @@ class EdgeConnection(asyncio.Protocol):
         self._closed: asyncio.Future[None] | None = None  # the peer's close frame, awaited
         self._drain: asyncio.Future[None] | None = None
         self._lost = False
+        self._on_lost: Callable[[BaseException | None], None] | None = None  # adopted: aiohttp's
+        self._deflate: Agreement | None = None
+        self._deflater: Deflater | None = None
         self._ping_sent = 0.0
         self.last_seen = 0.0
         self.session: Session | None = None
@@ -329,6 +353,8 @@ class EdgeConnection(asyncio.Protocol):
         if session is not None:
             node = self._edge.node
             node.spawn(node.disconnect(session))
+        if self._on_lost is not None:
+            self._on_lost(exc)
 
     # -- the handshake -------------------------------------------------------------------
 
@@ -352,16 +378,50 @@ class EdgeConnection(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        started_at = time.time()
-        node = self._edge.node
         try:
             client_id, query, headers = parse_head(head)
-            admission = admit(node, client_id, query, headers)
+        except Refused as refused:
+            self._refuse(refused.status, refused.code, refused.message, refused.headers)
+            return
+        self._handshake(client_id, query, headers, rest)
+
+    def adopted(
+        self,
+        transport: asyncio.BaseTransport,
+        on_lost: Callable[[BaseException | None], None],
+        request: tuple[str, dict[str, str], dict[str, str]],
+        rest: bytes,
+        *,
+        observe: bool,
+    ) -> None:
+        """Take over a socket aiohttp was serving, its upgrade request already parsed."""
+        self.connection_made(transport)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._on_lost = on_lost
+        self._handshake(*request, rest, observe=observe)
+
+    def _handshake(
+        self,
+        client_id: str,
+        query: dict[str, str],
+        headers: dict[str, str],
+        rest: bytes,
+        *,
+        observe: bool = False,
+    ) -> None:
+        """Answer a parsed ``GET /ws/<client_id>`` (or ``/observe/``); ``rest`` is what the
+        client sent after it."""
+        started_at = time.time()
+        try:
+            admission = admit(self._edge.node, client_id, query, headers)
             key = handshake_key(headers)
         except Refused as refused:
             self._refuse(refused.status, refused.code, refused.message, refused.headers)
             return
-        self._upgrade(key, admission, started_at)
+        admission.observe = observe
+        self._upgrade(key, admission, headers, started_at)
         if rest and self._parser is not None:
             self.data_received(rest)
 
@@ -375,6 +435,7 @@ class EdgeConnection(asyncio.Protocol):
         self._edge.connections.discard(self)
         self._transport = None
         self._state = _CLOSED
+        assert self._edge.http is not None  # set by Edge.listen, the only way here
         http = self._edge.http()
         transport.set_protocol(http)
         http.connection_made(transport)
@@ -393,20 +454,32 @@ class EdgeConnection(asyncio.Protocol):
             transport.write(_http_error(status, code, message, headers or {}))
             transport.close()
 
-    def _upgrade(self, key: str, admission: Admission, started_at: float) -> None:
+    def _upgrade(
+        self, key: str, admission: Admission, headers: dict[str, str], started_at: float
+    ) -> None:
         transport = self._transport
         assert transport is not None
         node = self._edge.node
+        settings = node.settings
         response = (
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
         )
         if admission.subprotocol:
             response += f"Sec-WebSocket-Protocol: {admission.subprotocol}\r\n"
+        inflate = None
+        if settings.compress:
+            deflate = self._deflate = negotiate(
+                headers.get("sec-websocket-extensions"),
+                context_takeover=settings.compress_context_takeover,
+                window_bits=settings.compress_window_bits,
+            )
+            if deflate is not None:
+                response += f"Sec-WebSocket-Extensions: {deflate.response}\r\n"
+                inflate = Inflater(context_takeover=deflate.client_context_takeover).inflate
         transport.write((response + "\r\n").encode("latin-1"))
         self._state = _CONNECTING
-        settings = node.settings
-        self._parser = FrameParser(settings.max_message_size, settings.max_fragments)
+        self._parser = FrameParser(settings.max_message_size, settings.max_fragments, inflate)
         self._frame_budget = RateLimiter(settings.client_frame_rate, settings.client_frame_burst)
         self._opcode = OP_BINARY if admission.fmt.binary else OP_TEXT
         self.last_seen = time.monotonic()
@@ -414,7 +487,11 @@ class EdgeConnection(asyncio.Protocol):
             self._close_soon(CloseCode.PROTOCOL_ERROR, admission.format_error)
             return
         try:
-            expires_at = authenticate(node, admission)
+            if admission.observe:
+                authorise_observer(node, headers)
+                expires_at = None
+            else:
+                expires_at = authenticate(node, admission)
         except AuthError as exc:
             self._close_soon(exc.close_code, str(exc))
             return
@@ -424,7 +501,9 @@ class EdgeConnection(asyncio.Protocol):
 
     async def _open(self, admission: Admission, expires_at: float | None, started: float) -> None:
         node = self._edge.node
-        opened = await open_session(node, admission, self, expires_at, started)
+        opened = await open_session(
+            node, admission, self, expires_at, started, observe=admission.observe
+        )
         self._opener = None
         if isinstance(opened, tuple):
             await self.close(*opened)
@@ -550,7 +629,10 @@ class EdgeConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection closed")
-        transport.write(frame_header(self._opcode, len(frame)) + frame)
+        if self._deflate is None:
+            transport.write(frame_header(self._opcode, len(frame)) + frame)
+        else:
+            transport.write(self._compressed(frame))
         if self._drain is not None:
             await asyncio.shield(self._drain)
 
@@ -558,8 +640,31 @@ class EdgeConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        transport.write(frame_header(self._opcode, len(frame)) + frame)
+        if self._deflate is None:
+            transport.write(frame_header(self._opcode, len(frame)) + frame)
+        else:
+            transport.write(self._compressed(frame))
         return True
+
+    def _compressed(self, frame: bytes) -> bytes:
+        """``frame`` with its header under permessage-deflate: compressed unless it is short.
+
+        Called only for a frame that is written at once: a compressor with context
+        takeover must see exactly what the client reads, in order.
+        """
+        deflate = self._deflate
+        assert deflate is not None
+        if len(frame) < self._edge.node.settings.compress_min_size:
+            return frame_header(self._opcode, len(frame)) + frame
+        deflater = self._deflater
+        if deflater is None:
+            if deflate.server_context_takeover:
+                deflater = Deflater(deflate.window_bits, context_takeover=True)
+            else:
+                deflater = self._edge.deflater(deflate.window_bits)
+            self._deflater = deflater
+        data = deflater.compress(frame)
+        return frame_header(self._opcode | RSV1, len(data)) + data
 
     async def close(self, code: int, reason: str) -> None:
         """Send our close frame, wait (bounded) for the client's, then hang up."""
@@ -591,3 +696,73 @@ class EdgeConnection(asyncio.Protocol):
         transport = self._transport
         if transport is not None:
             transport.abort()
+
+
+EDGE_KEY = web.AppKey("relay_edge", Edge)
+
+
+class _Tail:
+    """What aiohttp read past an upgrade's head, received through its ``set_parser``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.data += data
+        return False, b""
+
+    def feed_eof(self) -> None:
+        """aiohttp's protocol lost the socket: the EdgeConnection already knows."""
+
+
+async def adopt(request: web.Request) -> web.StreamResponse:
+    """``GET /ws/{client_id}`` on a connection aiohttp serves: the edge takes the socket.
+
+    A proxy that keeps idle upstream connections (nginx ``keepalive``) may send an upgrade
+    on one that carried API or health requests before.
+    """
+    return await _adopt(request, observe=False)
+
+
+async def adopt_observer(request: web.Request) -> web.StreamResponse:
+    """``GET /observe/{client_id}`` (``relay tail``): the edge serves observers too."""
+    return await _adopt(request, observe=True)
+
+
+async def _adopt(request: web.Request, *, observe: bool) -> web.StreamResponse:
+    """Give a request's socket to a new EdgeConnection. aiohttp hands over the bytes it
+    read past the head (``set_parser``, as its own WebSocketResponse does); the socket's
+    events then go to an EdgeConnection, served like any other, and aiohttp's protocol is
+    told when the socket closes, so its own bookkeeping ends as for any connection. The
+    handler returns only then, with a response nobody can receive.
+    """
+    edge = request.app[EDGE_KEY]
+    transport, protocol = request.transport, request.protocol
+    if transport is None or transport.is_closing():
+        return web.Response()
+    finished = asyncio.get_running_loop().create_future()
+
+    def lost(exc: BaseException | None) -> None:
+        protocol.connection_lost(exc)
+        if not finished.done():
+            finished.set_result(None)
+
+    protocol.keep_alive(False)
+    tail = _Tail()
+    protocol.set_parser(cast(Any, tail))
+    connection = EdgeConnection(edge)
+    transport.set_protocol(connection)
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    query: dict[str, str] = {}
+    for field, content in request.query.items():
+        query.setdefault(field, content)
+    edge._start_sweeping()
+    parsed = (request.match_info["client_id"], query, headers)
+    connection.adopted(transport, lost, parsed, tail.data, observe=observe)
+    await finished
+    return web.Response()

@@ -9,6 +9,11 @@ incomplete frame and one unfinished message, together never more than
 ``max_size + MAX_OVERHEAD`` bytes (:attr:`FrameParser.held`), and a message may come in
 at most ``max_fragments`` frames. Every frame is counted (:attr:`FrameParser.frames`), so
 the caller can charge control frames and empty fragments against a budget too.
+
+With permessage-deflate negotiated (RFC 7692, :mod:`relay.deflate`) the parser is given
+an ``inflate`` function: RSV1 on a message's first frame marks it compressed, and the whole
+message is inflated, within ``max_size``, before text is decoded. RSV1 anywhere else, and
+RSV2/RSV3 always, are protocol errors.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from relay.errors import RelayError
@@ -27,6 +33,7 @@ __all__ = [
     "OP_PING",
     "OP_PONG",
     "OP_TEXT",
+    "RSV1",
     "FrameError",
     "FrameParser",
     "accept_key",
@@ -42,9 +49,11 @@ OP_BINARY: Final = 0x2
 OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
+RSV1: Final = 0x40  # of the first byte: "compressed" under permessage-deflate
 
 _DATA_OPCODES = frozenset((OP_CONTINUATION, OP_TEXT, OP_BINARY))
 _CONTROL_OPCODES = frozenset((OP_CLOSE, OP_PING, OP_PONG))
+_FIRST_OPCODES = frozenset((OP_TEXT, OP_BINARY))  # a message's first frame: RSV1 allowed
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEAD: Final = 14  # the longest frame header: 2 + 8 (64-bit length) + 4 (mask)
 _MAX_CONTROL: Final = 125
@@ -124,7 +133,8 @@ def _unmask(payload: bytes, mask: bytes) -> bytes:
 
 
 class FrameParser:
-    """Incremental parser of one client's frames: masked, maybe fragmented, bounded.
+    """Incremental parser of one client's frames: masked, maybe fragmented, maybe
+    compressed, bounded.
 
     :meth:`feed` returns every complete message and control frame as ``(opcode,
     payload)``; text arrives decoded (``str``), everything else as ``bytes``. It never
@@ -132,22 +142,31 @@ class FrameParser:
     close with), the frames before it in the same read are still returned, and nothing
     after it is parsed. A message over ``max_size`` is refused from its header, before
     its payload is buffered; one in more than ``max_fragments`` frames when the next
-    fragment arrives.
+    fragment arrives. ``inflate(data, max_size)`` decompresses a compressed message or
+    raises FrameError (1009 past ``max_size``, 1007 for corrupt data).
     """
 
     __slots__ = (
         "_buffer",
+        "_compressed",
         "_fragment_count",
         "_fragments",
         "_message_opcode",
         "failure",
         "frames",
+        "inflate",
         "max_fragments",
         "max_size",
     )
 
-    def __init__(self, max_size: int, max_fragments: int = 128) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        max_fragments: int = 128,
+        inflate: Callable[[bytes, int], bytes] | None = None,
+    ) -> None:
         self.max_size = max_size
+        self.inflate = inflate
         self.max_fragments = max_fragments
         self.frames = 0  # every frame parsed so far, control frames and empty ones included
         self.failure: FrameError | None = None
@@ -155,6 +174,7 @@ class FrameParser:
         self._fragments = bytearray()  # not a list: empty fragments must cost nothing
         self._fragment_count = 0
         self._message_opcode = 0  # opcode of the fragmented message under way, 0 if none
+        self._compressed = False  # whether the message under way had RSV1
 
     @property
     def held(self) -> int:
@@ -182,8 +202,9 @@ class FrameParser:
             while end - pos >= 2:
                 first, second = buffer[pos], buffer[pos + 1]
                 fin, opcode = first & 0x80, first & 0x0F
-                if first & 0x70:
-                    raise FrameError("reserved bits set (no extension was negotiated)", 1002)
+                rsv = first & 0x70
+                if rsv and (rsv != RSV1 or self.inflate is None or opcode not in _FIRST_OPCODES):
+                    raise FrameError("reserved bits set (no extension allows them here)", 1002)
                 if not second & 0x80:
                     raise FrameError("client frames must be masked", 1002)
                 size = second & 0x7F
@@ -208,7 +229,7 @@ class FrameParser:
                 payload = _unmask(buffer[start : start + size], mask)
                 pos = start + size
                 self.frames += 1
-                message = self._assemble(opcode, bool(fin), payload)
+                message = self._assemble(opcode, bool(fin), bool(rsv), payload)
                 if message is not None:
                     out.append(message)
         finally:
@@ -230,9 +251,13 @@ class FrameParser:
         if opcode == OP_CONTINUATION and self._fragment_count >= self.max_fragments:
             raise FrameError("message in too many fragments", 1009)
 
-    def _assemble(self, opcode: int, fin: bool, payload: bytes) -> tuple[int, bytes | str] | None:
+    def _assemble(
+        self, opcode: int, fin: bool, compressed: bool, payload: bytes
+    ) -> tuple[int, bytes | str] | None:
         if opcode in _CONTROL_OPCODES:
             return opcode, payload
+        if opcode != OP_CONTINUATION:
+            self._compressed = compressed
         if not fin:
             if opcode != OP_CONTINUATION:
                 self._message_opcode = opcode
@@ -246,6 +271,8 @@ class FrameParser:
             self._fragments = bytearray()
             self._fragment_count = 0
             self._message_opcode = 0
+        if self._compressed and self.inflate is not None:
+            payload = self.inflate(payload, self.max_size)
         if opcode == OP_TEXT:
             try:
                 return opcode, payload.decode()

@@ -24,6 +24,7 @@ __all__ = [
     "CloseCode",
     "Format",
     "encode_error",
+    "encode_http_error",
     "encode_message",
     "encode_pong",
     "encode_welcome",
@@ -175,6 +176,11 @@ def encode_pong(fmt: Format) -> bytes:
 
 def encode_error(fmt: Format, code: str, message: str) -> bytes:
     return _encode({"type": "error", "code": code, "message": message}, fmt)
+
+
+def encode_http_error(code: str, message: str) -> bytes:
+    """The body of every HTTP error Relay answers, the handshake's and the API's alike."""
+    return orjson.dumps({"error": {"code": code, "message": message}})
 
 
 @dataclass(frozen=True, slots=True)

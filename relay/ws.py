@@ -1,32 +1,29 @@
-"""The WebSocket endpoints: ``/ws/{client_id}`` for clients, ``/observe/{client_id}`` for operators.
+"""WebSocket endpoints: ``/ws/{client_id}`` for clients, ``/observe/{client_id}`` for operators.
 
-Two servers share everything here but the socket handling: :mod:`relay.edge` (what
-``relay serve`` listens with: lean, no aiohttp objects per connection) and the aiohttp
-route :func:`websocket_handler` (an Application mounted anywhere else, and
-permessage-deflate). What can be refused before the upgrade (a bad client_id, ``since``
-or ``format``) gets HTTP 400, a browser Origin outside ``--allowed-origins`` 403.
+What a handshake means, independent of the socket: :mod:`relay.edge`, the only
+WebSocket server, moves the bytes. What can be refused before the upgrade (a bad
+client_id, ``since`` or ``format``) gets HTTP 400, a browser Origin outside
+``--allowed-origins`` 403.
 Everything after it is a close code with a reason, because WebSocketSharp and browsers
 cannot read an HTTP status (docs/protocol.md, close codes; docs/security.md). Unexpected
 errors close 1011.
 
 An observer (``relay tail``) is authorised by the API key, not a client token, and sees a
 client's events without claiming its session: watching a client never replaces it.
-Observers are rare, so they only take the aiohttp route.
+Observers are served by the edge like clients; their requests reach it through aiohttp's
+route (:func:`relay.edge.adopt`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from relay.auth import api_key_matches, bearer_token, verify_token
 from relay.errors import AuthError, EngineUnavailable, InvalidInput, ProtocolViolation, RelayError
-from relay.frames import close_reason, frame_header
 from relay.node import Node, NodeUnavailable
 from relay.protocol import (
     CloseCode,
@@ -47,10 +44,9 @@ __all__ = [
     "Refused",
     "admit",
     "authenticate",
-    "observer_handler",
+    "authorise_observer",
     "open_session",
     "session_failed",
-    "websocket_handler",
 ]
 
 log = structlog.get_logger("relay.ws")
@@ -88,6 +84,7 @@ class Admission:
     since: StreamId | None
     attempt: str | None
     token: str | None
+    observe: bool = False  # /observe/: authorised by the API key, claims nothing
 
 
 def admit(
@@ -245,58 +242,7 @@ def _origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return any(origin == a.rstrip("/").lower() for a in allowed)
 
 
-# -- the aiohttp route ----------------------------------------------------------------------
-
-
-class AiohttpTransport:
-    """Adapts a WebSocketResponse to the session's Transport."""
-
-    __slots__ = ("_compress", "_opcode", "_request", "_ws")
-
-    def __init__(
-        self, ws: web.WebSocketResponse, request: web.Request, fmt: Format, compress: bool
-    ) -> None:
-        self._ws = ws
-        self._request = request
-        self._opcode = WSMsgType.BINARY if fmt.binary else WSMsgType.TEXT
-        self._compress = compress
-
-    async def send(self, frame: bytes) -> None:
-        await self._ws.send_frame(frame, self._opcode)
-
-    def write_now(self, frame: bytes) -> bool:
-        """Write the frame straight to an idle socket (no compression, empty buffer).
-
-        Bypasses aiohttp's coroutine for the common case; frames stay whole and in
-        order because every write to the transport happens on this one thread.
-        """
-        transport = self._request.transport
-        if (
-            self._compress
-            or transport is None
-            or transport.is_closing()
-            or transport.get_write_buffer_size()
-        ):
-            return False
-        transport.write(frame_header(int(self._opcode), len(frame)) + frame)
-        return True
-
-    async def close(self, code: int, reason: str) -> None:
-        try:
-            await self._ws.close(code=code, message=close_reason(reason))
-        finally:
-            # A peer that stopped reading keeps a graceful close pending forever.
-            transport = self._request.transport
-            if transport is not None and transport.get_write_buffer_size() > 0:
-                transport.abort()
-
-    def abort(self) -> None:
-        transport = self._request.transport
-        if transport is not None:
-            transport.abort()
-
-
-def _authorise_observer(node: Node, headers: Mapping[str, str]) -> None:
+def authorise_observer(node: Node, headers: Mapping[str, str]) -> None:
     """An observer presents the node's API key as a Bearer token; raises AuthError (4001)."""
     api_key = node.settings.api_key
     if not api_key:
@@ -306,83 +252,3 @@ def _authorise_observer(node: Node, headers: Mapping[str, str]) -> None:
         )
     if not api_key_matches(headers.get("authorization"), api_key):
         raise AuthError("missing or wrong API key", CloseCode.UNAUTHORIZED)
-
-
-async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    """``GET /ws/{client_id}``: a client's session (the edge serves it under ``relay serve``)."""
-    return await _serve(request, observe=False)
-
-
-async def observer_handler(request: web.Request) -> web.StreamResponse:
-    """``GET /observe/{client_id}``: a client's events for an operator, claiming nothing."""
-    return await _serve(request, observe=True)
-
-
-async def _serve(request: web.Request, *, observe: bool) -> web.StreamResponse:
-    started_at = time.time()
-    node = request.app[NODE_KEY]
-    settings = node.settings
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    if "sec-websocket-protocol" in headers:
-        headers["sec-websocket-protocol"] = ",".join(
-            request.headers.getall("Sec-WebSocket-Protocol")
-        )
-    try:
-        admission = admit(node, request.match_info["client_id"], request.query, headers)
-    except Refused as refused:
-        return web.json_response(
-            {"error": {"code": refused.code, "message": refused.message}},
-            status=refused.status,
-            headers=refused.headers,
-        )
-    ws = web.WebSocketResponse(
-        protocols=(admission.subprotocol,) if admission.subprotocol else (),
-        heartbeat=settings.heartbeat,
-        max_msg_size=settings.max_message_size,
-        compress=settings.compress,
-        timeout=2.0,
-    )
-    try:
-        await ws.prepare(request)
-    except ConnectionError:
-        return ws  # the client gave up before the upgrade was answered (a reconnect herd)
-    if admission.format_error is not None:
-        await ws.close(code=CloseCode.PROTOCOL_ERROR, message=close_reason(admission.format_error))
-        return ws
-    try:
-        if observe:
-            _authorise_observer(node, headers)
-            expires_at = None
-        else:
-            expires_at = authenticate(node, admission)
-    except AuthError as exc:
-        await ws.close(code=exc.close_code, message=close_reason(str(exc)))
-        return ws
-    transport = AiohttpTransport(ws, request, admission.fmt, bool(ws.compress))
-    opened = await open_session(node, admission, transport, expires_at, started_at, observe=observe)
-    if isinstance(opened, tuple):
-        code, reason = opened
-        await ws.close(code=code, message=close_reason(reason))
-        return ws
-    session = opened
-    if session.closing:
-        # Replaced while it was connecting: its close handshake is under way and owns the
-        # socket's reader, so this handler must not read as well.
-        try:
-            await session.wait_closed()
-        finally:
-            await node.disconnect(session)
-        return ws
-    inbound = Inbound()
-    try:
-        async for msg in ws:
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                data: Any = msg.data
-                ack = inbound.handle(node, session, data)
-                if ack is not None:
-                    await ack
-    except Exception as exc:
-        await session_failed(session, exc)
-    finally:
-        await node.disconnect(session)
-    return ws

@@ -14,7 +14,7 @@ import msgpack
 import orjson
 from aiohttp import web
 
-from relay.app import NODE_KEY, create_app, listening_socket
+from relay.app import EDGE_KEY, NODE_KEY, create_app, listening_socket
 from relay.config import Settings
 from relay.edge import Edge
 from relay.engine import Engine
@@ -45,8 +45,9 @@ class NodeUnderTest:
     """One node on 127.0.0.1 in the current loop.
 
     ``server="edge"`` listens like ``relay serve`` (the edge, aiohttp for the rest);
-    ``server="aiohttp"`` serves the Application with aiohttp alone, so WebSockets take its
-    route in relay.ws (as when the app is mounted elsewhere).
+    ``server="aiohttp"`` serves the Application with aiohttp alone (as when the app is
+    mounted elsewhere): every WebSocket first reaches aiohttp's route, which hands the
+    socket to the edge (relay.edge.adopt), the one WebSocket server.
     """
 
     def __init__(
@@ -76,12 +77,13 @@ class NodeUnderTest:
         await self.runner.setup()
         assert self.runner.server is not None
         sock = listening_socket("127.0.0.1", self.settings.port, False)
+        self.edge = self.app[EDGE_KEY]
         if self.server == "aiohttp":
+            # aiohttp alone: every WebSocket reaches its route and is handed to the edge.
             await web.SockSite(self.runner, sock).start()
             return self
         # The listener `relay serve` uses: WebSocket upgrades on the edge, the rest aiohttp.
-        self.edge = Edge(self.node, self.runner.server)
-        await self.edge.listen(sock)
+        await self.edge.listen(sock, self.runner.server)
         return self
 
     async def stop(self) -> None:
