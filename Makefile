@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test lint typecheck bench cluster chaos clean setup
+.PHONY: run test test-deflate lint typecheck bench cluster chaos clean setup
 
 $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: run .ci/setup-system (as root) or apt-get install redis-server"; exit 1; }
@@ -30,8 +30,21 @@ run: $(STAMP)
 	@echo ""
 	$(VENV)/bin/relay serve --host $(HOST) --port $(PORT) --allow-anonymous --api-key dev-key
 
+# The end-to-end tests run twice: as they are, then with every node answering
+# permessage-deflate and compressing every frame, and every test client offering it
+# (RELAY_TEST_DEFLATE=1, tests/support/node.py). The second pass is the in-process
+# end-to-end files (~35 s): every client-visible behaviour of the one WebSocket server.
+# `make test-deflate` runs the whole suite compressed.
+DEFLATE_TESTS := tests/test_edge.py tests/test_edge_deflate.py tests/test_hostile.py \
+	tests/test_client.py tests/test_auth_e2e.py tests/test_observer.py tests/test_node.py \
+	tests/test_ws.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q
+	RELAY_TEST_DEFLATE=1 $(PY) -m pytest -q $(DEFLATE_TESTS)
+
+test-deflate: $(STAMP)
+	RELAY_TEST_DEFLATE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check relay backend_adapter tests

@@ -10,8 +10,9 @@ Every other request (the API, health, metrics) is handed, bytes and socket, to
 aiohttp's own protocol.
 
 This is the only WebSocket server: a WebSocket upgrade that arrives on a keep-alive
-connection aiohttp is serving (a proxy reusing an idle upstream connection) is taken
-back from aiohttp by :func:`adopt` and served by an EdgeConnection like any other, and
+connection aiohttp is serving (a proxy reusing an idle upstream connection), and an
+observer's ``/observe/`` (``relay tail``), are taken back from aiohttp by :func:`adopt`
+and served by an EdgeConnection like any other, and
 ``--compress`` only adds permessage-deflate (:mod:`relay.deflate`) to the connections
 whose client offers it. Validation, authentication and inbound frames are
 :mod:`relay.ws`'s.
@@ -338,6 +339,11 @@ class EdgeConnection(asyncio.Protocol):
         if self._transport is not None:
             held += self._transport.get_write_buffer_size()
         return held
+
+    @property
+    def inflated(self) -> int:
+        """Compressed messages this connection's client sent (permessage-deflate)."""
+        return self._parser.inflated if self._parser is not None else 0
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True

@@ -155,6 +155,7 @@ class FrameParser:
         "failure",
         "frames",
         "inflate",
+        "inflated",
         "max_fragments",
         "max_size",
     )
@@ -167,6 +168,7 @@ class FrameParser:
     ) -> None:
         self.max_size = max_size
         self.inflate = inflate
+        self.inflated = 0  # compressed messages read
         self.max_fragments = max_fragments
         self.frames = 0  # every frame parsed so far, control frames and empty ones included
         self.failure: FrameError | None = None
@@ -273,6 +275,7 @@ class FrameParser:
             self._message_opcode = 0
         if self._compressed and self.inflate is not None:
             payload = self.inflate(payload, self.max_size)
+            self.inflated += 1
         if opcode == OP_TEXT:
             try:
                 return opcode, payload.decode()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.support.node import Listener, NodeUnderTest
+from tests.support.node import DEFLATE, Listener, NodeUnderTest
 from tests.support.redis_server import RedisServer
 from tests.support.sentinel import PASSWORD, SentinelDeployment
 from tests.support.timing import MS as MS  # re-exported: many modules import it from here
@@ -58,3 +60,20 @@ async def started_nodes() -> AsyncIterator[list[NodeUnderTest]]:
     yield started
     for node in started:
         await node.stop()
+
+
+@pytest.fixture(autouse=True)
+def deflate_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the compressed pass (RELAY_TEST_DEFLATE=1), every aiohttp WebSocket client the
+    tests make (Listener, RelayClient, bare ws_connect) offers permessage-deflate, as
+    browsers do, unless a test chose ``compress`` itself. The library's default, not
+    Relay's code, is what changes."""
+    if not DEFLATE:
+        return
+    ws_connect = aiohttp.ClientSession.ws_connect
+
+    def offering(self: aiohttp.ClientSession, url: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("compress", 15)
+        return ws_connect(self, url, **kwargs)
+
+    monkeypatch.setattr(aiohttp.ClientSession, "ws_connect", offering)

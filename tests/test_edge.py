@@ -4,9 +4,7 @@ close handshakes, heartbeats, and the aiohttp route it leaves for --compress."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
 import struct
 from typing import Any
 
@@ -23,49 +21,13 @@ from relay.metrics import Metrics
 from relay.node import Node
 from tests.support.frames import client_frame
 from tests.support.node import Listener, NodeUnderTest, listen, node_settings
+from tests.support.raw import RawClient, upgrade_request
 
 
 async def start(started: list[NodeUnderTest], **overrides: Any) -> NodeUnderTest:
     node = await NodeUnderTest(node_settings(**overrides)).start()
     started.append(node)
     return node
-
-
-def upgrade_request(path: str, *, version: str = "13", extra: str = "") -> tuple[bytes, str]:
-    key = base64.b64encode(os.urandom(16)).decode()
-    head = (
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n{extra}\r\n"
-    )
-    return head.encode(), key
-
-
-class RawClient:
-    """A WebSocket client on a bare socket, to see exactly what the node writes."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, node: NodeUnderTest) -> RawClient:
-        return cls(*await asyncio.open_connection("127.0.0.1", node.settings.port))
-
-    async def response_head(self) -> bytes:
-        return await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
-
-    async def frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
-        first, second = await asyncio.wait_for(self.reader.readexactly(2), timeout)
-        size = second & 0x7F
-        if size == 126:
-            (size,) = struct.unpack("!H", await self.reader.readexactly(2))
-        elif size == 127:
-            (size,) = struct.unpack("!Q", await self.reader.readexactly(8))
-        assert not second & 0x80, "server frames are never masked"
-        return first & 0x0F, await self.reader.readexactly(size)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 async def test_upgrade_answer_and_frames_sent_with_the_head(
@@ -118,11 +80,13 @@ async def test_bad_handshakes_get_http_errors(
     client.close()
 
 
-async def test_other_requests_and_keep_alive_upgrades_go_to_aiohttp(
+async def test_other_requests_go_to_aiohttp_and_keep_alive_upgrades_to_the_edge(
     started_nodes: list[NodeUnderTest],
 ) -> None:
     """Health, the API and 405s are aiohttp's; a WebSocket requested on a keep-alive
-    connection after another request is served by the aiohttp route, events included."""
+    connection after another request (a proxy reusing an idle upstream connection) is
+    taken over by the edge, a frame sent with its head included, and aiohttp lets go of
+    the connection when it ends."""
     node = await start(started_nodes)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{node.base}/healthz") as response:
@@ -136,11 +100,24 @@ async def test_other_requests_and_keep_alive_upgrades_go_to_aiohttp(
     length = int(health.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     await client.reader.readexactly(length)
     head, _ = upgrade_request("/ws/kept")
-    client.writer.write(head)
+    client.writer.write(head + client_frame(OP_TEXT, b'{"type":"ping"}'))
     assert (await client.response_head()).startswith(b"HTTP/1.1 101")
     assert orjson.loads((await client.frame())[1])["type"] == "welcome"
+    assert await client.frame() == (OP_TEXT, b'{"type":"pong"}')
+    assert node.edge is not None
+    assert [c.session.client_id for c in node.edge.connections if c.session] == ["kept"]
     await node.publish("kept", "e", {"n": 1})
     assert orjson.loads((await client.frame())[1])["data"] == {"n": 1}
+    client.writer.write(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
+    assert (await client.frame())[0] == OP_CLOSE
+    assert await asyncio.wait_for(client.reader.read(), 5) == b""
+    assert node.runner is not None and node.runner.server is not None
+    server = node.runner.server
+    for _ in range(200):
+        if not server.connections and not node.edge.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not server.connections and not node.edge.connections
     client.close()
 
 
@@ -182,21 +159,6 @@ async def test_heartbeat_pings_and_drops_a_silent_peer(
     await node.publish("polite", "e", 1)
     assert [m["data"] for m in await polite.wait_messages(1)] == [1]
     mute.close()
-
-
-async def test_compress_uses_the_aiohttp_route_with_permessage_deflate(
-    started_nodes: list[NodeUnderTest], listeners: list[Listener]
-) -> None:
-    node = await start(started_nodes, compress=True)
-    async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(node.ws_url("zip"), compress=15)
-        try:
-            assert ws.compress == 15  # the server agreed to permessage-deflate
-            assert (await ws.receive_json())["type"] == "welcome"
-            await node.publish("zip", "e", {"text": "x" * 1000})
-            assert (await ws.receive_json())["data"] == {"text": "x" * 1000}
-        finally:
-            await ws.close()
 
 
 async def test_client_gone_while_connecting_leaves_nothing_behind(

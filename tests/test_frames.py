@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.deflate import Inflater
 from relay.frames import (
     MAX_OVERHEAD,
     OP_BINARY,
@@ -230,3 +232,50 @@ def test_parser_failure_keeps_no_traceback() -> None:
     parser = FrameParser(1024, max_fragments=2)
     parser.feed(client_frame(OP_TEXT, b"", fin=False) + client_frame(0, b"", fin=False) * 3)
     assert parser.failure is not None and parser.failure.__traceback__ is None
+
+
+def _deflated(message: bytes) -> bytes:
+    zobj = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return (zobj.compress(message) + zobj.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def test_compressed_messages_are_inflated_before_text_is_decoded() -> None:
+    """RSV1 on a message's first frame (permessage-deflate): one frame or fragments."""
+    parser = FrameParser(1 << 16, inflate=Inflater(context_takeover=False).inflate)
+    data = _deflated("héllo wörld".encode())
+    half = len(data) // 2
+    assert parser.feed(
+        client_frame(OP_TEXT, data, rsv=4)
+        + client_frame(OP_BINARY, data[:half], fin=False, rsv=4)
+        + client_frame(OP_PING, b"")
+        + client_frame(0, data[half:])
+        + client_frame(OP_TEXT, b"plain")
+    ) == [
+        (OP_TEXT, "héllo wörld"),
+        (OP_PING, b""),
+        (OP_BINARY, "héllo wörld".encode()),
+        (OP_TEXT, "plain"),
+    ]
+    assert parser.inflated == 2 and parser.failure is None
+
+
+@pytest.mark.parametrize(
+    ("negotiated", "frames", "code"),
+    [
+        (False, client_frame(OP_TEXT, _deflated(b"x"), rsv=4), 1002),
+        (True, client_frame(OP_PING, b"", rsv=4), 1002),
+        (True, client_frame(OP_TEXT, b"a", fin=False) + client_frame(0, b"b", rsv=4), 1002),
+        (True, client_frame(OP_TEXT, b"x", rsv=2), 1002),
+        (True, client_frame(OP_TEXT, b"\xff\xff\xff", rsv=4), 1007),
+        (True, client_frame(OP_BINARY, _deflated(bytes(100_000)), rsv=4), 1009),
+    ],
+    ids=["unnegotiated", "control", "continuation", "rsv2", "corrupt", "inflates-too-big"],
+)
+def test_compression_violations_fail_with_their_close_code(
+    negotiated: bool, frames: bytes, code: int
+) -> None:
+    """RSV1 only where permessage-deflate allows it; bad or oversized deflate data fails."""
+    inflate = Inflater(context_takeover=True).inflate if negotiated else None
+    parser = FrameParser(65536, inflate=inflate)
+    assert parser.feed(frames + client_frame(OP_TEXT, b"after")) == []
+    assert parser.failure is not None and parser.failure.close_code == code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -24,6 +25,11 @@ from tests.support.timing import MS
 
 API_KEY = "test-api-key"
 
+DEFLATE = os.environ.get("RELAY_TEST_DEFLATE") == "1"
+"""The compressed pass of ``make test``: nodes answer permessage-deflate and compress every
+frame (``--compress-min-size 0``), and every aiohttp client of the tests offers it (the
+``deflate_offered`` fixture of tests/conftest.py)."""
+
 
 def node_settings(**overrides: Any) -> Settings:
     """Settings for a node under test: anonymous, fast closes, short grace."""
@@ -37,6 +43,8 @@ def node_settings(**overrides: Any) -> Settings:
         drain_grace=0.5,
         heartbeat=5.0,
         node_id=f"test-{free_port()}",
+        compress=DEFLATE,
+        compress_min_size=0 if DEFLATE else 256,
     )
     return replace(base, **overrides)
 
@@ -138,6 +146,8 @@ class Listener:
         self.ws = await self.http.ws_connect(
             self.url, protocols=self.protocols, autoping=True, autoclose=False
         )
+        # The compressed pass must really compress: a node that did not agree fails here.
+        assert self.ws.compress or not DEFLATE, "permessage-deflate was not negotiated"
         self._task = asyncio.get_running_loop().create_task(self._read())
         if wait_welcome:
             await self.wait_for(lambda: bool(self.frames) or self.close_code is not None)

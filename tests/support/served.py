@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.support.node import DEFLATE
 from tests.support.ports import free_port
 from tests.support.timing import MS
 
@@ -22,7 +23,8 @@ class ServedNode:
 
     def __init__(self, tmp_path: Path, *flags: str) -> None:
         self.port = free_port()
-        self.flags = ("--host", "127.0.0.1", "--port", str(self.port), *flags)
+        deflate = ("--compress", "--compress-min-size", "0") if DEFLATE else ()
+        self.flags = ("--host", "127.0.0.1", "--port", str(self.port), *deflate, *flags)
         self.stderr_path = tmp_path / f"relay-{self.port}.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
 
