@@ -25,6 +25,7 @@ message keeps nothing.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
@@ -103,12 +104,14 @@ def _split(text: str, separator: str) -> list[str]:
     return parts
 
 
+@functools.lru_cache(maxsize=256)
 def negotiate(header: str | None, *, context_takeover: bool, window_bits: int) -> Agreement | None:
     """The agreement for the first permessage-deflate offer we can honour, or None.
 
     ``context_takeover`` and ``window_bits`` are the node's settings for a compressor per
     connection. A malformed header or no acceptable offer means no compression, not a
-    refused handshake: the connection works without it.
+    refused handshake: the connection works without it. Clients send few distinct offers,
+    so agreements are cached and shared: none is kept per connection.
     """
     if not header:
         return None
@@ -195,13 +198,18 @@ class Deflater:
 
 
 class Inflater:
-    """Decompresses one connection's client messages, bounded by the message size limit."""
+    """Decompresses client messages, bounded by the message size limit.
 
-    __slots__ = ("_context_takeover", "_zobj")
+    With context takeover it belongs to one connection and keeps the client's window;
+    without, it keeps nothing between messages and one serves every such connection.
+    """
+
+    __slots__ = ("_context_takeover", "_zobj", "inflated")
 
     def __init__(self, *, context_takeover: bool) -> None:
         self._context_takeover = context_takeover
         self._zobj: zlib._Decompress | None = None
+        self.inflated = 0  # messages inflated
 
     def inflate(self, data: bytes, max_size: int) -> bytes:
         """The message ``data`` compresses; FrameError 1009 past ``max_size``, 1007 if corrupt."""
@@ -219,4 +227,5 @@ class Inflater:
             raise FrameError("message too big", 1009)
         if zobj.eof:  # the client ended its stream (BFINAL): the next message starts anew
             self._zobj = None
+        self.inflated += 1
         return out

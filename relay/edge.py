@@ -50,6 +50,7 @@ from relay.frames import (
     RSV1,
     FrameError,
     FrameParser,
+    Inflating,
     accept_key,
     close_frame,
     frame_header,
@@ -164,6 +165,7 @@ class Edge:
         self.http: Callable[[], asyncio.BaseProtocol] | None = None
         self.connections: set[EdgeConnection] = set()
         self._deflaters: dict[int, Deflater] = {}
+        self.inflater = Inflater(context_takeover=False)  # stateless: shared
         self._sweeper: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
 
@@ -233,7 +235,6 @@ class EdgeConnection(asyncio.Protocol):
         "_frame_budget",
         "_inbound",
         "_lost",
-        "_on_lost",
         "_opcode",
         "_opener",
         "_parser",
@@ -266,7 +267,6 @@ class EdgeConnection(asyncio.Protocol):
         self._closed: asyncio.Future[None] | None = None  # the peer's close frame, awaited
         self._drain: asyncio.Future[None] | None = None
         self._lost = False
-        self._on_lost: Callable[[BaseException | None], None] | None = None  # adopted: aiohttp's
         self._deflate: Agreement | None = None
         self._deflater: Deflater | None = None
         self._ping_sent = 0.0
@@ -341,9 +341,9 @@ class EdgeConnection(asyncio.Protocol):
         return held
 
     @property
-    def inflated(self) -> int:
-        """Compressed messages this connection's client sent (permessage-deflate)."""
-        return self._parser.inflated if self._parser is not None else 0
+    def inflater(self) -> Inflating | None:
+        """What inflates this connection's compressed messages (permessage-deflate)."""
+        return self._parser.inflater if self._parser is not None else None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True
@@ -359,8 +359,6 @@ class EdgeConnection(asyncio.Protocol):
         if session is not None:
             node = self._edge.node
             node.spawn(node.disconnect(session))
-        if self._on_lost is not None:
-            self._on_lost(exc)
 
     # -- the handshake -------------------------------------------------------------------
 
@@ -390,23 +388,6 @@ class EdgeConnection(asyncio.Protocol):
             self._refuse(refused.status, refused.code, refused.message, refused.headers)
             return
         self._handshake(client_id, query, headers, rest)
-
-    def adopted(
-        self,
-        transport: asyncio.BaseTransport,
-        on_lost: Callable[[BaseException | None], None],
-        request: tuple[str, dict[str, str], dict[str, str]],
-        rest: bytes,
-        *,
-        observe: bool,
-    ) -> None:
-        """Take over a socket aiohttp was serving, its upgrade request already parsed."""
-        self.connection_made(transport)
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self._on_lost = on_lost
-        self._handshake(*request, rest, observe=observe)
 
     def _handshake(
         self,
@@ -473,7 +454,7 @@ class EdgeConnection(asyncio.Protocol):
         )
         if admission.subprotocol:
             response += f"Sec-WebSocket-Protocol: {admission.subprotocol}\r\n"
-        inflate = None
+        inflater: Inflating | None = None
         if settings.compress:
             deflate = self._deflate = negotiate(
                 headers.get("sec-websocket-extensions"),
@@ -482,10 +463,14 @@ class EdgeConnection(asyncio.Protocol):
             )
             if deflate is not None:
                 response += f"Sec-WebSocket-Extensions: {deflate.response}\r\n"
-                inflate = Inflater(context_takeover=deflate.client_context_takeover).inflate
+                inflater = (
+                    Inflater(context_takeover=True)
+                    if deflate.client_context_takeover
+                    else self._edge.inflater
+                )
         transport.write((response + "\r\n").encode("latin-1"))
         self._state = _CONNECTING
-        self._parser = FrameParser(settings.max_message_size, settings.max_fragments, inflate)
+        self._parser = FrameParser(settings.max_message_size, settings.max_fragments, inflater)
         self._frame_budget = RateLimiter(settings.client_frame_rate, settings.client_frame_burst)
         self._opcode = OP_BINARY if admission.fmt.binary else OP_TEXT
         self.last_seen = time.monotonic()
@@ -707,6 +692,35 @@ class EdgeConnection(asyncio.Protocol):
 EDGE_KEY = web.AppKey("relay_edge", Edge)
 
 
+class _Adopted(EdgeConnection):
+    """An EdgeConnection on a socket aiohttp was serving, which must learn when it closes."""
+
+    __slots__ = ("_on_lost",)
+
+    def __init__(self, edge: Edge, on_lost: Callable[[BaseException | None], None]) -> None:
+        super().__init__(edge)
+        self._on_lost = on_lost
+
+    def take_over(
+        self,
+        transport: asyncio.BaseTransport,
+        request: tuple[str, dict[str, str], dict[str, str]],
+        rest: bytes,
+        *,
+        observe: bool,
+    ) -> None:
+        """Serve ``transport`` from its parsed upgrade request on."""
+        self.connection_made(transport)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._handshake(*request, rest, observe=observe)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._on_lost(exc)
+
+
 class _Tail:
     """What aiohttp read past an upgrade's head, received through its ``set_parser``."""
 
@@ -758,7 +772,7 @@ async def _adopt(request: web.Request, *, observe: bool) -> web.StreamResponse:
     protocol.keep_alive(False)
     tail = _Tail()
     protocol.set_parser(cast(Any, tail))
-    connection = EdgeConnection(edge)
+    connection = _Adopted(edge, lost)
     transport.set_protocol(connection)
     headers: dict[str, str] = {}
     for name, value in request.headers.items():
@@ -769,6 +783,6 @@ async def _adopt(request: web.Request, *, observe: bool) -> web.StreamResponse:
         query.setdefault(field, content)
     edge._start_sweeping()
     parsed = (request.match_info["client_id"], query, headers)
-    connection.adopted(transport, lost, parsed, tail.data, observe=observe)
+    connection.take_over(transport, parsed, tail.data, observe=observe)
     await finished
     return web.Response()

@@ -11,7 +11,7 @@ at most ``max_fragments`` frames. Every frame is counted (:attr:`FrameParser.fra
 the caller can charge control frames and empty fragments against a budget too.
 
 With permessage-deflate negotiated (RFC 7692, :mod:`relay.deflate`) the parser is given
-an ``inflate`` function: RSV1 on a message's first frame marks it compressed, and the whole
+an :class:`Inflating` object: RSV1 on a message's first frame marks it compressed, and the whole
 message is inflated, within ``max_size``, before text is decoded. RSV1 anywhere else, and
 RSV2/RSV3 always, are protocol errors.
 """
@@ -21,8 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
-from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from relay.errors import RelayError
 
@@ -36,6 +35,7 @@ __all__ = [
     "RSV1",
     "FrameError",
     "FrameParser",
+    "Inflating",
     "accept_key",
     "close_frame",
     "close_reason",
@@ -78,6 +78,14 @@ class FrameError(RelayError):
     def __init__(self, message: str, close_code: int) -> None:
         super().__init__(message)
         self.close_code = close_code
+
+
+class Inflating(Protocol):
+    """What decompresses a client's compressed messages (relay.deflate.Inflater)."""
+
+    def inflate(self, data: bytes, max_size: int) -> bytes:
+        """The message ``data`` compresses; FrameError 1009 past ``max_size``, 1007 if corrupt."""
+        ...
 
 
 def accept_key(key: str) -> str:
@@ -142,8 +150,7 @@ class FrameParser:
     close with), the frames before it in the same read are still returned, and nothing
     after it is parsed. A message over ``max_size`` is refused from its header, before
     its payload is buffered; one in more than ``max_fragments`` frames when the next
-    fragment arrives. ``inflate(data, max_size)`` decompresses a compressed message or
-    raises FrameError (1009 past ``max_size``, 1007 for corrupt data).
+    fragment arrives. ``inflater`` decompresses compressed messages.
     """
 
     __slots__ = (
@@ -154,8 +161,7 @@ class FrameParser:
         "_message_opcode",
         "failure",
         "frames",
-        "inflate",
-        "inflated",
+        "inflater",
         "max_fragments",
         "max_size",
     )
@@ -164,11 +170,10 @@ class FrameParser:
         self,
         max_size: int,
         max_fragments: int = 128,
-        inflate: Callable[[bytes, int], bytes] | None = None,
+        inflater: Inflating | None = None,
     ) -> None:
         self.max_size = max_size
-        self.inflate = inflate
-        self.inflated = 0  # compressed messages read
+        self.inflater = inflater
         self.max_fragments = max_fragments
         self.frames = 0  # every frame parsed so far, control frames and empty ones included
         self.failure: FrameError | None = None
@@ -205,7 +210,7 @@ class FrameParser:
                 first, second = buffer[pos], buffer[pos + 1]
                 fin, opcode = first & 0x80, first & 0x0F
                 rsv = first & 0x70
-                if rsv and (rsv != RSV1 or self.inflate is None or opcode not in _FIRST_OPCODES):
+                if rsv and (rsv != RSV1 or self.inflater is None or opcode not in _FIRST_OPCODES):
                     raise FrameError("reserved bits set (no extension allows them here)", 1002)
                 if not second & 0x80:
                     raise FrameError("client frames must be masked", 1002)
@@ -273,9 +278,8 @@ class FrameParser:
             self._fragments = bytearray()
             self._fragment_count = 0
             self._message_opcode = 0
-        if self._compressed and self.inflate is not None:
-            payload = self.inflate(payload, self.max_size)
-            self.inflated += 1
+        if self._compressed and self.inflater is not None:
+            payload = self.inflater.inflate(payload, self.max_size)
         if opcode == OP_TEXT:
             try:
                 return opcode, payload.decode()

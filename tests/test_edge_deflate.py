@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from relay.deflate import Inflater
 from relay.frames import OP_CLOSE, OP_TEXT, RSV1
 from tests.support.frames import client_frame
 from tests.support.node import NodeUnderTest, node_settings
@@ -194,7 +195,9 @@ async def test_edge_chromium_negotiates_deflate_and_reads_compressed_events(
         assert done == {"events": [data], "extensions": "permessage-deflate"}
         assert node.edge is not None
         (connection,) = [c for c in node.edge.connections if c.session]
-        assert connection.inflated > 0  # the browser compressed what it sent
+        inflater = connection.inflater
+        assert isinstance(inflater, Inflater) and inflater is not node.edge.inflater
+        assert inflater.inflated >= 2  # the browser compressed its ack and ping
     finally:
         with contextlib.suppress(ProcessLookupError):
             browser.kill()
