@@ -61,16 +61,19 @@ async def test_app_serves_the_engine_it_is_given(listeners: list[Listener]) -> N
 async def test_app_without_the_edge_serves_api_health_and_websockets(
     listeners: list[Listener],
 ) -> None:
-    """The Application alone (aiohttp's server): health, the API and /ws/ all answer."""
+    """The Application alone (aiohttp's server): health, the API and /ws/ all answer; the
+    WebSocket is handed from aiohttp's route to the edge, the one WebSocket server."""
     relay = await NodeUnderTest(node_settings(), server="aiohttp").start()
     try:
-        assert isinstance(relay.app, web.Application) and relay.edge is None
+        assert isinstance(relay.app, web.Application)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{relay.base}/healthz") as response:
                 assert response.status == 200
             async with http.get(f"{relay.base}/readyz") as response:
                 assert response.status == 200
         client = await listen(listeners, relay.ws_url("alone"))
+        assert relay.edge is not None
+        assert [c.session.client_id for c in relay.edge.connections if c.session] == ["alone"]
         await relay.publish("alone", "e", 2)
         assert [m["data"] for m in await client.wait_messages(1)] == [2]
     finally:

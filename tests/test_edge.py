@@ -495,7 +495,12 @@ def test_edge_pongs_wait_while_the_client_does_not_read() -> None:
 
 header_values = st.one_of(
     st.binary(max_size=40).filter(lambda b: b"\r\n" not in b),
-    st.sampled_from([b"\xff", b"Bearer \xff\xfe", b"%FF%FE", b"websocket", b"Upgrade", b"13"]),
+    st.sampled_from(
+        [
+            *(b"\xff", b"Bearer \xff\xfe", b"%FF%FE", b"websocket", b"Upgrade", b"13"),
+            *(b"permessage-deflate; server_max_window_bits=10", b'permessage-deflate; x="'),
+        ]
+    ),
 )
 header_names = st.sampled_from(
     [
@@ -504,6 +509,7 @@ header_names = st.sampled_from(
         b"Sec-WebSocket-Key",
         b"Sec-WebSocket-Version",
         b"Sec-WebSocket-Protocol",
+        b"Sec-WebSocket-Extensions",
         b"Authorization",
         b"Origin",
         b"X-Relay-Lb-Retry",
@@ -542,10 +548,12 @@ def test_edge_handshake_of_any_bytes_is_an_upgrade_or_an_http_refusal(
     answers 101 or an HTTP error with a JSON body, never an exception (a traceback)."""
 
     async def scenario() -> bytes:
-        settings_ = node_settings(allowed_origins=("https://app.example.com",))
+        settings_ = node_settings(allowed_origins=("https://app.example.com",), compress=True)
         node = Node(settings_, MemoryEngine(settings_.engine_options), Metrics())
         await node.start()
-        connection = EdgeConnection(Edge(node, asyncio.Protocol))
+        edge = Edge(node)
+        edge.http = asyncio.Protocol  # what is not /ws/ goes to "aiohttp"
+        connection = EdgeConnection(edge)
         transport = RecordingPeer(connection)
         connection.connection_made(transport)
         fields = dict(VALID_UPGRADE)
