@@ -40,7 +40,7 @@ MakeNode = Callable[..., Awaitable[NodeUnderTest]]
 @pytest.fixture(params=["edge", "aiohttp"])
 def make_node(request: pytest.FixtureRequest, started_nodes: list[NodeUnderTest]) -> MakeNode:
     """Nodes that require tokens signed with OLD (override freely), on both WebSocket
-    servers (relay serve's edge, aiohttp's route); stopped at the end."""
+    ways in (relay serve's listener, or aiohttp's route handing over); stopped at the end."""
 
     return functools.partial(
         start_node, started_nodes, request.param, allow_anonymous=False, auth_secret=(OLD,)

@@ -1,5 +1,5 @@
-"""The lean listener (relay.edge) on a real socket: handshakes, hand-over to aiohttp,
-close handshakes, heartbeats, and the aiohttp route it leaves for --compress."""
+"""The lean listener (relay.edge), the one WebSocket server, on a real socket: handshakes,
+hand-over to aiohttp and back, close handshakes, heartbeats, hostile frames."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from tests.support.redis_server import RedisServer
 from tests.support.timing import MS
 
 SERVERS = [("memory", "edge"), ("redis", "edge"), ("memory", "aiohttp")]
-"""Engine and WebSocket server: relay serve's edge on both engines, and aiohttp's route."""
+"""Engine and way in: relay serve's listener on both engines, and aiohttp handing over."""
 
 MakeNode = Callable[..., Awaitable[NodeUnderTest]]
 

@@ -1,10 +1,10 @@
-"""The WebSocket endpoint's own behaviours (relay/ws.py), on both servers that use it.
+"""The WebSocket endpoint's own behaviours (relay/ws.py), on both ways into the one server.
 
-``relay serve`` answers upgrades on the edge (relay/edge.py); an Application served by
-aiohttp alone, ``--compress`` and observers take aiohttp's route (``websocket_handler``).
-Both share ``admit``, ``authenticate``, ``open_session`` and ``Inbound`` from relay/ws.py
-and must behave alike; every test here runs on each. tests/test_node.py and
-tests/test_auth_e2e.py run their end-to-end suites on both as well.
+``relay serve`` answers upgrades on the edge (relay/edge.py) directly; an Application
+served by aiohttp alone (and observers, and upgrades on a keep-alive connection) reaches
+aiohttp's route first, which hands the socket to the edge (``relay.edge.adopt``). Every
+test here runs both ways. tests/test_node.py and tests/test_auth_e2e.py run their
+end-to-end suites both ways as well.
 """
 
 from __future__ import annotations
