@@ -17,6 +17,7 @@ PURE = [
     "relay/auth.py",
     "relay/hub.py",
     "relay/frames.py",
+    "relay/deflate.py",
     "relay/redis_url.py",
 ]
 IO_LIBS = {"asyncio", "aiohttp", "redis", "socket", "structlog"}
