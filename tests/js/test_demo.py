@@ -157,6 +157,8 @@ async def test_demo_canvas_follows_the_admin_page_across_a_node_restart(
     assert len(seen["applied"]) == len(set(seen["applied"])) == applied_before + 3  # once each
     assert seen["last"]["recovered"] is True and seen["last"]["replayed"] == 3
     assert seen["reloads"] == 1  # caught up from history, not by reloading
+    # Labels glide to their place (CSS transitions): photograph them where they stop.
+    await canvas.evaluate("() => Promise.all(document.getAnimations().map((a) => a.finished))")
     await save_screenshot(canvas, tmp_path, "demo-canvas.png")
 
     # A reload of the page resumes from localStorage: same picture, nothing replayed twice.
