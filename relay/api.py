@@ -12,7 +12,6 @@ page imports the client of the very node it talks to.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
@@ -228,20 +227,7 @@ async def kick_client(request: web.Request) -> web.Response:
 
 async def nodes(request: web.Request) -> web.Response:
     infos = await request.config_dict[NODE_KEY].engine.nodes()
-    return _json(
-        {
-            "nodes": [
-                {
-                    "node": n.node,
-                    "connections": n.connections,
-                    "started_at": n.started_at,
-                    "last_seen": n.last_seen,
-                    **dataclasses.asdict(n.figures),
-                }
-                for n in infos
-            ]
-        }
-    )
+    return _json({"nodes": [info.to_dict() for info in infos]})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -285,7 +285,8 @@ async def _with_redis_engine(args: argparse.Namespace, method: str, *call_args: 
     finally:
         await engine.close()
     if isinstance(result, list):
-        return [asdict(r) for r in result]
+        # NodeInfo flattens its figures, as /api/nodes does.
+        return [r.to_dict() if hasattr(r, "to_dict") else asdict(r) for r in result]
     return asdict(result) if is_dataclass(result) and not isinstance(result, type) else result
 
 

@@ -15,6 +15,7 @@ passes to :meth:`Engine.start`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -113,6 +114,16 @@ class NodeInfo:
     started_at: float
     last_seen: float
     figures: NodeFigures = NodeFigures()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, as ``GET /api/nodes`` and ``relay nodes`` show it."""
+        return {
+            "node": self.node,
+            "connections": self.connections,
+            "started_at": self.started_at,
+            "last_seen": self.last_seen,
+            **dataclasses.asdict(self.figures),
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,16 +68,7 @@ def snapshot(
     others = [info for info in registry or [] if info.node != node_id]
     rows = []
     for info in sorted([live, *others], key=lambda n: n.node):
-        rows.append(
-            {
-                "node": info.node,
-                "self": info.node == node_id,
-                "connections": info.connections,
-                "started_at": info.started_at,
-                "last_seen": info.last_seen,
-                **dataclasses.asdict(info.figures),
-            }
-        )
+        rows.append({**info.to_dict(), "self": info.node == node_id})
     summed = ("connections", "messages_per_s", "events_per_s", "publishes_per_s")
     counted = ("gaps_repaired", "gaps_unrecoverable", "closed_4509")
     totals: dict[str, Any] = {name: sum(row[name] for row in rows) for name in summed + counted}

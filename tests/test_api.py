@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis
 
 from relay.protocol import CloseCode
+from tests.cluster.support import relay_cli
 from tests.conftest import MS
 from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
 from tests.support.redis_server import RedisServer
@@ -264,6 +266,19 @@ async def test_api_nodes_lists_every_live_node(
         assert {"messages_per_s", "events_per_s", "publishes_per_s", "closed_4509"} <= set(info)
         assert info["connections"] == 0 and info["last_seen"] >= info["started_at"] > 0
         assert info["state"] == "ready"
+
+
+async def test_relay_nodes_cli_shows_what_api_nodes_shows(
+    redis_server: RedisServer, started_nodes: list[NodeUnderTest], http: aiohttp.ClientSession
+) -> None:
+    """`relay nodes --redis-url` and GET /api/nodes list a node with the same flat fields."""
+    node = await start(started_nodes, redis_url=redis_server.url)
+    _, body = await call(http, node, "GET", "/api/nodes")
+    code, out, err = await relay_cli("nodes", "--redis-url", redis_server.url)
+    assert code == 0, err
+    [from_api], [from_cli] = body["nodes"], orjson.loads(out)["nodes"]
+    assert set(from_cli) == set(from_api)
+    assert (from_cli["node"], from_cli["address"]) == (node.node.id, from_api["address"])
 
 
 # -- authorisation and routing -------------------------------------------------------------
