@@ -8,13 +8,14 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, ConnectionPool
 from redis.exceptions import DataError
+from redis.utils import HIREDIS_AVAILABLE
 from structlog.testing import capture_logs
 
 from relay.engine import Control, EngineOptions, SessionRecord
 from relay.engines.redis import RedisEngine, decode_control, encode_control
-from relay.engines.redis._batch import pack_commands
+from relay.engines.redis._compat import hiredis_parser, hiredis_reader, pack_commands
 from relay.errors import EngineUnavailable, InvalidEnvelope
 from relay.wire import ID_ZERO, Event, encode_live, encode_payload, parse_id, prove_recovery
 from tests.conftest import MS
@@ -466,3 +467,21 @@ def test_pack_commands_matches_redis_py() -> None:
     assert b"".join(pack_commands(conn, commands)) == b"".join(conn.pack_commands(commands))
     with pytest.raises(DataError):
         pack_commands(conn, [("SET", "k", True)])
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not HIREDIS_AVAILABLE, reason="redis-py without hiredis: nothing to find")
+async def test_compat_hiredis_parser_and_reader_are_found(redis_server: RedisServer) -> None:
+    """With hiredis, the installed redis-py still has the parser and Reader _compat uses.
+
+    Fails when an upgrade moves them (the engine would fall back silently and slower)."""
+    pool = ConnectionPool.from_url(redis_server.url, protocol=2, **hiredis_parser())
+    conn = await pool.get_connection()
+    try:
+        await conn.send_command("PING")
+        reader = hiredis_reader(conn)
+        assert reader is not None
+        assert await conn.read_response() == b"PONG"
+    finally:
+        await pool.release(conn)
+        await pool.disconnect()

@@ -18,42 +18,22 @@ before, so WAIT also covers a publish that came back as a duplicate of one made 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import ConnectionPool
 
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None = None
-with contextlib.suppress(ImportError):  # a dependency (redis[hiredis]); redis-py works without
-    from hiredis import pack_command as _hiredis_pack
+from relay.engines.redis._compat import pack_commands
 
-__all__ = ["Batcher", "ReplicasBehind", "pack_commands"]
+__all__ = ["Batcher", "ReplicasBehind"]
 
 _Item = tuple[tuple[Any, ...], "asyncio.Future[Any]", bool]  # command, caller, replicated
 
 
 class ReplicasBehind(redis_errors.TimeoutError):
     """Fewer replicas than asked for acknowledged a write in time; retrying is safe."""
-
-
-def pack_commands(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[bytes]:
-    """Commands in RESP for ``conn``: hiredis packs in C what redis-py's async packer
-    does in Python.
-
-    Same bytes for str, bytes, int and float arguments; anything else goes to redis-py's
-    packer for its DataError. Command names are single words (redis-py would split
-    ``"CONFIG GET"``).
-    """
-    if _hiredis_pack is not None:
-        try:
-            return [_hiredis_pack(args) for args in commands]
-        except TypeError:
-            pass
-    return conn.pack_commands(commands)
 
 
 class Batcher:

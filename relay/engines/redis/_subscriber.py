@@ -29,10 +29,9 @@ from redis import exceptions as redis_errors
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.utils import HIREDIS_AVAILABLE
 
 from relay.engine import Control, EngineHandler
-from relay.engines.redis._batch import pack_commands
+from relay.engines.redis._compat import hiredis_reader, pack_commands
 from relay.errors import EngineError, EngineUnavailable, InvalidEnvelope
 from relay.wire import decode_live
 
@@ -106,14 +105,6 @@ class _Session:
     live_at: float = 0.0
     outbox: list[tuple[bytes, bytes]] = field(default_factory=list)  # (UN)SUBSCRIBEs to write
     writes: set[asyncio.Task[None]] = field(default_factory=set)
-
-
-def _hiredis_reader(conn: AbstractConnection) -> Any:
-    """The hiredis Reader under ``conn``'s parser, or None (no hiredis: redis-py's own
-    parser, read one reply at a time). ``gets()`` returns the next buffered reply, or a
-    sentinel when none is."""
-    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
-    return reader if HIREDIS_AVAILABLE and callable(getattr(reader, "gets", None)) else None
 
 
 class Subscriber:
@@ -325,7 +316,7 @@ class Subscriber:
         await conn.send_packed_command(conn.pack_commands(batches), check_health=False)
         read = conn.read_response
         dispatch = self._dispatch
-        buffered = _hiredis_reader(conn)
+        buffered = hiredis_reader(conn)
         while True:
             dispatch(session, await read(timeout=math.inf))
             if buffered is None:

@@ -15,11 +15,9 @@ from typing import TYPE_CHECKING, Any, Final
 import redis.asyncio as aioredis
 import structlog
 from redis import exceptions as redis_errors
-from redis._parsers import _AsyncHiredisParser
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.utils import HIREDIS_AVAILABLE
 
 from relay.engine import EngineHandler, EngineHealth, EngineOptions
 from relay.engines.redis._base import (
@@ -31,6 +29,7 @@ from relay.engines.redis._base import (
     translated,
 )
 from relay.engines.redis._batch import Batcher
+from relay.engines.redis._compat import hiredis_parser
 from relay.engines.redis._pool import connection_pool as redis_pool
 from relay.engines.redis._subscriber import Subscriber, Timings, as_text, stop_task
 from relay.engines.redis.broker import RedisBroker
@@ -90,7 +89,6 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
         )
         self._owns_pool = connection_pool is None
         if connection_pool is None:
-            parser: dict[str, Any] = {"parser_class": _AsyncHiredisParser}
             connection_pool = redis_pool(
                 url,
                 protocol=2,
@@ -103,7 +101,7 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
                     command_retries,
                     supported_errors=(redis_errors.ConnectionError,),
                 ),
-                **(parser if HIREDIS_AVAILABLE else {}),
+                **hiredis_parser(),
             )
         self._pool = connection_pool
         self._redis = aioredis.Redis(connection_pool=connection_pool)

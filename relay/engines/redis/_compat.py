@@ -1,0 +1,60 @@
+"""The only place the Redis engine uses redis-py's private (underscore) names.
+
+redis-py is allowed from 6 to 8 (pyproject.toml); what is not public API there is
+wrapped here, each with a fallback or a test in tests/engines/test_redis_engine.py
+(``test_compat_*``) that fails when an upgrade moves it:
+
+- the asyncio hiredis parser class (``redis._parsers._AsyncHiredisParser``), so the pool
+  parses with hiredis;
+- the hiredis Reader inside a connection's parser (``conn._parser._reader``), so the
+  pub/sub reader drains every buffered reply in one go;
+- hiredis' ``pack_command``, which packs in C what redis-py's async packer does in Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection
+from redis.utils import HIREDIS_AVAILABLE
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None = None
+with contextlib.suppress(ImportError):  # a dependency (redis[hiredis]); redis-py works without
+    from hiredis import pack_command as _hiredis_pack
+
+__all__ = ["hiredis_parser", "hiredis_reader", "pack_commands"]
+
+
+def hiredis_parser() -> dict[str, Any]:
+    """Connection-pool keyword arguments that make redis-py parse with hiredis, if it can."""
+    if not HIREDIS_AVAILABLE:
+        return {}
+    from redis._parsers import _AsyncHiredisParser
+
+    return {"parser_class": _AsyncHiredisParser}
+
+
+def hiredis_reader(conn: AbstractConnection) -> Any:
+    """The hiredis Reader under ``conn``'s parser, or None (no hiredis: redis-py's own
+    parser, read one reply at a time). ``gets()`` returns the next buffered reply, or a
+    sentinel when none is."""
+    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+    return reader if HIREDIS_AVAILABLE and callable(getattr(reader, "gets", None)) else None
+
+
+def pack_commands(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[bytes]:
+    """Commands in RESP for ``conn``: hiredis packs in C what redis-py's async packer
+    does in Python.
+
+    Same bytes for str, bytes, int and float arguments; anything else goes to redis-py's
+    packer for its DataError. Command names are single words (redis-py would split
+    ``"CONFIG GET"``).
+    """
+    if _hiredis_pack is not None:
+        try:
+            return [_hiredis_pack(args) for args in commands]
+        except TypeError:
+            pass
+    return conn.pack_commands(commands)
