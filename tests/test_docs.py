@@ -4,7 +4,7 @@ or is marked as a fragment; every ``relay …`` command line parses; no link lea
 How a Markdown file marks a block (an HTML comment on the line just before the fence,
 which GitHub does not show; the fence keeps ``python`` for highlighting):
 
-- nothing: a complete program. It runs in a subprocess from the repository's root with
+- nothing: a complete program. It runs in a subprocess, in an empty directory, with
   the environment the CLI reads: ``RELAY_URL`` (ws://…), ``RELAY_HTTP`` (http://…),
   ``RELAY_REDIS_URL``, ``RELAY_AUTH_SECRET``, ``RELAY_API_KEY``, for one ``relay serve``
   on a private Redis, and must exit 0.
@@ -167,13 +167,15 @@ def _publish(env: dict[str, str], biz_id: str) -> None:
 @pytest.mark.parametrize("block", [b for b in PYTHON_BLOCKS if _runnable(b)], ids=lambda b: b.where)
 def test_docs_python_block_runs(block: Block, docs_node: dict[str, str], tmp_path: Path) -> None:
     """A Python program of the docs runs against a real node and Redis without an error."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
     script = tmp_path / "example.py"
     script.write_text(block.code)
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, str(script)],
-            cwd=ROOT,
+            cwd=workdir,
             env=docs_node,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
