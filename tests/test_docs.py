@@ -1,5 +1,6 @@
 """The docs run: every Python block is a program run here against a real node and Redis,
-or is marked as a fragment; every ``relay …`` command line parses; no link leaves the repo.
+or is marked as a fragment; every ``relay …`` command line parses (``relay serve`` lines
+pass ``relay config check``); no link leaves the repository.
 
 How a Markdown file marks a block (an HTML comment on the line just before the fence,
 which GitHub does not show; the fence keeps ``python`` for highlighting):
@@ -37,7 +38,7 @@ from backend_adapter import outbox
 from relay import cli
 from relay.bench import runner
 from tests.support.redis_server import RedisServer
-from tests.support.served import ServedNode
+from tests.support.served import RELAY, ServedNode
 from tests.support.timing import MS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +237,32 @@ def test_docs_relay_commands_parse() -> None:
         except SystemExit:
             wrong.append(f"{block.path.relative_to(ROOT)}:{line}: relay {shlex.join(argv)}")
     assert not wrong, "the CLI refuses:\n" + "\n".join(wrong)
+
+
+SHELL_VALUES = {"$SECRET": SECRET, "$(hostname)": "node-1"}
+"""What the docs' shell variables stand for; any other ``$…`` is an API key."""
+
+
+def test_docs_serve_commands_pass_config_check(tmp_path: Path) -> None:
+    """Every ``relay serve …`` line of the docs passes ``relay config check`` with its flags."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    wrong = []
+    for block, line, argv in _relay_commands():
+        if argv[:1] != ["serve"]:
+            continue
+        flags = [SHELL_VALUES.get(w, API_KEY) if w.startswith("$") else w for w in argv[1:]]
+        result = subprocess.run(
+            [str(RELAY), "config", "check", *flags],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60_000 * MS,
+        )
+        if result.returncode != 0:
+            where = f"{block.path.relative_to(ROOT)}:{line}"
+            wrong.append(f"{where}: relay {shlex.join(argv)}: {result.stderr.strip()}")
+    assert not wrong, "\n".join(wrong)
 
 
 OUTSIDE = re.compile(
