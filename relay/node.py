@@ -20,7 +20,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
@@ -45,8 +45,6 @@ __all__ = ["Node", "NodeUnavailable"]
 
 log = structlog.get_logger("relay.node")
 
-T = TypeVar("T")
-
 START_BACKOFF_BASE = 0.2  # seconds before the second start attempt; doubles each time
 START_BACKOFF_CAP = 2.0  # seconds between start attempts at most (each then jittered)
 RECENT_EVENTS = 50  # notable events kept for the status page (a display, not a log)
@@ -58,12 +56,6 @@ class NodeUnavailable(RelayError):
     def __init__(self, message: str, close_code: int) -> None:
         super().__init__(message)
         self.close_code = close_code
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark an abandoned task's outcome as seen (no "exception never retrieved")."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _new_session_id() -> str:
@@ -92,7 +84,6 @@ class Node:
         self.draining = False
         self.started_at = 0.0
         self.start_error: str | None = None  # why the last start attempt failed
-        self._engine_lost: asyncio.Future[None] | None = None  # set when health turns bad
         self._abandoned: set[str] = set()  # sessions whose connect gave up on the engine
         self._ttl_ms = settings.history_ttl * 1000
         self._subscribing: dict[str, asyncio.Future[None]] = {}
@@ -339,9 +330,7 @@ class Node:
         if not observe:
             self.by_client.setdefault(client_id, []).append(session)
         try:
-            sub, held, history = await self._unless_engine_lost(
-                session, self._open_feed(session, observe)
-            )
+            sub, held, history = await self._open_feed(session, observe)
         except BaseException:
             # Told now; the engine calls of forgetting it may wait on a hung Redis.
             self.spawn(self.disconnect(session))
@@ -404,31 +393,6 @@ class Node:
         if isinstance(history, BaseException):
             raise history
         return sub, held, history
-
-    async def _unless_engine_lost(self, session: Session, work: Awaitable[T]) -> T:
-        """``work``, or EngineUnavailable as soon as the engine turns unhealthy.
-
-        A hung Redis answers nothing until the socket and command timeouts (seconds); the
-        canary notices sooner, and a handshake then gets its 1013 at once. The abandoned
-        work finishes in the background, marked closing so it neither kicks nor goes live.
-        """
-        task = asyncio.ensure_future(work)
-        if self._engine_lost is None or self._engine_lost.done():
-            self._engine_lost = asyncio.get_running_loop().create_future()
-        lost = self._engine_lost
-        try:
-            await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if task.done():
-            return task.result()
-        session.closing = True
-        self._abandoned.add(session.id)
-        self.spawn(task)
-        task.add_done_callback(lambda done: self._abandoned.discard(session.id))
-        task.add_done_callback(_retrieve)
-        raise EngineUnavailable("redis stopped answering while connecting")
 
     def _recovered(self, since: StreamId, history: History) -> bool:
         """The welcome's ``recovered``: a ``since`` past --max-since-age is not vouched for."""
@@ -522,6 +486,7 @@ class Node:
         """Forget a session whose socket is gone: unsubscribe if last, release the record."""
         if self.sessions.pop(session.id, None) is None:
             return
+        self._abandoned.discard(session.id)
         peers = self.by_client.get(session.client_id)
         if peers is not None and not session.observer:
             peers.remove(session)
@@ -756,6 +721,12 @@ class Node:
     def on_health(self, healthy: bool) -> None:
         self.note("engine.health_changed", healthy=healthy)
         self.log.warning("engine.health_changed", healthy=healthy)
-        lost = self._engine_lost
-        if not healthy and lost is not None and not lost.done():
-            lost.set_result(None)  # connects waiting on Redis answer 1013 now
+        if healthy:
+            return
+        # A hung Redis answers nothing until the socket and command timeouts (seconds);
+        # the canary notices sooner. Connects still waiting on it are told now (1013); they
+        # finish unseen: marked, they neither kick the previous holder nor go live.
+        for session in list(self.sessions.values()):
+            if session.recovering and not session.closing:
+                self._abandoned.add(session.id)
+                self.spawn(session.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable"))
