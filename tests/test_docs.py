@@ -202,7 +202,8 @@ def test_docs_python_block_runs(block: Block, docs_node: dict[str, str], tmp_pat
 
 
 def _relay_commands() -> Iterator[tuple[Block, int, list[str]]]:
-    """Every ``relay …`` line of a shell or untyped block, continuation lines joined."""
+    """Every ``relay …`` line (or ``$(relay …)``) of a shell or untyped block, continuation
+    lines joined."""
     for block in ALL_BLOCKS:
         if block.lang not in ("", "bash", "sh", "shell", "console"):
             continue
@@ -215,6 +216,8 @@ def _relay_commands() -> Iterator[tuple[Block, int, list[str]]]:
                 i += 1
                 text = text[:-1] + " " + lines[i].strip()
             i += 1
+            inner = re.search(r"\$\((relay\s[^)]*)\)", text)  # TOKEN=$(relay token …)
+            text = inner.group(1) if inner else text
             if not re.match(r"^(\S*/)?relay\s", text):
                 continue
             words = shlex.split(text, comments=True)
