@@ -113,8 +113,10 @@ export function unpack(bytes) {
   const map = (n) => {
     const out = {};
     for (let i = 0; i < n; i++) {
-      const key = value();
-      out[String(key)] = value();
+      const key = String(value());
+      // Defined, not assigned: a "__proto__" key is data (as JSON.parse keeps it), not a
+      // new prototype for the object.
+      Object.defineProperty(out, key, { value: value(), enumerable: true, writable: true, configurable: true });
     }
     return out;
   };

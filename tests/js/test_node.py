@@ -243,6 +243,7 @@ def test_js_msgpack_decoder_reads_what_python_packs() -> None:
         list(range(20)),
         {f"k{n}": n for n in range(20)},
         {"type": "message", "id": "1-0", "data": {"nested": [1, {"a": None}]}},
+        {"__proto__": {"polluted": True}, "constructor": 1},  # keys like any other (as JSON.parse)
     ]
     packed = [msgpack.packb(v, use_bin_type=True).hex() for v in values]
     answer = run_pure({"pairs": [], "codes": [], "delays": [], "packed": packed, "urls": []})
