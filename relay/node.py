@@ -79,6 +79,7 @@ class Node:
             max_bytes=settings.send_queue_max_bytes,
             close_flush_timeout=settings.close_flush_timeout,
             close_linger=settings.close_linger,
+            close_timeout=settings.close_timeout,
         )
         self.accepting = False
         self.draining = False

@@ -45,7 +45,7 @@ class Transport(Protocol):
 class SessionLimits:
     """The per-session limits a node applies (from Settings)."""
 
-    __slots__ = ("close_flush_timeout", "close_linger", "max_bytes", "max_frames")
+    __slots__ = ("close_flush_timeout", "close_linger", "close_timeout", "max_bytes", "max_frames")
 
     def __init__(
         self,
@@ -53,11 +53,13 @@ class SessionLimits:
         max_bytes: int = 8 * 1024 * 1024,
         close_flush_timeout: float = 1.0,
         close_linger: float = 0.25,
+        close_timeout: float = 2.0,
     ) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.close_flush_timeout = close_flush_timeout
         self.close_linger = close_linger
+        self.close_timeout = close_timeout  # for the close frame and the client's answer
 
 
 class RateLimiter:
@@ -314,7 +316,7 @@ class Session:
                 await asyncio.sleep(self.limits.close_linger)
         await self.stop_writer()
         try:
-            await asyncio.wait_for(self.transport.close(code, reason), 2.0)
+            await asyncio.wait_for(self.transport.close(code, reason), self.limits.close_timeout)
         except (TimeoutError, ConnectionError, RuntimeError):
             self.transport.abort()
 

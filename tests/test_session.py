@@ -156,17 +156,20 @@ def test_ratelimiter_default_clock() -> None:
 
 
 def test_sessionlimits_defaults_match_design() -> None:
-    """Defaults: 2000 frames, 8 MiB, flush up to 1 s, then linger 250 ms."""
+    """Defaults: 2000 frames, 8 MiB, flush up to 1 s, linger 250 ms, close within 2 s."""
     limits = SessionLimits()
     assert (limits.max_frames, limits.max_bytes) == (2000, 8 * 1024 * 1024)
     assert (limits.close_flush_timeout, limits.close_linger) == (1.0, 0.25)
+    assert limits.close_timeout == 2.0
 
 
 def test_sessionlimits_overrides() -> None:
     """Every limit can be set."""
-    limits = SessionLimits(max_frames=1, max_bytes=2, close_flush_timeout=3, close_linger=4)
+    limits = SessionLimits(
+        max_frames=1, max_bytes=2, close_flush_timeout=3, close_linger=4, close_timeout=5
+    )
     assert (limits.max_frames, limits.max_bytes) == (1, 2)
-    assert (limits.close_flush_timeout, limits.close_linger) == (3, 4)
+    assert (limits.close_flush_timeout, limits.close_linger, limits.close_timeout) == (3, 4, 5)
 
 
 # -- Session: queue and writer -------------------------------------------------------------
@@ -378,10 +381,14 @@ async def test_session_close_waits_flush_timeout_for_stuck_send(make_session: Fa
 
 
 async def test_session_close_blocked_send_aborts_after_timeout(make_session: Factory) -> None:
-    """A client that never reads cannot take the close frame either: abort after the timeout."""
+    """A client that never reads cannot take the close frame either: abort after
+    --close-timeout (it was a fixed 2 s, whatever the setting)."""
+    close_timeout = 100 * MS
     transport = RecordingTransport()
     transport.stall()
-    limits = SessionLimits(close_flush_timeout=20 * MS, close_linger=10 * MS)
+    limits = SessionLimits(
+        close_flush_timeout=20 * MS, close_linger=10 * MS, close_timeout=close_timeout
+    )
     session = make_session(transport, limits)
     session.start()
     session.send(b"stuck")
@@ -389,7 +396,7 @@ async def test_session_close_blocked_send_aborts_after_timeout(make_session: Fac
     started = asyncio.get_running_loop().time()
     await session.close(CloseCode.SERVICE_RESTART)
     assert transport.closes == [1012] and transport.aborted
-    assert transport.at("abort") - started >= 2.0  # Session's fixed close-frame timeout
+    assert transport.at("abort") - started >= close_timeout * 0.9
     assert transport.frames == []
 
 
