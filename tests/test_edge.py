@@ -22,6 +22,7 @@ from relay.node import Node
 from tests.support.frames import client_frame
 from tests.support.node import Listener, NodeUnderTest, listen, node_settings
 from tests.support.raw import RawClient, upgrade_request
+from tests.support.timing import MS
 
 
 async def start(started: list[NodeUnderTest], **overrides: Any) -> NodeUnderTest:
@@ -146,15 +147,15 @@ async def test_heartbeat_pings_and_drops_a_silent_peer(
     started_nodes: list[NodeUnderTest], listeners: list[Listener]
 ) -> None:
     """A client that never answers pings is dropped; one that does (aiohttp) stays."""
-    node = await start(started_nodes, heartbeat=0.4)
+    node = await start(started_nodes, heartbeat=400 * MS)
     polite = await listen(listeners, node.ws_url("polite"))
     mute = await RawClient.open(node)
     mute.writer.write(upgrade_request("/ws/mute")[0])
     await mute.response_head()
     await mute.frame()  # welcome
-    assert await mute.frame(timeout=3) == (OP_PING, b"")
-    assert await asyncio.wait_for(mute.reader.read(), 3) == b""  # aborted, no pong came
-    await asyncio.sleep(1.0)
+    assert await mute.frame(timeout=3000 * MS) == (OP_PING, b"")
+    assert await asyncio.wait_for(mute.reader.read(), 3000 * MS) == b""  # aborted, no pong came
+    await asyncio.sleep(1000 * MS)  # over two heartbeats: the polite client pongs through them
     assert polite.close_code is None and node.node.by_client.get("polite")
     await node.publish("polite", "e", 1)
     assert [m["data"] for m in await polite.wait_messages(1)] == [1]
