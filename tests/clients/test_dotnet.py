@@ -707,6 +707,19 @@ async def test_dotnet_client_drops_repeats_comparing_ids_as_integer_pairs(
     assert await driver.stop() == 0
 
 
+async def test_dotnet_client_stops_at_a_second_invalid_token_despite_a_failure_between(
+    scripted: Any, drivers: Any
+) -> None:
+    """4001, a failed connect, 4001: no welcome came between, so it stops (as Python and JS)."""
+    node = await scripted([([], 4001), ([], 1011), ([], 4001)])
+    driver = await drivers(node.url, "c", "--backoff-base", "0.05", tokens=lambda n: f"t{n}")
+    completed = await driver.wait_event("completed")
+    assert completed["code"] == 4001
+    codes = [(e["code"], e["will_reconnect"]) for e in driver.of("disconnected")]
+    assert codes == [(4001, True), (1011, True), (4001, False)]
+    assert len(node.queries) == 3
+
+
 async def test_dotnet_client_completes_the_close_handshake_both_ways(
     scripted: Any, drivers: Any
 ) -> None:

@@ -187,7 +187,10 @@ namespace Relay.Client
                         await RaiseAsync(Disconnected, new DisconnectedEventArgs(outcome.Code, outcome.Reason, false, TimeSpan.Zero)).ConfigureAwait(false);
                         break;
                     }
-                    retriedAfter4001 = outcome.Code == ReconnectPolicy.Unauthorized;
+                    // Only a welcome clears it: a failed connect between two 4001s does not
+                    // make the second one (with a fresh token) worth another try.
+                    if (outcome.Code == ReconnectPolicy.Unauthorized)
+                        retriedAfter4001 = true;
                     TimeSpan delay = ReconnectPolicy.Delay(action, attempt, _options.BackoffBase, _options.BackoffMax, _options.AtOnceJitter, _rng);
                     attempt++;
                     Log(RelayLogLevel.Info, "client.reconnecting client_id=" + _options.ClientId + " code=" + outcome.Code
