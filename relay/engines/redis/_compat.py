@@ -1,6 +1,6 @@
 """The only place the Redis engine uses redis-py's private (underscore) names.
 
-redis-py is allowed from 6 to 8 (pyproject.toml); what is not public API there is
+redis-py is allowed from 8.2 to 8.x (pyproject.toml); what is not public API there is
 wrapped here, each with a fallback or a test in tests/engines/test_redis_engine.py
 (``test_compat_*``) that fails when an upgrade moves it:
 
