@@ -356,6 +356,11 @@ class Settings:
                 " `openssl rand -hex 32`, or --allow-weak-secret for a test"
             )
 
+    def __repr__(self) -> str:
+        # The dataclass's own repr would print the secrets wherever settings are shown.
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
+        return f"Settings({shown})"
+
     def redacted(self) -> dict[str, Any]:
         """Settings safe to log: secrets replaced by '***'."""
         out: dict[str, Any] = {}

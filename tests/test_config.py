@@ -66,6 +66,13 @@ def test_settings_redacted_hides_secrets() -> None:
     assert "hunter2" not in repr(shown) and "k3y" not in repr(shown)
 
 
+def test_settings_repr_hides_secrets() -> None:
+    """repr(settings) (an f-string, a traceback's argument, a log's value) shows no secret."""
+    settings = Settings(auth_secret=("hunter2",), api_key="k3y", redis_url="redis://:PW@db/0")
+    assert "hunter2" not in repr(settings) and "k3y" not in repr(settings)
+    assert "PW" not in repr(settings) and "redis://:***@db/0" in repr(settings)
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
