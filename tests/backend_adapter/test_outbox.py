@@ -84,6 +84,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def failed_rounds(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(r.getMessage().startswith("outbox.dispatch_failed") for r in caplog.records)
+
+
 @contextmanager
 def running(dispatcher: OutboxDispatcher) -> Iterator[threading.Thread]:
     """``dispatcher.run_forever()`` in a thread for the duration of the block."""
@@ -189,7 +193,7 @@ def test_outbox_publishes_in_id_order_across_batches(
 
 
 def test_outbox_redis_down_while_committing_100_delivers_each_once_in_order(
-    engine: sa.Engine, own_redis: RedisServer
+    engine: sa.Engine, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis killed, 100 events committed, Redis back: all delivered once, in BizId order."""
     bizs = [f"biz{n}" for n in range(7)]
@@ -204,7 +208,8 @@ def test_outbox_redis_down_while_committing_100_delivers_each_once_in_order(
                     for k in range(4):
                         enqueue(session, bizs[(n * 4 + k) % 7], "label.created", n * 4 + k)
                 dispatcher.wake()
-            time.sleep(0.3)  # several failed rounds
+            # Several failed rounds (not a sleep that would pass without any).
+            wait_until(lambda: failed_rounds(caplog) >= 3)
             assert dispatcher.pending() == 100
             own_redis.start()
             wait_until(lambda: dispatcher.pending() == 0)
