@@ -74,7 +74,7 @@ async def test_bad_handshakes_get_http_errors(
     node = await start(started_nodes)
     client = await RawClient.open(node)
     client.writer.write(request_bytes)
-    answer = await asyncio.wait_for(client.reader.read(), 5)  # the node hangs up after it
+    answer = await asyncio.wait_for(client.reader.read(), 5000 * MS)  # the node hangs up after it
     assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
     body = orjson.loads(answer.partition(b"\r\n\r\n")[2])
     assert message.decode().lower() in body["error"]["message"].lower()
@@ -111,13 +111,13 @@ async def test_other_requests_go_to_aiohttp_and_keep_alive_upgrades_to_the_edge(
     assert orjson.loads((await client.frame())[1])["data"] == {"n": 1}
     client.writer.write(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
     assert (await client.frame())[0] == OP_CLOSE
-    assert await asyncio.wait_for(client.reader.read(), 5) == b""
+    assert await asyncio.wait_for(client.reader.read(), 5000 * MS) == b""
     assert node.runner is not None and node.runner.server is not None
     server = node.runner.server
     for _ in range(200):
         if not server.connections and not node.edge.connections:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * MS)
     assert not server.connections and not node.edge.connections
     client.close()
 
@@ -134,11 +134,11 @@ async def test_client_close_is_answered_and_the_session_forgotten(
     client.writer.write(client_frame(OP_CLOSE, struct.pack("!H", 4100) + b"done"))
     opcode, payload = await client.frame()
     assert (opcode, payload[:2]) == (OP_CLOSE, struct.pack("!H", 4100))
-    assert await asyncio.wait_for(client.reader.read(), 5) == b""  # the server hangs up
+    assert await asyncio.wait_for(client.reader.read(), 5000 * MS) == b""  # the server hangs up
     for _ in range(100):
         if not node.node.by_client.get("leaver"):
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * MS)
     assert not node.node.by_client.get("leaver")
     client.close()
 
@@ -176,7 +176,7 @@ async def test_client_gone_while_connecting_leaves_nothing_behind(
     for _ in range(200):
         if not node.node.sessions and not node.node.by_client:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * MS)
     assert not node.node.sessions and not node.node.by_client
     assert node.edge is not None
     assert all(c.session is None for c in node.edge.connections)
@@ -202,7 +202,7 @@ async def test_edge_echoed_close_code_ends_tcp_at_once(
 ) -> None:
     """A client that answers the node's 1013 or 1012 with the same code (as browsers do)
     is hung up on at once, not after the close timeout, and gets no 1002."""
-    node = await start(started_nodes, max_connections=1)
+    node = await start(started_nodes, max_connections=1, close_timeout=2000 * MS)
     first = await RawClient.open(node)
     first.writer.write(upgrade_request("/ws/first")[0])
     await first.response_head()
@@ -217,7 +217,7 @@ async def test_edge_echoed_close_code_ends_tcp_at_once(
     opcode, payload = await client.frame()
     assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, expected)
     client.writer.write(client_frame(OP_CLOSE, payload[:2]))
-    assert await _wait_eof(client, 5) < 1.0  # the close timeout is 2 s
+    assert await _wait_eof(client, 5000 * MS) < 1000 * MS  # the close timeout is 2000 MS
     if cause == "drain-1012":
         await drain
     else:
