@@ -134,7 +134,7 @@ async def test_gap_past_trimmed_history_ends_session_4509_and_resume_is_not_reco
     async with seen.client(relay, "gap") as client:
         first = await receive_first(relay, seen, client)
         await cut_pubsub_and_publish(raw, "gap", range(1, 401), history_size=5)
-        await asyncio.sleep(1.5)
+        await eventually(lambda: bool(seen.closes))  # the resubscribe found the hole
         final = (await raw.eval(*publish_args("gap", 401, 5)))[0].decode()
         await eventually(lambda: seen.messages[-1].id == final)
 
