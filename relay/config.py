@@ -33,7 +33,7 @@ __all__ = [
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#]*)@")
 _SECRET_QUERY = re.compile(
-    r"(?P<name>[?&][^=&#]*(?:password|secret|token|key)[^=&#]*=)[^&#]*", re.IGNORECASE
+    r"(?P<name>[?&][^=&#\s]*(?:password|secret|token|key)[^=&#\s]*=)[^&#\s]*", re.IGNORECASE
 )
 
 

@@ -1,9 +1,10 @@
 """structlog setup: JSON or console lines with fixed event names and bound context.
 
 Event names are ``noun.past_verb`` (``session.opened``, ``engine.reconnected``). Values of
-keys that look secret are replaced before rendering, and so is the password of any URL,
-whatever a caller passes. Records of the standard ``logging`` module (aiohttp's, asyncio's)
-go through the same processors and renderer: JSON when JSON logs are on.
+keys that look secret are replaced before rendering, and so is the password of any URL
+and a secret-looking query value (``?token=``) in any string, whatever a caller passes.
+Records of the standard ``logging`` module (aiohttp's, asyncio's) go through the same
+processors and renderer: JSON when JSON logs are on.
 
 What a client's bytes cause (a request the HTTP parser rejects, a disconnect mid-body, a
 refused handshake) is never a traceback: it is one ``http.bad_request`` event, at most
@@ -39,7 +40,8 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
         if key in _SECRET_KEYS:
             if value:
                 event_dict[key] = "***"
-        elif isinstance(value, str) and "://" in value and ("@" in value or "=" in value):
+        elif isinstance(value, str) and ("=" in value or ("://" in value and "@" in value)):
+            # Also a bare request target: a browser's token rides in ``?token=``.
             event_dict[key] = mask_url(value)
     return event_dict
 

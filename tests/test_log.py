@@ -41,6 +41,23 @@ def test_redact_masks_url_passwords_in_any_value() -> None:
     assert event["error"] == "cannot reach rediss://admin:***@db:6380/0"
 
 
+def test_redact_masks_token_query_values_in_request_targets() -> None:
+    """A client's ``?token=`` is masked in a path without a scheme too, and only the
+    value: what follows it in the line stays readable."""
+    event = redact(
+        None,
+        "info",
+        {
+            "event": "GET /ws/cml?since=1-0&token=eyJ.a.b HTTP/1.1",
+            "target": "/ws/cml?token=eyJ.a.b&since=1-0",
+        },
+    )
+    assert event == {
+        "event": "GET /ws/cml?since=1-0&token=*** HTTP/1.1",
+        "target": "/ws/cml?token=***&since=1-0",
+    }
+
+
 def _record(exc: BaseException) -> logging.LogRecord:
     try:
         raise exc
