@@ -872,6 +872,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RelayError, sa.exc.ArgumentError) as exc:
         print(f"relay outbox-dispatch: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # SQLAlchemy's URL parser on a bad port, say
+        print(f"relay outbox-dispatch: bad --db-url: {exc}", file=sys.stderr)
+        return 2
     with publisher, dispatcher:
         try:
             if args.create_table:

@@ -444,6 +444,18 @@ def test_outbox_cli_once_creates_table_and_drains(
     assert main(["--db-url", url]) == 2
 
 
+def test_outbox_cli_bad_database_url_exits_2_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A --db-url SQLAlchemy cannot read (here a port that is not a number) is a usage
+    error, exit 2 with one line, not a traceback; the line names no password."""
+    url = "postgresql://relay:s3cret@db:notaport/app"
+    assert main(["--db-url", url, "--redis-url", "redis://127.0.0.1:1/0", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relay outbox-dispatch: ") and err.count("\n") == 1
+    assert "s3cret" not in err
+
+
 # -- the documented schema ------------------------------------------------------------------------
 
 
