@@ -127,6 +127,11 @@ def negotiate(header: str | None, *, context_takeover: bool, window_bits: int) -
     return None
 
 
+def _bits(value: str) -> bool:
+    """A window size's digits: ASCII only ("²" is a digit to str.isdigit, not to int)."""
+    return value.isascii() and value.isdigit() and len(value) <= 2
+
+
 def _accept(params: Params, context_takeover: bool, window_bits: int) -> Agreement | None:
     """The agreement for one offer, or None when it breaks §7.1 or asks for an 8-bit window."""
     seen: dict[str, str | None] = {}
@@ -149,12 +154,12 @@ def _accept(params: Params, context_takeover: bool, window_bits: int) -> Agreeme
                 client_takeover = False
         elif key == "server_max_window_bits":
             # zlib cannot make a 256-byte window; decline, as the RFC allows.
-            if value is None or not value.isdigit() or not 9 <= int(value) <= 15:
+            if value is None or not _bits(value) or not 9 <= int(value) <= 15:
                 return None
             bits = int(value)
             response.append(f"{key}={bits}")
         elif key == "client_max_window_bits":
-            if value is not None and not (value.isdigit() and 8 <= int(value) <= 15):
+            if value is not None and not (_bits(value) and 8 <= int(value) <= 15):
                 return None
             # Not answered: our inflater takes any window up to 15 bits.
         else:

@@ -100,6 +100,8 @@ def test_first_acceptable_offer_wins(header: str, response: str) -> None:
         'permessage-deflate; client_max_window_bits="10',
         "permessage-deflate; =1",
         "permessage deflate",
+        'permessage-deflate; server_max_window_bits="\u00b2"',  # a digit to str.isdigit only
+        'permessage-deflate; client_max_window_bits="1\u00b2"',
     ],
 )
 def test_unacceptable_or_malformed_offers_mean_no_compression(header: str | None) -> None:

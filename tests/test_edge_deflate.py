@@ -83,6 +83,22 @@ async def test_edge_without_compress_ignores_the_offer_and_refuses_rsv1(
     client.close()
 
 
+async def test_edge_offer_with_a_non_ascii_window_is_declined_not_a_crash(
+    started_nodes: list[NodeUnderTest],
+) -> None:
+    """An offer whose window is b"\\xb2" (read as "²", a digit to str.isdigit, not to int)
+    gets a plain upgrade and a welcome; it raised in the handshake before."""
+    node = await start(started_nodes, compress=True)
+    client = await RawClient.open(node)
+    offer = b'Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits="\xb2"\r\n'
+    head, _ = upgrade_request("/ws/odd")
+    client.writer.write(head[:-2] + offer + b"\r\n")
+    response = await client.response_head()
+    assert response.startswith(b"HTTP/1.1 101") and b"Sec-WebSocket-Extensions" not in response
+    assert orjson.loads((await client.frame())[1])["type"] == "welcome"
+    client.close()
+
+
 @pytest.mark.parametrize("takeover", [False, True], ids=["shared", "context-takeover"])
 async def test_edge_aiohttp_client_with_deflate_is_served_by_the_edge(
     started_nodes: list[NodeUnderTest], takeover: bool
