@@ -19,16 +19,37 @@ RELAY = [sys.executable, "-m", "relay"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _serve_until(line: str, *flags: str) -> subprocess.Popen[str]:
+    """Start `relay serve` and return once its log shows ``line`` (not before: a signal
+    that lands while the interpreter is still importing has no handler yet)."""
+    proc = subprocess.Popen(
+        [*RELAY, "serve", "--allow-anonymous", "--port", "0", "--log-format", "json", *flags],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for out in proc.stdout:
+        if line in out:
+            return proc
+    raise AssertionError(f"relay serve exited {proc.wait()} before logging {line}")
+
+
 def test_serve_stopped_while_starting_exits_0() -> None:
-    """SIGTERM that lands before the node listens still ends in a clean drain, exit 0."""
-    for delay in (0.3, 0.6):  # past interpreter start-up, before or around listening
-        proc = subprocess.Popen(
-            [*RELAY, "serve", "--allow-anonymous", "--port", "0", "--log-level", "error"],
-            cwd=ROOT,
-        )
-        time.sleep(delay)
+    """SIGTERM that lands before the node listens still ends in a clean drain, exit 0:
+    right after it is configured, and while it waits for an unreachable Redis."""
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    for line, flags in (
+        ("node.configured", ()),
+        ("node.start_failed", ("--redis-url", dead_redis)),
+    ):
+        proc = _serve_until(line, *flags)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert proc.stdout is not None
+        with proc.stdout:
+            proc.stdout.read()  # drain its log so it never blocks on a full pipe
+        assert proc.wait(20) == 0, line
 
 
 def test_publish_over_http_prints_the_result() -> None:
