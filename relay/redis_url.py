@@ -76,9 +76,14 @@ def _host_port(text: str) -> tuple[str, int]:
         raise ConfigError(f"redis+sentinel URL: sentinel address {text!r} has no host")
     if not port_text:
         return host, SENTINEL_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _digits(port_text) or not 0 < int(port_text) < 65536:
         raise ConfigError(f"redis+sentinel URL: sentinel address {text!r} has a bad port")
     return host, int(port_text)
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: "²" is a digit to str.isdigit, and int() refuses it."""
+    return text.isascii() and text.isdigit()
 
 
 def _sentinel(url: str, rest: str) -> RedisTarget:
@@ -100,7 +105,7 @@ def _sentinel(url: str, rest: str) -> RedisTarget:
     if not service:
         raise ConfigError("redis+sentinel URL: give the master's service name: …/<service>[/db]")
     db_text = db_text.rstrip("/")
-    if db_text and not db_text.isdigit():
+    if db_text and not _digits(db_text):
         raise ConfigError(f"redis+sentinel URL: database {db_text!r} is not a number")
     options = dict(parse_qsl(query, keep_blank_values=True))
     unknown = sorted(set(options) - _SENTINEL_QUERY)

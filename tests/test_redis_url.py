@@ -58,6 +58,8 @@ def test_redis_url_sentinel_lone_userinfo_is_the_password() -> None:
         ("redis+sentinel://h:x/svc", "bad port"),
         ("redis+sentinel://h:70000/svc", "bad port"),
         ("redis+sentinel://h:1/svc/zero", "not a number"),
+        ("redis+sentinel://h:\u00b2/svc", "bad port"),  # a digit to str.isdigit only
+        ("redis+sentinel://h:1/svc/\u00b2", "not a number"),
         ("redis+sentinel://h:1/svc?socket_timeout=1", "unknown option"),
         ("redis+cluster://h:1", "not supported"),
     ],
