@@ -609,12 +609,14 @@ class RelayClient:
             if self._position is not None and key <= self._position:
                 self.duplicates += 1
                 return
-            self._position = key
             if self.on_message is not None:
                 await _call(self.on_message, msg)
+                # Only now: a callback cut short (close() cancels it) has not passed it.
+                self._position = key
                 if self.auto_ack:
                     self._want_ack(key)
             else:
+                self._position = key  # queued: kept across reconnects, so resume after it
                 await self._enqueue(msg)
         elif kind == "welcome":
             await self._on_welcome(frame)

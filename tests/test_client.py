@@ -33,7 +33,7 @@ from relay.errors import RelayError
 from relay.protocol import CloseCode, Format
 from relay.wire import parse_id
 from tests.support.node import API_KEY, NodeUnderTest, node_settings
-from tests.support.scripted import ScriptedNode, overlapping_replay, welcome
+from tests.support.scripted import ScriptedNode, frame, overlapping_replay, welcome
 from tests.support.timing import MS
 
 SECRET = "client-tests-hs256-secret-of-32-bytes+"  # PyJWT warns below 32 bytes
@@ -485,6 +485,33 @@ async def test_client_resumes_from_welcome_last_id_when_nothing_arrived() -> Non
         async with RelayClient(fake.url, "c", **FAST) as client:
             await eventually(lambda: client.connects == 2 and client.connected)
             assert [q.get("since") for q in fake.queries] == [None, "42-7"]
+    finally:
+        await fake.server.close()
+
+
+async def test_client_last_id_passes_a_message_only_once_its_callback_returned() -> None:
+    """close() during an on_message callback leaves last_id on the message before, so an
+    app that saves it resumes with the unfinished one (as the JS and .NET clients do)."""
+    fake = ScriptedNode([([welcome("5-0"), frame("9-0"), frame("10-0")], None)])
+    await fake.server.start_server()
+    seen_inside: list[str | None] = []
+    stuck = asyncio.Event()
+    client: RelayClient | None = None
+
+    async def on_message(msg: Message) -> None:
+        assert client is not None
+        seen_inside.append(client.last_id)
+        if msg.id == "10-0":
+            stuck.set()
+            await asyncio.Event().wait()  # the app is still working when it shuts down
+
+    try:
+        client = RelayClient(fake.url, "c", on_message=on_message, **FAST)
+        await client.start()
+        await asyncio.wait_for(stuck.wait(), 5000 * MS)
+        await client.close()
+        assert seen_inside == ["5-0", "9-0"]
+        assert client.last_id == "9-0"
     finally:
         await fake.server.close()
 
