@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from backend_adapter import outbox
 from relay import cli
@@ -165,9 +166,19 @@ def _publish(env: dict[str, str], biz_id: str) -> None:
         assert response.status == 200
 
 
+def _history(env: dict[str, str]) -> int:
+    """Events held in Redis, over every BizId's history stream."""
+    client = redis.Redis.from_url(env["RELAY_REDIS_URL"])
+    try:
+        return sum(client.xlen(key) for key in client.scan_iter("relay:{*}:log"))
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("block", [b for b in PYTHON_BLOCKS if _runnable(b)], ids=lambda b: b.where)
 def test_docs_python_block_runs(block: Block, docs_node: dict[str, str], tmp_path: Path) -> None:
     """A Python program of the docs runs against a real node and Redis without an error."""
+    before = _history(docs_node)
     workdir = tmp_path / "work"
     workdir.mkdir()
     script = tmp_path / "example.py"
@@ -199,6 +210,8 @@ def test_docs_python_block_runs(block: Block, docs_node: dict[str, str], tmp_pat
     report = f"{block.where}:\nstdout: {out.read_text()}\nstderr: {err.read_text()}"
     if block.marker != LONG_RUNNING:
         assert proc.returncode == 0, report
+    if "publish" in block.code:  # it reached the history, not only a logged failure
+        assert _history(docs_node) > before, f"published nothing\n{report}"
 
 
 def _relay_commands() -> Iterator[tuple[Block, int, list[str]]]:
