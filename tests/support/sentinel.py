@@ -182,11 +182,20 @@ class SentinelDeployment:
         """Replication stops: the replicas are stopped (SIGSTOP) and the master drops their
         links, so what it accepts from now on exists only on the master until
         :meth:`resume_replicas` (they then resync, if the master is still there)."""
-        for port in self.data_ports:
-            if port != master and port in self.procs:
-                os.kill(self.procs[port].pid, signal.SIGSTOP)
+        # Writes are held while the replicas are stopped one after the other, so both stop
+        # at the same offset: otherwise a write acknowledged by the second one in between
+        # is lost when Sentinel promotes the first (the N < replicas caveat of
+        # --redis-min-replicas, which this scenario is not about).
         with self.client(master) as client:
-            client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            client.execute_command("CLIENT", "PAUSE", int(2_000 * MS) or 1, "WRITE")
+            try:
+                client.execute_command("WAIT", len(self.data_ports) - 1, int(1_000 * MS) or 1)
+                for port in self.data_ports:
+                    if port != master and port in self.procs:
+                        os.kill(self.procs[port].pid, signal.SIGSTOP)
+                client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            finally:
+                client.execute_command("CLIENT", "UNPAUSE")
 
     def resume_replicas(self) -> None:
         for proc in self.procs.values():
