@@ -30,8 +30,8 @@ from backend_adapter._core import (
     publish_failed,
     replication,
 )
-from backend_adapter._pool import sync_pool
 from relay.errors import ConfigError, EngineError, PublishFailed
+from relay.redis_pool import sync_pool
 from relay.wire import DEFAULT_MAX_PAYLOAD, PublishResult, validate_client_id
 
 __all__ = ["Publisher"]

@@ -21,6 +21,12 @@ PURE = [
     "relay/redis_url.py",
 ]
 IO_LIBS = {"asyncio", "aiohttp", "redis", "socket", "structlog"}
+# The one deliberate exception to "backend_adapter imports only pure relay modules": the
+# pool factory imports redis (but does no I/O of its own). It sits beside the pure core,
+# below the engines, so the engine and the publishers build their pools in one place, and
+# relay-backend ships it.
+REDIS_GLUE = ["relay/redis_pool.py"]
+BACKEND_MAY_IMPORT = {"relay.wire", "relay.errors", "relay.redis_url", "relay.redis_pool"}
 ABOVE_ENGINES = {
     "relay.hub",
     "relay.node",
@@ -82,12 +88,22 @@ def test_engines_never_import_upward(module: str) -> None:
     assert "aiohttp" not in {_top(n) for n in names}
 
 
+@pytest.mark.parametrize("module", REDIS_GLUE)
+def test_redis_glue_imports_only_redis_and_the_pure_core(module: str) -> None:
+    """The pool factory stands below the engines: redis and pure modules, nothing else."""
+    names = _imports(ROOT / module)
+    relay = {n for n in names if _top(n) == "relay"}
+    assert relay <= {m.removesuffix(".py").replace("/", ".") for m in PURE}, relay
+    assert not {_top(n) for n in names} & (IO_LIBS - {"redis"})
+
+
 def test_backend_adapter_imports_only_pure_relay_modules() -> None:
-    """backend_adapter uses relay.wire, relay.errors and relay.redis_url (all pure), no aiohttp."""
-    for path in (ROOT / "backend_adapter").glob("*.py"):
+    """backend_adapter uses relay.wire, relay.errors, relay.redis_url (pure) and the pool
+    factory relay.redis_pool (the documented exception above), never aiohttp."""
+    for path in (ROOT / "backend_adapter").rglob("*.py"):
         names = _imports(path)
         relay = {n for n in names if _top(n) == "relay"}
-        assert relay <= {"relay.wire", "relay.errors", "relay.redis_url"}, (path.name, relay)
+        assert relay <= BACKEND_MAY_IMPORT, (path.name, relay)
         assert "aiohttp" not in {_top(n) for n in names}, path.name
 
 

@@ -62,9 +62,12 @@ print(json.dumps({
 def _source_hash() -> str:
     """Every file the distribution is built from, and the Python that runs it."""
     files = [DIST / "pyproject.toml", DIST / "README.md"]
-    files += [ROOT / "relay" / name for name in ("__init__.py", "wire.py", "errors.py")]
+    files += [
+        ROOT / "relay" / name
+        for name in ("__init__.py", "wire.py", "errors.py", "redis_url.py", "redis_pool.py")
+    ]
     files += sorted((ROOT / "relay" / "lua").glob("*.lua"))
-    files += sorted((ROOT / "backend_adapter").glob("*.py"))
+    files += sorted((ROOT / "backend_adapter").rglob("*.py"))
     digest = hashlib.sha256(sys.version.encode())
     for path in files:
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
@@ -174,7 +177,7 @@ def test_relay_backend_ships_every_relay_module_backend_adapter_imports() -> Non
     """The wheel's relay package holds exactly the modules backend_adapter imports, directly
     or through them, and those import none of the server's dependencies."""
     needed: set[str] = {"relay"}  # relay/__init__.py runs on any `import relay.x`
-    todo = [p for p in (ROOT / "backend_adapter").glob("*.py")]
+    todo = [p for p in (ROOT / "backend_adapter").rglob("*.py")]
     seen: set[Path] = set()
     while todo:
         path = todo.pop()

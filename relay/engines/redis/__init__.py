@@ -41,8 +41,9 @@ whose ``since`` predates the data Redis still has is never told it recovered eve
 The package has one module per interface of :mod:`relay.engine`: ``broker``,
 ``sessions`` (the session registry) and ``nodes`` (the node registry), joined with the
 lifecycle in ``engine``; ``_subscriber`` is the pub/sub side, ``_batch`` pipelines
-commands, ``_pool`` builds the connection pool (Sentinel included), and ``_compat`` is the
-only module that uses redis-py's private (underscore) names.
+commands, and ``_compat`` is the only module that uses redis-py's private (underscore)
+names. The connection pool (Sentinel included) comes from :mod:`relay.redis_pool`, which
+the publishers share.
 
 Keeping the heartbeat going is the node's job: :meth:`RedisEngine.start` registers the node
 once and :meth:`RedisEngine.close` deregisters it.

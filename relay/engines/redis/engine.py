@@ -30,12 +30,12 @@ from relay.engines.redis._base import (
 )
 from relay.engines.redis._batch import Batcher
 from relay.engines.redis._compat import hiredis_parser
-from relay.engines.redis._pool import connection_pool as redis_pool
 from relay.engines.redis._subscriber import Subscriber, Timings, as_text, stop_task
 from relay.engines.redis.broker import RedisBroker
 from relay.engines.redis.nodes import RedisNodeRegistry
 from relay.engines.redis.sessions import RedisSessionRegistry
 from relay.errors import EngineError
+from relay.redis_pool import async_pool as redis_pool
 from relay.wire import HISTORY_LUA, PUBLISH_LUA, KeySpace
 
 if TYPE_CHECKING:

@@ -1,9 +1,14 @@
-"""The publishers' connection pools, built from any Redis URL that relay.redis_url accepts.
+"""Connection pools for the engine and the publishers, from any URL relay.redis_url accepts.
 
-``redis+sentinel://`` gives a pool that asks the sentinels for the master whenever it
-opens a connection, so after a failover the publisher's retries reach the new master.
-Both pools block for a free connection rather than fail, like redis-py's
-``BlockingConnectionPool``.
+The one place a Redis pool is built, so the engine and backend_adapter cannot drift apart
+(relay-backend ships this module too). ``redis+sentinel://`` gives a pool that asks the
+sentinels for the master whenever it opens a connection, so after a failover retries (and
+the engine's pub/sub side, which opens its connections with the pool's
+``connection_class`` and ``connection_kwargs``) reach the new master. Every pool blocks
+for a free connection rather than fail, like redis-py's ``BlockingConnectionPool``.
+
+It imports redis but does no I/O itself: it sits beside the pure core, below the engines
+(tests/test_layers.py lets backend_adapter import it and nothing else that imports redis).
 """
 
 from __future__ import annotations
