@@ -37,11 +37,13 @@ from backend_adapter._core import (
     Item,
     PublishCodec,
     RetryPolicy,
+    after_failure,
     is_transient,
     lookup_failed,
     publish_failed,
     replication,
 )
+from relay.backoff import retry_async
 from relay.errors import ConfigError, EngineError, PublishFailed
 from relay.redis_pool import async_pool
 from relay.wire import DEFAULT_MAX_PAYLOAD, PublishResult, validate_client_id
@@ -212,20 +214,19 @@ class AsyncPublisher:
             raise EngineError("publisher is closed")
         keys = self._codec.keys
         session = keys.session(client_id)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                async with self._slots, asyncio.timeout(self._timeout):
-                    node = await self._command("HGET", session, "node")
-                    if node is None:
-                        return False
-                    alive = await self._command("EXISTS", keys.node(_text(node)))
-                    return bool(alive)
-            except (rex.RedisError, TimeoutError) as exc:
-                if not is_transient(exc) or attempt > self._retry.retries:
-                    raise lookup_failed(f"is_online({client_id!r})", attempt, exc) from exc
-            await asyncio.sleep(self._retry.delay(attempt - 1))
+
+        async def lookup() -> bool:
+            async with self._slots, asyncio.timeout(self._timeout):
+                node = await self._command("HGET", session, "node")
+                if node is None:
+                    return False
+                return bool(await self._command("EXISTS", keys.node(_text(node))))
+
+        retry = self._retry.start()
+        try:
+            return await retry_async(lookup, retry, is_transient, sleep=asyncio.sleep)
+        except (rex.RedisError, TimeoutError) as exc:
+            raise lookup_failed(f"is_online({client_id!r})", retry.failures, exc) from exc
 
     async def close(self) -> None:
         """Finish the publishes already queued, then close the pool if we made it."""
@@ -301,23 +302,16 @@ class AsyncPublisher:
     async def _run(self, calls: Sequence[Call]) -> None:
         """Send ``calls`` with retries; every call ends with an outcome (or we were cancelled)."""
         todo = list(calls)
-        attempt = 0
+        retry = self._retry.start()
         while True:
-            attempt += 1
             try:
                 await self._exchange(todo)
                 return
             except Exception as exc:
-                # A reply read before the failure is final; resend only the rest.
-                todo = [call for call in todo if call.outcome is None]
-                retry = is_transient(exc) and attempt <= self._retry.retries
-                if not retry:
-                    tries = attempt if is_transient(exc) else None
-                    for call in todo:
-                        call.outcome = publish_failed(call.biz_id, tries, exc)
-                if not todo or not retry:
-                    return
-            await asyncio.sleep(self._retry.delay(attempt - 1))
+                todo, delay = after_failure(todo, exc, retry)
+            if not todo:
+                return
+            await asyncio.sleep(delay)
 
     async def _exchange(self, calls: list[Call]) -> None:
         # One deadline covers connecting and the whole round trip, so our own pool runs

@@ -21,13 +21,13 @@ every error becomes a :class:`~relay.errors.PublishFailed` naming the BizId and 
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import redis.exceptions as rex
 
+from relay.backoff import Backoff, Retry
 from relay.errors import ConfigError, EngineError, EngineUnavailable, InvalidInput, PublishFailed
 from relay.wire import (
     DEFAULT_MAX_PAYLOAD,
@@ -150,6 +150,7 @@ class RetryPolicy:
 
     The n-th sleep (n from 0) is uniform in ``[0, min(max_backoff, backoff * 2**n)]``:
     full jitter, so a fleet of backends that lost Redis together does not return in step.
+    The timing is :mod:`relay.backoff`'s, shared with the rest of the tree.
     """
 
     retries: int = 3
@@ -161,7 +162,11 @@ class RetryPolicy:
             raise ConfigError("retries, backoff and max_backoff must not be negative")
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0.0, min(self.max_backoff, self.backoff * 2.0**attempt))
+        return Backoff(self.backoff, self.max_backoff).delay(attempt)
+
+    def start(self) -> Retry:
+        """A fresh count of failures for one operation, giving up after ``retries``."""
+        return Retry(Backoff(self.backoff, self.max_backoff), self.retries)
 
 
 class Call:
@@ -173,6 +178,22 @@ class Call:
         self.biz_id = biz_id
         self.command = command
         self.outcome: PublishResult | PublishFailed | None = None
+
+
+def after_failure(calls: list[Call], exc: Exception, retry: Retry) -> tuple[list[Call], float]:
+    """A failed exchange: the calls to send again and the wait before (none left: ``[]``).
+
+    A reply read before the failure is final; only the rest is resent. Once ``exc`` is not
+    transient or the retries are spent, every call still open gets its PublishFailed.
+    """
+    todo = [call for call in calls if call.outcome is None]
+    delay = retry.failed()
+    if delay is not None and is_transient(exc):
+        return todo, delay
+    tries = retry.failures if is_transient(exc) else None
+    for call in todo:
+        call.outcome = publish_failed(call.biz_id, tries, exc)
+    return [], 0.0
 
 
 class PublishCodec:

@@ -25,11 +25,13 @@ from backend_adapter._core import (
     Item,
     PublishCodec,
     RetryPolicy,
+    after_failure,
     is_transient,
     lookup_failed,
     publish_failed,
     replication,
 )
+from relay.backoff import retry_sync
 from relay.errors import ConfigError, EngineError, PublishFailed
 from relay.redis_pool import sync_pool
 from relay.wire import DEFAULT_MAX_PAYLOAD, PublishResult, validate_client_id
@@ -39,6 +41,10 @@ __all__ = ["Publisher"]
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _transient_redis_error(exc: Exception) -> bool:
+    return isinstance(exc, rex.RedisError) and is_transient(exc)
 
 
 class Publisher:
@@ -139,18 +145,18 @@ class Publisher:
             raise EngineError("publisher is closed")
         keys = self._codec.keys
         session = keys.session(client_id)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                node = self._command("HGET", session, "node")
-                if node is None:
-                    return False
-                return bool(self._command("EXISTS", keys.node(_text(node))))
-            except rex.RedisError as exc:
-                if not is_transient(exc) or attempt > self._retry.retries:
-                    raise lookup_failed(f"is_online({client_id!r})", attempt, exc) from exc
-            time.sleep(self._retry.delay(attempt - 1))
+
+        def lookup() -> bool:
+            node = self._command("HGET", session, "node")
+            if node is None:
+                return False
+            return bool(self._command("EXISTS", keys.node(_text(node))))
+
+        retry = self._retry.start()
+        try:
+            return retry_sync(lookup, retry, _transient_redis_error)
+        except rex.RedisError as exc:
+            raise lookup_failed(f"is_online({client_id!r})", retry.failures, exc) from exc
 
     def close(self) -> None:
         """Close the pool if this publisher made it."""
@@ -175,23 +181,16 @@ class Publisher:
     def _run(self, calls: Sequence[Call]) -> None:
         """Send ``calls`` with retries; every call ends with an outcome."""
         todo = list(calls)
-        attempt = 0
+        retry = self._retry.start()
         while True:
-            attempt += 1
             try:
                 self._exchange(todo)
                 return
             except Exception as exc:
-                # A reply read before the failure is final; resend only the rest.
-                todo = [call for call in todo if call.outcome is None]
-                retry = is_transient(exc) and attempt <= self._retry.retries
-                if not retry:
-                    tries = attempt if is_transient(exc) else None
-                    for call in todo:
-                        call.outcome = publish_failed(call.biz_id, tries, exc)
-                if not todo or not retry:
-                    return
-            time.sleep(self._retry.delay(attempt - 1))
+                todo, delay = after_failure(todo, exc, retry)
+            if not todo:
+                return
+            time.sleep(delay)
 
     def _exchange(self, calls: list[Call]) -> None:
         pool = self._pool

@@ -66,6 +66,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from backend_adapter._core import RetryPolicy, is_transient
 from backend_adapter._sync import Publisher
+from relay.backoff import Backoff, Retry
 from relay.errors import ConfigError, InvalidEnvelope, InvalidInput, PublishFailed, RelayError
 from relay.wire import PublishResult, decode_payload, encode_payload
 
@@ -719,7 +720,7 @@ class OutboxDispatcher:
         Raises ConfigError at once if the table is missing or older than this code:
         retrying cannot fix that.
         """
-        failures = 0
+        retry = Retry(Backoff(self._retry.backoff, self._retry.max_backoff))  # for ever
         next_purge = time.monotonic()
         while not self._stopping.is_set():
             self._wakeup.clear()
@@ -732,20 +733,19 @@ class OutboxDispatcher:
                 log.error("outbox.dispatch_stopped: %s", exc)
                 raise
             except Exception as exc:
-                delay = self._retry.delay(min(failures, 30))
-                failures += 1
+                delay = retry.failed() or 0.0
                 log.warning(
                     "outbox.dispatch_failed: attempt %d, retrying in %.2f s: %s",
-                    failures,
+                    retry.failures,
                     delay,
                     exc,
                     exc_info=not isinstance(exc, RelayError | sa.exc.OperationalError),
                 )
                 self._stopping.wait(delay)
                 continue
-            if failures:
-                log.info("outbox.dispatch_recovered: after %d failed attempt(s)", failures)
-                failures = 0
+            if retry.failures:
+                log.info("outbox.dispatch_recovered: after %d failed attempt(s)", retry.failures)
+                retry.succeeded()
             if stats.failed or (stats.claimed < self.batch_size and not stats.held_back):
                 self._wakeup.wait(self.poll_interval)
             elif stats.held_back:

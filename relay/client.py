@@ -31,6 +31,7 @@ import msgpack
 import orjson
 from yarl import URL
 
+from relay.backoff import Backoff, Jitter
 from relay.errors import RelayError
 from relay.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, CloseCode
 from relay.wire import StreamId, format_id, parse_id, validate_client_id
@@ -132,7 +133,7 @@ def plan_reconnect(code: int, *, can_renew: bool) -> Plan:
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Full jitter: uniform between 0 and ``min(cap, base * 2**attempt)`` seconds."""
-    return rng.uniform(0.0, min(cap, base * 2.0 ** min(attempt, 62)))
+    return Backoff(base, cap).delay(attempt, rng)
 
 
 def reconnect_delay(
@@ -148,7 +149,7 @@ def reconnect_delay(
             return rng.uniform(0.0, min(AT_ONCE_JITTER, cap))
         return backoff_delay(attempt, base, cap, rng)
     if action is Action.LONG_BACKOFF:
-        return rng.uniform(cap / 2, cap)
+        return Backoff(cap, cap, Jitter.HALF).delay(0, rng)  # half to all of the cap
     return backoff_delay(attempt, base, cap, rng)
 
 

@@ -15,7 +15,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import random
 import socket
 import time
 from collections import Counter, deque
@@ -24,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from relay.backoff import Backoff, Jitter, Retry
 from relay.config import Settings
 from relay.engine import Control, Engine, NodeFigures, SessionRecord, is_stale_claim
 from relay.errors import EngineError, EngineUnavailable, InvalidEnvelope, RelayError
@@ -154,26 +154,29 @@ class Node:
         """
         self.started_at = time.time()
         began = time.monotonic()
-        attempt = 0
+        retry = Retry(
+            Backoff(START_BACKOFF_BASE, START_BACKOFF_CAP, Jitter.HALF),
+            retries=0 if wait is None else None,
+            deadline=began + wait if wait else None,
+        )
         while True:
-            attempt += 1
             try:
                 await self.engine.start(self.id, self)
                 break
             except EngineUnavailable as exc:
                 self.start_error = str(exc)
-                waited = time.monotonic() - began
-                if wait is None or (wait and waited >= wait):
+                delay = retry.failed(time.monotonic())
+                if delay is None:
                     if wait is not None:
+                        waited = time.monotonic() - began
                         self.log.error("node.start_timed_out", error=str(exc), waited=waited)
                         raise EngineUnavailable(f"{exc}; gave up after {waited:.0f} s") from exc
                     raise
-                delay = min(START_BACKOFF_CAP, START_BACKOFF_BASE * 2 ** (attempt - 1))
-                delay *= random.uniform(0.5, 1.0)
-                if wait:
-                    delay = max(0.0, min(delay, wait - waited))
                 self.log.warning(
-                    "node.start_failed", error=str(exc), attempt=attempt, retry_in=round(delay, 2)
+                    "node.start_failed",
+                    error=str(exc),
+                    attempt=retry.failures,
+                    retry_in=round(delay, 2),
                 )
                 await asyncio.sleep(delay)
         self.start_error = None
@@ -187,7 +190,7 @@ class Node:
             self._spawn_loop(self._heartbeat_loop(rates), "heartbeat"),
             self._spawn_loop(self._watchdog_loop(), "watchdog"),
         ]
-        self.log.info("node.started", engine=self.engine.name, attempts=attempt)
+        self.log.info("node.started", engine=self.engine.name, attempts=retry.failures + 1)
 
     def _spawn_loop(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(coro, name=f"relay-{name}-{self.id}")
@@ -656,18 +659,19 @@ class Node:
 
     async def _repair_history(self, biz_id: str, since: StreamId) -> History | None:
         """History after ``since``, retried with backoff; None once the time is up."""
-        deadline = time.monotonic() + self.settings.gap_repair_timeout
-        pause = 0.1
+        retry = Retry(
+            Backoff(0.1, jitter=Jitter.NONE),
+            deadline=time.monotonic() + self.settings.gap_repair_timeout,
+        )
         while True:
             try:
                 return await self.engine.history(biz_id, since, self.settings.replay_limit)
             except EngineError as exc:
                 self.log.warning("gap.repair_failed", biz_id=biz_id, error=str(exc))
-            left = deadline - time.monotonic()
-            if left <= 0:
+            delay = retry.failed(time.monotonic())
+            if delay is None:
                 return None
-            await asyncio.sleep(min(pause, left))
-            pause *= 2
+            await asyncio.sleep(delay)
 
     def _abandon(self, sub: Subscription[Session], since: StreamId, why: str) -> None:
         """No history continues the feed: end every session of the BizId here with 4509.

@@ -102,6 +102,7 @@ def test_exports_client_needs_no_redis() -> None:
     assert "redis" not in {m.split(".")[0] for m in loaded}, loaded
     assert {m for m in loaded if m.startswith("relay")} == {
         "relay",
+        "relay.backoff",
         "relay.client",
         "relay.errors",
         "relay.protocol",

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PURE = [
     "relay/errors.py",
+    "relay/backoff.py",
     "relay/wire.py",
     "relay/protocol.py",
     "relay/auth.py",
@@ -26,7 +27,13 @@ IO_LIBS = {"asyncio", "aiohttp", "redis", "socket", "structlog"}
 # below the engines, so the engine and the publishers build their pools in one place, and
 # relay-backend ships it.
 REDIS_GLUE = ["relay/redis_pool.py"]
-BACKEND_MAY_IMPORT = {"relay.wire", "relay.errors", "relay.redis_url", "relay.redis_pool"}
+BACKEND_MAY_IMPORT = {
+    "relay.wire",
+    "relay.errors",
+    "relay.redis_url",
+    "relay.backoff",
+    "relay.redis_pool",
+}
 ABOVE_ENGINES = {
     "relay.hub",
     "relay.node",
@@ -98,7 +105,7 @@ def test_redis_glue_imports_only_redis_and_the_pure_core(module: str) -> None:
 
 
 def test_backend_adapter_imports_only_pure_relay_modules() -> None:
-    """backend_adapter uses relay.wire, relay.errors, relay.redis_url (pure) and the pool
+    """backend_adapter uses relay.wire, errors, redis_url, backoff (pure) and the pool
     factory relay.redis_pool (the documented exception above), never aiohttp."""
     for path in (ROOT / "backend_adapter").rglob("*.py"):
         names = _imports(path)

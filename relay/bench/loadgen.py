@@ -36,6 +36,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType
 
+from relay.backoff import Backoff
 from relay.wire import StreamId, format_id, parse_id
 
 __all__ = ["main"]
@@ -285,7 +286,7 @@ class LoadGen:
                 await asyncio.sleep(self._backoff(1))
 
     def _backoff(self, attempt: int) -> float:
-        return self.rng.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(attempt, 20)))
+        return Backoff(BACKOFF_BASE, BACKOFF_CAP).delay(attempt, self.rng)
 
     async def _open(self, client: Client) -> aiohttp.ClientWebSocketResponse:
         """Handshake and welcome, or _Refused."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import secrets
 import time
 from collections import deque
@@ -30,6 +29,8 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from relay.backoff import Backoff, Jitter
+from relay.backoff import Retry as Retrying
 from relay.engine import Control, EngineHandler
 from relay.engines.redis._compat import hiredis_reader, pack_commands
 from relay.errors import EngineError, EngineUnavailable, InvalidEnvelope
@@ -233,14 +234,12 @@ class Subscriber:
 
     # -- connection lifecycle ----------------------------------------------------------
 
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._t.backoff_cap, self._t.backoff_base * 2.0 ** min(attempt, 30))
-        return ceiling * random.uniform(0.5, 1.0)
-
     async def _run(self) -> None:
         """Keep one pub/sub connection subscribed to every wanted channel, forever."""
         loop = asyncio.get_running_loop()
-        attempt = 0
+        retry = Retrying(
+            Backoff(self._t.backoff_base, self._t.backoff_cap, Jitter.HALF)
+        )  # for ever
         number = 0
         down_since: float | None = None
         while True:
@@ -249,13 +248,15 @@ class Subscriber:
                 session = await self._open()
             except Exception as exc:
                 self._log.debug(
-                    "engine.reconnect_failed", attempt=attempt + 1, error=type(exc).__name__
+                    "engine.reconnect_failed",
+                    attempt=retry.failures + 1,
+                    error=type(exc).__name__,
                 )
             else:
                 if down_since is not None:
                     self._log.info(
                         "engine.reconnected",
-                        attempts=attempt + 1,
+                        attempts=retry.failures + 1,
                         down_for=round(loop.time() - down_since, 3),
                     )
                 error = await self._serve(session)
@@ -263,9 +264,8 @@ class Subscriber:
                 self._set_health(False, reason="disconnected")
                 down_since = loop.time()
                 if session.live_at:
-                    attempt = 0
-            await asyncio.sleep(self._backoff(attempt))
-            attempt += 1
+                    retry.succeeded()
+            await asyncio.sleep(retry.failed() or 0.0)
 
     async def _open(self) -> _Session:
         """A connection of the pool's kind, outside the pool, that never retries by itself."""
