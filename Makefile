@@ -47,8 +47,8 @@ test-deflate: $(STAMP)
 	RELAY_TEST_DEFLATE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check relay backend_adapter tests
-	$(VENV)/bin/ruff format --check relay backend_adapter tests
+	$(VENV)/bin/ruff check relay relay_cli backend_adapter tests
+	$(VENV)/bin/ruff format --check relay relay_cli backend_adapter tests
 	$(VENV)/bin/mypy
 
 # The seed's scenario live: a private Redis, a relay node on PORT and the example label

@@ -144,7 +144,7 @@ async def serve(
     (``--start-timeout``, 0 = for ever), ``/healthz`` 200 and ``/readyz`` 503 meanwhile,
     and handshakes are refused at once. Past the timeout EngineUnavailable is raised.
 
-    ``signalled`` holds signals caught before the loop ran (see relay.cli): a node told
+    ``signalled`` holds signals caught before the loop ran (see relay_cli): a node told
     to stop while starting still drains and exits 0.
     """
     app = create_app(settings, start=False)

@@ -35,8 +35,8 @@ from pathlib import Path
 import pytest
 import redis
 
+import relay_cli as cli
 from backend_adapter import outbox
-from relay import cli
 from relay.bench import runner
 from tests.support.redis_server import RedisServer
 from tests.support.served import RELAY, ServedNode
@@ -241,7 +241,7 @@ def _relay_commands() -> Iterator[tuple[Block, int, list[str]]]:
 
 def test_docs_relay_commands_parse() -> None:
     """Every ``relay …`` command line in the docs is accepted by the CLI's parser."""
-    # As relay.cli.main: these two commands have parsers of their own.
+    # As relay_cli.main: these two commands have parsers of their own.
     own = {"outbox-dispatch": outbox.build_parser(), "bench": runner.build_parser()}
     wrong = []
     for block, line, argv in _relay_commands():

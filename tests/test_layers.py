@@ -114,6 +114,19 @@ def test_backend_adapter_imports_only_pure_relay_modules() -> None:
         assert "aiohttp" not in {_top(n) for n in names}, path.name
 
 
+def test_relay_never_imports_backend_adapter_or_the_cli() -> None:
+    """No package cycle: relay is below backend_adapter, and relay_cli (the ``relay``
+    command, which uses both) is above them. relay/__main__.py is a program that nothing
+    imports (``python -m relay``), so it alone may start relay_cli."""
+    for path in (ROOT / "relay").rglob("*.py"):
+        if path == ROOT / "relay" / "__main__.py":
+            continue
+        tops = {_top(n) for n in _imports(path)}
+        assert not tops & {"backend_adapter", "relay_cli"}, path.relative_to(ROOT)
+    for path in (ROOT / "backend_adapter").rglob("*.py"):
+        assert "relay_cli" not in {_top(n) for n in _imports(path)}, path.relative_to(ROOT)
+
+
 def test_session_and_node_do_not_import_aiohttp() -> None:
     """The node and sessions reach sockets only through the Transport protocol."""
     for module in ("relay/node.py", "relay/session.py", "relay/engine.py"):

@@ -397,7 +397,7 @@ class Bench:
         publisher = await Child.spawn(
             f"publisher ({label})",
             [
-                sys.executable, "-m", "relay.bench.publisher",
+                sys.executable, "-m", "relay_cli.bench_publisher",
                 "--redis", self.redis_url,
                 "--prefix", prefix,
                 "--clients", str(clients),

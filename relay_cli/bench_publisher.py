@@ -1,6 +1,9 @@
 """The benchmark's publisher: backend_adapter.AsyncPublisher in a process of its own.
 
-``python -m relay.bench.publisher --redis URL --clients C --count M [--rate R]`` publishes
+It lives here, above both packages, because it imports backend_adapter (relay.bench
+starts it by module name, never imports it).
+
+``python -m relay_cli.bench_publisher --redis URL --clients C --count M [--rate R]`` publishes
 events seq 0..M-1 to uniformly random BizIds ``{prefix}0 … {prefix}{C-1}`` with
 ``data = {"seq", "ts", "biz"}``, ``ts`` stamped (epoch ms) just before each batch is
 handed to the publisher: one ``publish_many`` call (``--api many``), or one ``publish``
@@ -31,7 +34,7 @@ TICK_S = 0.001
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m relay.bench.publisher")
+    p = argparse.ArgumentParser(prog="python -m relay_cli.bench_publisher")
     p.add_argument("--redis", required=True)
     p.add_argument("--prefix", default="c")
     p.add_argument("--clients", type=int, required=True)
