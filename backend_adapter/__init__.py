@@ -7,8 +7,9 @@
 
 A publish runs relay.wire's Lua script on Redis: one atomic step that appends the event
 to the BizId's history, publishes it to the relay nodes, and reports whether the client
-is online. This package imports only the pure relay.wire and relay.errors from relay, so
-a backend does not pull in aiohttp or the node. docs/backend.md is the guide.
+is online. From relay this package imports only the pure relay.wire, errors, redis_url
+and backoff, and the pool factory relay.redis_pool, so a backend does not pull in aiohttp
+or the node. docs/backend.md is the guide.
 
 Publish-after-commit and the transactional outbox need SQLAlchemy (``relay[sql]``), so
 their names load on first use: ``AfterCommit`` and ``dbapi_transaction`` from
