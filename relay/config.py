@@ -146,6 +146,20 @@ class Settings:
         metadata={"help": "Bearer key for /api/*; without one the API is off", "secret": True},
     )
     workers: int = field(default=1, metadata={"help": "node processes sharing the port"})
+    worker_restart_delay: float = field(
+        default=0.5,
+        metadata={
+            "help": "--workers: seconds before a crashed worker is restarted; doubles on each"
+            " crash in a row"
+        },
+    )
+    worker_restart_delay_max: float = field(
+        default=30.0,
+        metadata={
+            "help": "--workers: longest restart delay; a worker that ran this long starts"
+            " the doubling afresh"
+        },
+    )
     log_format: str = field(
         default="console", metadata={"help": "json or console", "choices": ("json", "console")}
     )

@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -61,7 +60,9 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         return _serve_workers(settings, list(args.argv))
     from relay.app import serve
+    from relay_cli.workers import die_with_supervisor
 
+    die_with_supervisor()
     _install_uvloop()
     log.info("node.configured", settings=settings.redacted())
     try:
@@ -127,28 +128,21 @@ def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 def _serve_workers(settings: Settings, argv: list[str]) -> int:
     """N node processes on one port (SO_REUSEPORT), each with its own node id.
 
-    SIGTERM and SIGINT are forwarded to every worker (each drains). The exit code is 0
-    only if every worker exited 0; a worker killed by signal N counts as 128 + N.
+    SIGTERM and SIGINT are forwarded to every worker (each drains); a worker that exits
+    on its own is restarted with backoff (relay_cli/workers.py). The exit code is 0 only if
+    every worker exited 0; a worker killed by signal N counts as 128 + N.
     """
-    children: list[subprocess.Popen[bytes]] = []
+    from relay_cli.workers import supervise
+
     base = _without_flags(argv, ("--workers", "--node-id"))
-    env = dict(os.environ, RELAY_REUSE_PORT="1", RELAY_WORKERS="1")
-
-    def forward(signum: int, _: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    # Before the first spawn, so a SIGTERM that arrives meanwhile is forwarded too.
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for i in range(settings.workers):
-        child_argv = [*base, "--workers", "1", "--node-id", f"{settings.node_id}-w{i}"]
-        children.append(subprocess.Popen([sys.executable, "-m", "relay", *child_argv], env=env))
-    for signum in _early_signals:  # caught before the forwarder was in place
-        forward(signum, None)
-    codes = [child.wait() for child in children]
-    return next((128 - c if c < 0 else c for c in codes if c != 0), 0)
+    return supervise(
+        lambda i: [*base, "--workers", "1", "--node-id", f"{settings.node_id}-w{i}"],
+        settings.workers,
+        env=dict(os.environ, RELAY_REUSE_PORT="1", RELAY_WORKERS="1"),
+        restart_delay=settings.worker_restart_delay,
+        restart_delay_max=settings.worker_restart_delay_max,
+        early_signals=_early_signals,
+    )
 
 
 # -- publish, clients, nodes ---------------------------------------------------------------

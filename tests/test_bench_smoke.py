@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import alive
+
 pytestmark = [
     pytest.mark.redis,
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
@@ -22,14 +24,6 @@ PHASE_FIELDS = {
     "throughput_msgs_s", "server_us_per_msg", "lat_ms", "cpu_s", "cpu_pct_of_core",
     "rss_server_kb", "loadavg_before", "server_alive",
 }  # fmt: skip
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def test_bench_throughput_delivers_everything_and_stops_its_processes(tmp_path: Path) -> None:
@@ -64,4 +58,4 @@ def test_bench_throughput_delivers_everything_and_stops_its_processes(tmp_path: 
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "latency.png").stat().st_size > 0
     assert doc["pids_started"], "the run records what it started"
-    assert [pid for pid in doc["pids_started"] if _alive(pid)] == []
+    assert [pid for pid in doc["pids_started"] if alive(pid)] == []

@@ -9,11 +9,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from tests.cluster.support import API_KEY, Fleet, TickPublisher, get_json, readyz
+from tests.cluster.support import (
+    API_KEY,
+    Fleet,
+    TickPublisher,
+    get_json,
+    readyz,
+    wait_delivered,
+)
 from tests.support.ports import free_port
+from tests.support.procs import alive
 from tests.support.redis_server import RedisServer
 from tests.support.timing import MS
 
@@ -21,53 +30,63 @@ RELAY = Path(sys.executable).with_name("relay")
 CLIENTS = 50
 
 
+def _start(redis_url: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """``relay serve --workers 2 --node-id wk`` on a free port; it, the port, its log."""
+    port = free_port()
+    log_path = tmp_path / "workers.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    # heartbeat 5 s: node TTL 3 s, so the node hash (and its load) is refreshed every second.
+    env.update(RELAY_DRAIN_GRACE="1", RELAY_API_KEY=API_KEY, RELAY_HEARTBEAT="5")
+    with log_path.open("ab") as log:
+        parent = subprocess.Popen(
+            [str(RELAY), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+             "--node-id", "wk", "--redis-url", redis_url, "--allow-anonymous"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+        )  # fmt: skip
+    return parent, port, log_path
+
+
+async def _wait_registered(
+    http: aiohttp.ClientSession, base: str, parent: subprocess.Popen[bytes], log_path: Path
+) -> tuple[dict[str, Any], list[int]]:
+    """Until /api/nodes lists both workers; its body and the workers' pids."""
+    deadline = time.monotonic() + 20_000 * MS
+    while True:
+        status, body = (0, {})
+        if await readyz(http, base) == 200:
+            status, body = await get_json(http, f"{base}/api/nodes")
+        if status == 200 and len(body["nodes"]) == 2:
+            children = _children(parent.pid)
+            assert len(children) == 2
+            return body, children
+        assert parent.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, "two workers never registered"
+        await asyncio.sleep(100 * MS)
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(child) for child in found.stdout.split()]
+
+
 async def test_workers_2_share_one_port_and_stop_together_on_sigterm(
     own_redis: RedisServer, tmp_path: Path
 ) -> None:
     """Two workers on one port: both node ids in welcomes and /api/nodes; SIGTERM → exit 0."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    # heartbeat 5 s: node TTL 3 s, so the node hash (and its load) is refreshed every second.
-    env.update(RELAY_DRAIN_GRACE="1", RELAY_API_KEY=API_KEY, RELAY_HEARTBEAT="5")
-    log = (tmp_path / "workers.log").open("wb")
-    parent = subprocess.Popen(
-        [str(RELAY), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--node-id", "wk", "--redis-url", own_redis.url, "--allow-anonymous"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-    )  # fmt: skip
+    parent, port, log_path = _start(own_redis.url, tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
         ids = [f"w-{i}" for i in range(CLIENTS)]
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 20_000 * MS
-            while True:
-                status, body = (0, {})
-                if await readyz(http, base) == 200:
-                    status, body = await get_json(http, f"{base}/api/nodes")
-                if status == 200 and len(body["nodes"]) == 2:
-                    break
-                assert parent.poll() is None, (tmp_path / "workers.log").read_text()
-                assert time.monotonic() < deadline, "two workers never registered"
-                await asyncio.sleep(100 * MS)
+            body, children = await _wait_registered(http, base, parent, log_path)
             assert [n["node"] for n in body["nodes"]] == ["wk-w0", "wk-w1"]
-            children = [
-                int(pid)
-                for pid in subprocess.run(
-                    ["pgrep", "-P", str(parent.pid)], capture_output=True, text=True
-                ).stdout.split()
-            ]
-            assert len(children) == 2
             async with Fleet({cid: f"ws://127.0.0.1:{port}/ws/{cid}" for cid in ids}) as fleet:
                 await fleet.wait_connected()
                 spread = fleet.by_node()
                 assert set(spread) == {"wk-w0", "wk-w1"}, spread
                 async with TickPublisher(own_redis.url, ids, 200 * MS) as publisher:
                     await publisher.wait_ticks(3)
-                await fleet.wait(
-                    lambda: all(len(c.seqs) == len(publisher.accepted[c.client_id]) for c in fleet),
-                    10_000 * MS,
-                    "every event",
-                )
+                await wait_delivered(fleet, publisher.accepted, 10_000 * MS)
                 assert all(c.seqs == publisher.accepted[c.client_id] for c in fleet)
                 connections: dict[str, int] = {}
                 deadline = time.monotonic() + 10_000 * MS
@@ -81,7 +100,7 @@ async def test_workers_2_share_one_port_and_stop_together_on_sigterm(
                 code = await asyncio.to_thread(parent.wait, 20_000 * MS)
                 stopped_after = time.monotonic() - started
                 closes = {cl.code for c in fleet for cl in c.closes if cl.welcomed}
-        assert code == 0, (tmp_path / "workers.log").read_text()[-3000:]
+        assert code == 0, log_path.read_text()[-3000:]
         assert closes == {1012}, closes
         assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
         print(
@@ -94,4 +113,86 @@ async def test_workers_2_share_one_port_and_stop_together_on_sigterm(
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-        log.close()
+
+
+async def test_a_killed_worker_is_restarted_and_its_clients_lose_nothing(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGKILL one worker: the supervisor starts it again (logged), new clients reach it,
+    and the clients it had reconnect and get every event."""
+    parent, port, log_path = _start(own_redis.url, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    ids = [f"k-{i}" for i in range(CLIENTS)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            _, before = await _wait_registered(http, base, parent, log_path)
+            async with Fleet({cid: f"ws://127.0.0.1:{port}/ws/{cid}" for cid in ids}) as fleet:
+                await fleet.wait_connected()
+                async with TickPublisher(own_redis.url, ids, 200 * MS) as publisher:
+                    await publisher.wait_ticks(2)
+                    os.kill(before[0], signal.SIGKILL)
+                    deadline = time.monotonic() + 20_000 * MS
+                    while len(after := [p for p in _children(parent.pid) if p not in before]) < 1:
+                        assert parent.poll() is None, log_path.read_text()[-3000:]
+                        assert time.monotonic() < deadline, "the killed worker never came back"
+                        await asyncio.sleep(100 * MS)
+                    await publisher.wait_ticks(3)
+                await wait_delivered(fleet, publisher.accepted, 20_000 * MS)
+                assert all(c.seqs == publisher.accepted[c.client_id] for c in fleet)
+                assert fleet.duplicates == 0
+            assert parent.poll() is None
+            nodes: set[str] = set()
+            deadline = time.monotonic() + 20_000 * MS
+            while nodes != {"wk-w0", "wk-w1"}:  # the restarted worker serves again
+                assert time.monotonic() < deadline, f"new clients reached only {nodes}"
+                fresh = [f"n-{len(nodes)}-{i}" for i in range(20)]
+                urls = {cid: f"ws://127.0.0.1:{port}/ws/{cid}" for cid in fresh}
+                async with Fleet(urls) as probe:
+                    await probe.wait_connected()
+                    nodes |= set(probe.by_node())
+        text = log_path.read_text()
+        assert "worker.exited" in text and "worker.restarted" in text, text[-3000:]
+        assert alive(after[0])
+    finally:
+        if parent.poll() is None:
+            parent.send_signal(signal.SIGTERM)
+            try:
+                parent.wait(20)
+            except subprocess.TimeoutExpired:
+                parent.kill()
+                parent.wait()
+    assert not [pid for pid in _children(parent.pid) if alive(pid)]
+
+
+async def test_a_sigkilled_supervisor_leaves_no_worker_behind(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGKILL the supervisor: its workers drain their clients (1012) and exit."""
+    parent, port, log_path = _start(own_redis.url, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    ids = [f"o-{i}" for i in range(CLIENTS)]
+    workers: list[int] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            _, workers = await _wait_registered(http, base, parent, log_path)
+            async with Fleet({cid: f"ws://127.0.0.1:{port}/ws/{cid}" for cid in ids}) as fleet:
+                await fleet.wait_connected()
+                started = time.monotonic()
+                parent.kill()
+                parent.wait()
+                # drain grace 1 s: the workers are gone well within 10 s
+                while left := [pid for pid in workers if alive(pid)]:
+                    assert time.monotonic() - started < 10_000 * MS, f"orphans: {left}"
+                    await asyncio.sleep(50 * MS)
+                gone_after = time.monotonic() - started
+                await fleet.wait(lambda: all(c.closes for c in fleet), 5000 * MS, "every close")
+                closes = {cl.code for c in fleet for cl in c.closes if cl.welcomed}
+        assert closes == {1012}, closes
+        print(
+            f"\nMEASURED supervisor SIGKILLed: both workers drained and gone"
+            f" after {gone_after:.2f} s"
+        )
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
