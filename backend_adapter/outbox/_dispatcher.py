@@ -1,61 +1,14 @@
-"""Transactional outbox: the event is a row written in the business transaction.
-
-Why: publish-after-commit loses the event when the process dies, or Redis is down,
-between the commit and the publish. Here the event is an INSERT into ``relay_outbox``
-in the same transaction as the business change, so both commit or neither does, and a
-dispatcher publishes the committed rows afterwards, however long Redis is away.
-
-- :func:`enqueue` (or :func:`enqueue_async`) writes one row in the caller's transaction.
-- :class:`OutboxDispatcher` publishes pending rows in id order with
-  ``mid = "<mid_prefix>:<row uid>"`` and marks them ``published_at``; ``run_forever``
-  retries with full-jitter backoff while Redis (or the database) is down.
-- :func:`main` is ``relay outbox-dispatch --db-url ... --redis-url ...``.
-
-Guarantees (docs/backend.md explains them at length):
-
-- Mids unique by construction: each row carries a random ``uid`` (written by
-  :func:`enqueue`, or by the dispatcher before a row's first publish), never the row
-  id, which repeats in every other database and in a recreated or restored one. Redis
-  would take such a repeat for a duplicate and drop it. A ``duplicate`` answer for a row
-  whose mid another event holds is the warning ``outbox.unexpected_duplicate``, and the
-  row goes out again under a new uid.
-- No loss: a row stays pending until a publish of it succeeded and the mark committed.
-- No duplicate in the BizId's history: a row published but not marked (a crash, a lost
-  connection) is published again with the same ``mid``, which Redis recognises for
-  ``dedupe_window`` seconds and answers ``duplicate=True`` without publishing. After a
-  longer outage of the dispatcher itself, such a row is published a second time:
-  at-least-once, not exactly-once, beyond the window.
-- Order per BizId: rows of one BizId are published in id order. Two transactions that
-  run at the same time may commit in the other order than their ids; the one committed
-  first can then be published first. Transactions that do not overlap keep commit order.
-- Several dispatchers on PostgreSQL: each claims a batch with ``FOR UPDATE SKIP LOCKED``
-  and publishes a BizId's rows only up to the first pending row of that BizId it does
-  not hold (another dispatcher has it, or it became visible after the claim); the rest
-  wait for a later round. So no row is published by two dispatchers, and one BizId's
-  rows never overtake each other. On SQLite run one dispatcher: it reads without
-  locking (a write lock held across a Redis publish would block the application), so
-  two would publish the same rows twice (harmless within the dedupe window, but wasted).
-
-A row that can never be published (data or BizId that fails validation, a Redis key of
-the wrong type) is a poison row: it stays pending with ``attempts`` and ``last_error``
-set, later rows of its BizId wait behind it, other BizIds go on. Fix or delete it.
-"""
+"""The dispatcher: publishes committed rows in order, marks them, parks poison rows."""
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import secrets
-import signal
-import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, cast
+from types import TracebackType
+from typing import Any, Final
 
 import orjson
 import redis
@@ -66,214 +19,22 @@ from sqlalchemy.engine import Connection, Engine
 
 from backend_adapter._core import RetryPolicy, is_transient
 from backend_adapter._sync import Publisher
+from backend_adapter.outbox._enqueue import new_uid
+from backend_adapter.outbox._table import (
+    OUTBOX,
+    check_table,
+)
 from relay.backoff import Backoff, Retry
 from relay.errors import ConfigError, InvalidEnvelope, InvalidInput, PublishFailed, RelayError
-from relay.wire import PublishResult, decode_payload, encode_payload
+from relay.wire import PublishResult, decode_payload
 
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-    from sqlalchemy.orm import Session
-
-__all__ = [
-    "METADATA",
-    "OUTBOX",
-    "DispatchStats",
-    "OutboxDispatcher",
-    "create_outbox_table",
-    "define_outbox_table",
-    "enqueue",
-    "enqueue_async",
-    "enqueue_many",
-    "main",
-]
-
-log = logging.getLogger("backend_adapter.outbox")
+log = logging.getLogger("backend_adapter.outbox")  # one logger for the whole outbox
 
 _TEXT_ARRAY: Final = postgresql.ARRAY(sa.Text())
 _BIGINT_ARRAY: Final = postgresql.ARRAY(sa.BigInteger())
 
 _MAX_PARK: Final = 300.0
 """Longest pause, in seconds, before a poison row is tried again."""
-
-# -- the table -------------------------------------------------------------------------------
-
-
-def define_outbox_table(
-    metadata: sa.MetaData, name: str = "relay_outbox", *, schema: str | None = None
-) -> sa.Table:
-    """Add an outbox table to ``metadata`` (for your own Alembic metadata, say).
-
-    ``data`` holds the event's data as JSON text, so a backend in another language can
-    INSERT rows too. ``uid`` (32 hex digits, random) makes the row's ``mid`` unique
-    across databases; a row written without one gets it from the dispatcher. The
-    partial indexes cover only pending rows: the claim and the per-BizId order check
-    stay fast however many published rows are kept.
-    """
-    pending = sa.text("published_at IS NULL")
-    published = sa.text("published_at IS NOT NULL")
-    return sa.Table(
-        name,
-        metadata,
-        sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            primary_key=True,
-            autoincrement=True,
-        ),
-        sa.Column("biz_id", sa.String(128), nullable=False),
-        sa.Column("event", sa.String(128), nullable=False),
-        sa.Column("data", sa.Text(), nullable=False),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            nullable=False,
-            server_default=sa.func.current_timestamp(),
-        ),
-        sa.Column("published_at", sa.DateTime(timezone=True)),
-        sa.Column("stream_id", sa.String(41)),
-        sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
-        sa.Column("last_error", sa.Text()),
-        # Last, so that a table upgraded with ALTER TABLE ADD COLUMN has the same shape.
-        # Nullable: a row INSERTed without one gets it from the dispatcher.
-        sa.Column("uid", sa.String(32)),
-        sa.Index(f"{name}_pending", "id", postgresql_where=pending, sqlite_where=pending),
-        sa.Index(
-            f"{name}_pending_biz", "biz_id", "id", postgresql_where=pending, sqlite_where=pending
-        ),
-        sa.Index(
-            f"{name}_published",
-            "published_at",
-            postgresql_where=published,
-            sqlite_where=published,
-        ),
-        # Ids increase for good, as on PostgreSQL: a row id names one event in logs and
-        # lookups even after the newest rows were purged.
-        sqlite_autoincrement=True,
-        schema=schema,
-    )
-
-
-METADATA: Final = sa.MetaData()
-OUTBOX: Final = define_outbox_table(METADATA)
-"""The default ``relay_outbox`` table."""
-
-
-def create_outbox_table(engine: Engine, table: sa.Table = OUTBOX) -> None:
-    """CREATE the outbox table and its indexes if they do not exist; upgrade an old one.
-
-    A table made before rows had a ``uid`` gets the column (``ALTER TABLE ... ADD
-    COLUMN uid VARCHAR(32)``, nullable, so no rewrite); the dispatcher gives its pending
-    rows one. Safe to call on every start, from several processes.
-    """
-    with engine.begin() as conn:
-        table.create(conn, checkfirst=True)
-    for column in _missing_columns(engine, table):
-        try:
-            with engine.begin() as conn:
-                conn.exec_driver_sql(_add_column(engine, table, column))
-        except sa.exc.DBAPIError:
-            if column in _missing_columns(engine, table):
-                raise
-            # Another process added it in the meantime.
-
-
-def _missing_columns(engine: Engine, table: sa.Table) -> list[sa.Column[Any]]:
-    """Columns of ``table`` that the database's table lacks (added by later versions)."""
-    have = {c["name"] for c in sa.inspect(engine).get_columns(table.name, schema=table.schema)}
-    return [c for c in table.columns if c.name not in have]
-
-
-def _add_column(engine: Engine, table: sa.Table, column: sa.Column[Any]) -> str:
-    name = engine.dialect.identifier_preparer.format_table(table)
-    return f"ALTER TABLE {name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
-
-
-def _check_table(engine: Engine, table: sa.Table) -> None:
-    """Raise ConfigError, saying what to run, if the table is missing or older than us."""
-    if not sa.inspect(engine).has_table(table.name, schema=table.schema):
-        raise ConfigError(
-            f"outbox table {table.name!r} does not exist: create it with "
-            "create_outbox_table(engine), `relay outbox-dispatch --create-table`, or the SQL "
-            "in docs/backend.md"
-        )
-    missing = _missing_columns(engine, table)
-    if missing:
-        raise ConfigError(
-            f"outbox table {table.name!r} lacks column(s) "
-            f"{', '.join(c.name for c in missing)} (it was made by an older version): "
-            "upgrade it with create_outbox_table(engine), `relay outbox-dispatch "
-            "--create-table`, or "
-            + "; ".join(_add_column(engine, table, column) for column in missing)
-        )
-
-
-# -- writing events --------------------------------------------------------------------------
-
-
-def _new_uid() -> str:
-    # 128 bits from the OS's random source: unique without coordination, also across
-    # forked workers (a seeded PRNG would repeat there). 4x cheaper than uuid4().hex.
-    return secrets.token_hex(16)
-
-
-def _row(biz_id: str, event: str, data: Any) -> dict[str, Any]:
-    # Validate now, in the caller's transaction: a row the dispatcher cannot publish
-    # would hold up its BizId's later events.
-    encode_payload(biz_id, event, data)
-    return {
-        "biz_id": biz_id,
-        "event": event,
-        "data": orjson.dumps(data).decode(),
-        "uid": _new_uid(),
-    }
-
-
-def _inserted_id(result: sa.Result[Any]) -> int:
-    key = cast("sa.CursorResult[Any]", result).inserted_primary_key
-    assert key is not None
-    return int(key[0])
-
-
-def enqueue(
-    target: Connection | Session, biz_id: str, event: str, data: Any, *, table: sa.Table = OUTBOX
-) -> int:
-    """INSERT one event in ``target``'s transaction; return the row id.
-
-    ``target`` is a Core ``Connection`` or an ORM ``Session``. Raises InvalidInput /
-    PayloadTooLarge before writing anything. The event is published with
-    ``mid = "outbox:<uid>"`` (a random uid written with the row) once the transaction
-    commits and a dispatcher runs.
-    """
-    result = target.execute(table.insert().values(_row(biz_id, event, data)))
-    return _inserted_id(result)
-
-
-def enqueue_many(
-    target: Connection | Session,
-    items: Iterable[tuple[str, str, Any]],
-    *,
-    table: sa.Table = OUTBOX,
-) -> None:
-    """INSERT several ``(biz_id, event, data)`` events, in order, in one executemany."""
-    rows = [_row(*item) for item in items]
-    if rows:
-        target.execute(table.insert(), rows)
-
-
-async def enqueue_async(
-    target: AsyncConnection | AsyncSession,
-    biz_id: str,
-    event: str,
-    data: Any,
-    *,
-    table: sa.Table = OUTBOX,
-) -> int:
-    """:func:`enqueue` for an ``AsyncConnection`` or ``AsyncSession``."""
-    result = await target.execute(table.insert().values(_row(biz_id, event, data)))
-    return _inserted_id(result)
-
-
-# -- the dispatcher --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +89,7 @@ def _with_uids(rows: list[_Row]) -> tuple[list[_Row], list[tuple[int, str | None
     kept: list[_Row] = []
     for row in rows:
         if row.uid is None:
-            new_uids.append((row.id, None, _new_uid()))
+            new_uids.append((row.id, None, new_uid()))
             blocked.add(row.biz_id)
         elif row.biz_id not in blocked:
             kept.append(row)
@@ -407,7 +168,7 @@ class OutboxDispatcher:
         raises ConfigError, saying what to run, if it is missing or older than this code.
         """
         if not self._checked:
-            _check_table(self.engine, self.table)
+            check_table(self.engine, self.table)
             self._checked = True
         with self.engine.connect() as conn:
             if self._locking:
@@ -569,7 +330,7 @@ class OutboxDispatcher:
                 row.uid,
             )
             collided.add(row.id)
-            outcome.new_uids.append((row.id, row.uid, _new_uid()))
+            outcome.new_uids.append((row.id, row.uid, new_uid()))
         if collided:
             outcome.done = [(row_id, r) for row_id, r in outcome.done if row_id not in collided]
             outcome.collisions += len(collided)
@@ -779,140 +540,3 @@ class OutboxDispatcher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-# -- relay outbox-dispatch -------------------------------------------------------------------
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"RELAY_{name}", default)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="relay outbox-dispatch",
-        description="Publish the rows of a transactional outbox table to Relay until stopped.",
-    )
-    parser.add_argument(
-        "--db-url",
-        default=_env("OUTBOX_DB_URL"),
-        help="SQLAlchemy URL of the database holding the outbox (env RELAY_OUTBOX_DB_URL)",
-    )
-    parser.add_argument(
-        "--redis-url", default=_env("REDIS_URL"), help="Redis of the relay (env RELAY_REDIS_URL)"
-    )
-    parser.add_argument(
-        "--redis-min-replicas",
-        type=int,
-        default=int(_env("REDIS_MIN_REPLICAS", "0") or 0),
-        help="a row counts as published only once this many Redis replicas hold it (WAIT);"
-        " env RELAY_REDIS_MIN_REPLICAS",
-    )
-    parser.add_argument("--table", default=_env("OUTBOX_TABLE", "relay_outbox"))
-    parser.add_argument(
-        "--create-table",
-        action="store_true",
-        help="create the table if missing, and upgrade one made by an older version",
-    )
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds (default 0.5)")
-    parser.add_argument("--max-backoff", type=float, default=5.0, help="seconds (default 5)")
-    parser.add_argument(
-        "--retention",
-        type=float,
-        default=86400.0,
-        help="delete rows published this many seconds ago; 0 keeps them (default 86400)",
-    )
-    parser.add_argument("--mid-prefix", default=_env("OUTBOX_MID_PREFIX", "outbox"))
-    parser.add_argument("--once", action="store_true", help="drain what is pending, then exit")
-    parser.add_argument("--key-prefix", default=_env("KEY_PREFIX", "relay"))
-    parser.add_argument("--history-size", type=int, default=int(_env("HISTORY_SIZE", "100") or 0))
-    parser.add_argument("--history-ttl", type=int, default=int(_env("HISTORY_TTL", "3600") or 0))
-    parser.add_argument("--dedupe-window", type=int, default=int(_env("DEDUPE_WINDOW", "600") or 0))
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``relay outbox-dispatch``: run a dispatcher until SIGTERM/SIGINT (or ``--once``).
-
-    Exit status 0 when stopped (or drained with ``--once``), 1 when ``--once`` could not
-    drain (Redis or the database down), 2 for bad arguments.
-    """
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=str(args.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    if not args.db_url or not args.redis_url:
-        print("relay outbox-dispatch: --db-url and --redis-url are required", file=sys.stderr)
-        return 2
-    try:
-        table = (
-            OUTBOX if args.table == OUTBOX.name else define_outbox_table(sa.MetaData(), args.table)
-        )
-        publisher = Publisher(
-            args.redis_url,
-            key_prefix=args.key_prefix,
-            history_size=args.history_size,
-            history_ttl=args.history_ttl,
-            dedupe_window=args.dedupe_window,
-            min_replicas=args.redis_min_replicas,
-        )
-        dispatcher = OutboxDispatcher(
-            args.db_url,
-            publisher,
-            table=table,
-            batch_size=args.batch_size,
-            poll_interval=args.poll_interval,
-            max_backoff=args.max_backoff,
-            mid_prefix=args.mid_prefix,
-            retention=args.retention or None,
-        )
-    except (RelayError, sa.exc.ArgumentError) as exc:
-        print(f"relay outbox-dispatch: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # SQLAlchemy's URL parser on a bad port, say
-        print(f"relay outbox-dispatch: bad --db-url: {exc}", file=sys.stderr)
-        return 2
-    with publisher, dispatcher:
-        try:
-            if args.create_table:
-                create_outbox_table(dispatcher.engine, table)
-            if args.once:
-                return _drain(dispatcher)
-
-            def on_signal(signum: int, frame: FrameType | None) -> None:
-                log.info("outbox.stopping: signal %d", signum)
-                dispatcher.stop()
-
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
-            log.info("outbox.started: table %s, batch %d", table.name, args.batch_size)
-            dispatcher.run_forever()
-        except ConfigError as exc:
-            print(f"relay outbox-dispatch: {exc}", file=sys.stderr)
-            return 2
-    return 0
-
-
-def _drain(dispatcher: OutboxDispatcher) -> int:
-    total = 0
-    try:
-        while True:
-            stats = dispatcher.run_once()
-            total += stats.published
-            renewed = stats.collisions or stats.uids_assigned  # ready for the next round
-            if not renewed and (stats.published == 0 or stats.claimed < dispatcher.batch_size):
-                break
-    except ConfigError:
-        raise
-    except Exception as exc:
-        log.error("outbox.drain_failed after %d row(s): %s", total, exc)
-        return 1
-    log.info("outbox.drained: %d row(s) published", total)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
