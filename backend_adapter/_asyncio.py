@@ -35,18 +35,18 @@ from backend_adapter._core import (
     SCRIPT_LOAD,
     Call,
     Item,
-    PublishCodec,
-    RetryPolicy,
+    PublisherBase,
+    RoundTrip,
     after_failure,
     is_transient,
     lookup_failed,
-    publish_failed,
-    replication,
+    raise_first_failure,
+    results,
 )
 from relay.backoff import retry_async
-from relay.errors import ConfigError, EngineError, PublishFailed
+from relay.errors import EngineError, PublishFailed
 from relay.redis_pool import async_pool
-from relay.wire import DEFAULT_MAX_PAYLOAD, PublishResult, validate_client_id
+from relay.wire import PublishResult, validate_client_id
 
 __all__ = ["AsyncPublisher"]
 
@@ -84,7 +84,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class AsyncPublisher:
+class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
     """Publish events to Relay from asyncio code. One instance per process and event loop.
 
     Give ``redis_url`` (the publisher owns and closes its pool) or ``client`` (a
@@ -97,50 +97,18 @@ class AsyncPublisher:
     succeeds only once that many replicas hold it (``WAIT``, up to ``replica_timeout``).
     """
 
-    def __init__(
-        self,
-        redis_url: str | None = None,
-        *,
-        client: redis.asyncio.Redis | None = None,
-        key_prefix: str = "relay",
-        history_size: int = 100,
-        history_ttl: int = 3600,
-        dedupe_window: int = 600,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
-        retries: int = 3,
-        backoff: float = 0.05,
-        max_backoff: float = 2.0,
-        timeout: float = 2.0,
-        max_connections: int = 16,
-        max_batch: int = 500,
-        min_replicas: int = 0,
-        replica_timeout: float = 0.5,
-    ) -> None:
-        if (redis_url is None) == (client is None):
-            raise ConfigError("give exactly one of redis_url or client")
-        if timeout <= 0 or max_connections < 1 or max_batch < 1:
-            raise ConfigError("timeout, max_connections and max_batch must be positive")
-        self._codec = PublishCodec(
-            key_prefix=key_prefix,
-            history_size=history_size,
-            history_ttl=history_ttl,
-            dedupe_window=dedupe_window,
-            max_payload=max_payload,
-        )
-        self._retry = RetryPolicy(retries, backoff, max_backoff)
-        self._replication = replication(key_prefix, min_replicas, replica_timeout, timeout)
-        self._timeout = timeout
-        self._max_connections = max_connections
-        self._max_batch = max_batch
+    DEFAULT_MAX_CONNECTIONS = 16
+
+    def _connect(self, redis_url: str | None, client: redis.asyncio.Redis | None) -> None:
         if client is None:
             assert redis_url is not None
             pool = async_pool(
                 redis_url,
-                max_connections=max_connections,
+                max_connections=self._max_connections,
                 timeout=None,  # never waits: the semaphore admits at most max_connections
                 protocol=2,  # RESP2 + hiredis (installed with redis[hiredis]) is fastest
                 socket_timeout=None,  # see _exchange: asyncio.timeout bounds every attempt
-                socket_connect_timeout=timeout,
+                socket_connect_timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),  # our RetryPolicy is the only one
             )
             self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)
@@ -151,13 +119,12 @@ class AsyncPublisher:
         # redis-py's pool and command methods are untyped: keep them behind Any here.
         self._pool: Any = self._client.connection_pool
         self._command: Any = self._client.execute_command
-        self._slots = asyncio.Semaphore(max_connections)
+        self._slots = asyncio.Semaphore(self._max_connections)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Pending] = []
         self._waking = False  # a sender was started and has not taken its batch yet
         self._senders = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
 
     # -- public API ----------------------------------------------------------------------
 
@@ -189,19 +156,11 @@ class AsyncPublisher:
         item fails, PublishFailed is raised for the first failure; items before it
         were published, and later ones may have been: publish again with ``mid``s.
         """
-        calls = self._codec.calls(items)
-        if self._closed:
-            raise PublishFailed("publisher is closed")
-        if not calls:
-            return []
-        step = self._max_batch
-        for start in range(0, len(calls), step):
-            chunk = calls[start : start + step]
-            await self._run(chunk)
-            for call in chunk:
-                if isinstance(call.outcome, PublishFailed):
-                    raise call.outcome
-        return [call.outcome for call in calls if isinstance(call.outcome, PublishResult)]
+        calls = self._calls(items)
+        for batch in self._batches(calls):
+            await self._run(batch)
+            raise_first_failure(batch)
+        return results(calls)
 
     async def is_online(self, client_id: str) -> bool:
         """True if a session record for ``client_id`` exists and its node is alive.
@@ -333,38 +292,19 @@ class AsyncPublisher:
                 raise rex.TimeoutError(f"no reply from Redis within {self._timeout} s") from exc
 
     async def _round_trip(self, conn: Any, calls: list[Call], *, reload: bool) -> None:
-        replicated = self._replication
-        commands = [call.command for call in calls]
-        if replicated is not None:
-            commands.append(replicated.commands())
-        await conn.send_packed_command(commands)
-        missing: list[Call] = []
-        failure: Exception | None = None
-        result = self._codec.result
-        # With min_replicas, outcomes are kept until WAIT vouches for them.
-        held: list[tuple[Call, PublishResult]] | None = None if replicated is None else []
+        trip = RoundTrip(calls, self._codec, self._replication)
+        await conn.send_packed_command(trip.commands)
         for call in calls:
             try:
                 # One deadline covers the whole batch (asyncio.timeout in _exchange);
                 # a per-reply timeout would cost more CPU than the reply itself.
-                outcome = result(await conn.read_response(timeout=math.inf))
-                if held is None:
-                    call.outcome = outcome
-                else:
-                    held.append((call, outcome))
-            except rex.NoScriptError:
-                missing.append(call)
+                trip.reply(call, await conn.read_response(timeout=math.inf))
             except rex.ResponseError as exc:
-                if is_transient(exc):
-                    failure = failure or exc
-                else:
-                    call.outcome = publish_failed(call.biz_id, None, exc)
-        if replicated is not None and held is not None:
+                trip.error(call, exc)
+        if trip.replication is not None:
             await conn.read_response(timeout=math.inf)  # the barrier's receivers
-            replicated.check(await conn.read_response(timeout=math.inf))
-            for call, outcome in held:
-                call.outcome = outcome
-        if missing:
+            trip.replicas(await conn.read_response(timeout=math.inf))
+        if trip.missing:
             # Redis restarted or its script cache was flushed. The command did not run,
             # so sending it again is safe. (Should another connection reload the script
             # in the middle of this pipeline, a later event of a BizId could overtake an
@@ -373,6 +313,5 @@ class AsyncPublisher:
                 raise rex.NoScriptError("publish script vanished again right after loading")
             await conn.send_packed_command([SCRIPT_LOAD])
             await conn.read_response(timeout=math.inf)
-            await self._round_trip(conn, missing, reload=False)
-        if failure is not None:
-            raise failure
+            await self._round_trip(conn, trip.missing, reload=False)
+        trip.finish()

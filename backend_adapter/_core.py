@@ -21,9 +21,9 @@ every error becomes a :class:`~relay.errors.PublishFailed` naming the BizId and 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import redis.exceptions as rex
 
@@ -44,14 +44,19 @@ __all__ = [
     "Call",
     "Item",
     "PublishCodec",
+    "PublisherBase",
     "ReplicasBehind",
     "Replication",
     "RetryPolicy",
+    "RoundTrip",
+    "after_failure",
     "is_transient",
     "lookup_failed",
     "publish_failed",
     "replication",
 ]
+
+ClientT = TypeVar("ClientT")
 
 PUBLISH_SHA: Final = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()
 """EVALSHA digest of publish.lua; Redis computes the same on SCRIPT LOAD."""
@@ -264,3 +269,145 @@ class PublishCodec:
     @staticmethod
     def result(reply: Any) -> PublishResult:
         return parse_publish_reply(reply)
+
+
+class RoundTrip:
+    """One pipelined exchange, sans-I/O: the commands to send, then every reply fed in.
+
+    The sync and asyncio publishers differ only in how they write and read a
+    connection; what a reply means is decided here. With min_replicas, outcomes are
+    held until WAIT vouches for them.
+    """
+
+    __slots__ = ("_held", "_result", "calls", "commands", "failure", "missing", "replication")
+
+    def __init__(
+        self, calls: list[Call], codec: PublishCodec, replication: Replication | None
+    ) -> None:
+        self.calls = calls
+        self.replication = replication
+        self.commands = [call.command for call in calls]
+        if replication is not None:
+            self.commands.append(replication.commands())
+        self._result = codec.result
+        self._held: list[tuple[Call, PublishResult]] | None = None if replication is None else []
+        self.missing: list[Call] = []  # NOSCRIPT: Redis lost the script; load it, resend
+        self.failure: Exception | None = None  # the first transient error reply
+
+    def reply(self, call: Call, reply: Any) -> None:
+        """``call``'s reply, as read."""
+        outcome = self._result(reply)
+        if self._held is None:
+            call.outcome = outcome
+        else:
+            self._held.append((call, outcome))
+
+    def error(self, call: Call, exc: rex.ResponseError) -> None:
+        """``call``'s error reply (redis-py raises it from the read)."""
+        if isinstance(exc, rex.NoScriptError):
+            self.missing.append(call)
+        elif is_transient(exc):
+            self.failure = self.failure or exc
+        else:
+            call.outcome = publish_failed(call.biz_id, None, exc)
+
+    def replicas(self, acked: Any) -> None:
+        """WAIT's answer (after the barrier's): the held outcomes stand, or ReplicasBehind."""
+        assert self.replication is not None and self._held is not None
+        self.replication.check(acked)
+        for call, outcome in self._held:
+            call.outcome = outcome
+
+    def finish(self) -> None:
+        """After any resend of :attr:`missing`: raise the transient failure, if there was one."""
+        if self.failure is not None:
+            raise self.failure
+
+
+class PublisherBase(Generic[ClientT]):
+    """What the sync and asyncio publishers share: settings, validation, keys; no I/O.
+
+    The arguments are documented on :class:`~backend_adapter.AsyncPublisher`; a subclass
+    opens its pool in :meth:`_connect` and sets ``DEFAULT_MAX_CONNECTIONS``.
+    """
+
+    DEFAULT_MAX_CONNECTIONS = 16
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        client: ClientT | None = None,
+        key_prefix: str = "relay",
+        history_size: int = 100,
+        history_ttl: int = 3600,
+        dedupe_window: int = 600,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        retries: int = 3,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        timeout: float = 2.0,
+        max_connections: int | None = None,
+        max_batch: int = 500,
+        min_replicas: int = 0,
+        replica_timeout: float = 0.5,
+    ) -> None:
+        if max_connections is None:
+            max_connections = self.DEFAULT_MAX_CONNECTIONS
+        if (redis_url is None) == (client is None):
+            raise ConfigError("give exactly one of redis_url or client")
+        if timeout <= 0 or max_connections < 1 or max_batch < 1:
+            raise ConfigError("timeout, max_connections and max_batch must be positive")
+        self._codec = PublishCodec(
+            key_prefix=key_prefix,
+            history_size=history_size,
+            history_ttl=history_ttl,
+            dedupe_window=dedupe_window,
+            max_payload=max_payload,
+        )
+        self._retry = RetryPolicy(retries, backoff, max_backoff)
+        self._replication = replication(key_prefix, min_replicas, replica_timeout, timeout)
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._max_batch = max_batch
+        self._closed = False
+        self._connect(redis_url, client)
+
+    def _connect(self, redis_url: str | None, client: ClientT | None) -> None:
+        """Open the pool for ``redis_url``, or use ``client`` (exactly one is given)."""
+        raise NotImplementedError
+
+    @property
+    def keys(self) -> KeySpace:
+        """The Redis keys of this publisher's ``key_prefix`` (relay.wire.KeySpace)."""
+        return self._codec.keys
+
+    def validate(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> None:
+        """Raise what :meth:`publish` would raise for this event before sending: InvalidInput,
+        PayloadTooLarge (this publisher's ``max_payload``). Sends nothing.
+
+        For checking an event while the transaction that makes it due can still roll back.
+        """
+        self._codec.command(biz_id, event, data, mid)
+
+    def _calls(self, items: Iterable[Item]) -> list[Call]:
+        calls = self._codec.calls(items)
+        if self._closed:
+            raise PublishFailed("publisher is closed")
+        return calls
+
+    def _batches(self, calls: list[Call]) -> Iterator[list[Call]]:
+        step = self._max_batch
+        for start in range(0, len(calls), step):
+            yield calls[start : start + step]
+
+
+def raise_first_failure(calls: Iterable[Call]) -> None:
+    """publish_many stops at the first failed item of a batch: its PublishFailed."""
+    for call in calls:
+        if isinstance(call.outcome, PublishFailed):
+            raise call.outcome
+
+
+def results(calls: Iterable[Call]) -> list[PublishResult]:
+    return [call.outcome for call in calls if isinstance(call.outcome, PublishResult)]

@@ -23,18 +23,18 @@ from backend_adapter._core import (
     SCRIPT_LOAD,
     Call,
     Item,
-    PublishCodec,
-    RetryPolicy,
+    PublisherBase,
+    RoundTrip,
     after_failure,
     is_transient,
     lookup_failed,
-    publish_failed,
-    replication,
+    raise_first_failure,
+    results,
 )
 from relay.backoff import retry_sync
-from relay.errors import ConfigError, EngineError, PublishFailed
+from relay.errors import EngineError, PublishFailed
 from relay.redis_pool import sync_pool
-from relay.wire import DEFAULT_MAX_PAYLOAD, PublishResult, validate_client_id
+from relay.wire import PublishResult, validate_client_id
 
 __all__ = ["Publisher"]
 
@@ -47,56 +47,26 @@ def _transient_redis_error(exc: Exception) -> bool:
     return isinstance(exc, rex.RedisError) and is_transient(exc)
 
 
-class Publisher:
+class Publisher(PublisherBase[redis.Redis]):
     """Publish events to Relay from synchronous code; safe to share between threads.
 
     Same arguments and semantics as :class:`~backend_adapter.AsyncPublisher`, with a
-    ``redis.Redis`` as ``client``. ``max_connections`` is the pool size: threads beyond
-    it wait for a connection.
+    ``redis.Redis`` as ``client``. ``max_connections`` (default 32) is the pool size:
+    threads beyond it wait for a connection.
     """
 
-    def __init__(
-        self,
-        redis_url: str | None = None,
-        *,
-        client: redis.Redis | None = None,
-        key_prefix: str = "relay",
-        history_size: int = 100,
-        history_ttl: int = 3600,
-        dedupe_window: int = 600,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
-        retries: int = 3,
-        backoff: float = 0.05,
-        max_backoff: float = 2.0,
-        timeout: float = 2.0,
-        max_connections: int = 32,
-        max_batch: int = 500,
-        min_replicas: int = 0,
-        replica_timeout: float = 0.5,
-    ) -> None:
-        if (redis_url is None) == (client is None):
-            raise ConfigError("give exactly one of redis_url or client")
-        if timeout <= 0 or max_connections < 1 or max_batch < 1:
-            raise ConfigError("timeout, max_connections and max_batch must be positive")
-        self._codec = PublishCodec(
-            key_prefix=key_prefix,
-            history_size=history_size,
-            history_ttl=history_ttl,
-            dedupe_window=dedupe_window,
-            max_payload=max_payload,
-        )
-        self._retry = RetryPolicy(retries, backoff, max_backoff)
-        self._replication = replication(key_prefix, min_replicas, replica_timeout, timeout)
-        self._max_batch = max_batch
+    DEFAULT_MAX_CONNECTIONS = 32
+
+    def _connect(self, redis_url: str | None, client: redis.Redis | None) -> None:
         if client is None:
             assert redis_url is not None
             pool = sync_pool(
                 redis_url,
-                max_connections=max_connections,
-                timeout=timeout,  # waiting for a free connection counts as one attempt
+                max_connections=self._max_connections,
+                timeout=self._timeout,  # waiting for a free connection counts as one attempt
                 protocol=2,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),  # our RetryPolicy is the only one
             )
             self._client: redis.Redis = redis.Redis.from_pool(pool)
@@ -107,7 +77,6 @@ class Publisher:
         # redis-py's pool and command methods are untyped: keep them behind Any here.
         self._pool: Any = self._client.connection_pool
         self._command: Any = self._client.execute_command
-        self._closed = False
 
     def publish(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> PublishResult:
         """Publish one event; see :meth:`AsyncPublisher.publish`."""
@@ -126,17 +95,11 @@ class Publisher:
 
         See :meth:`AsyncPublisher.publish_many`.
         """
-        calls = self._codec.calls(items)
-        if self._closed:
-            raise PublishFailed("publisher is closed")
-        step = self._max_batch
-        for start in range(0, len(calls), step):
-            chunk = calls[start : start + step]
-            self._run(chunk)
-            for call in chunk:
-                if isinstance(call.outcome, PublishFailed):
-                    raise call.outcome
-        return [call.outcome for call in calls if isinstance(call.outcome, PublishResult)]
+        calls = self._calls(items)
+        for batch in self._batches(calls):
+            self._run(batch)
+            raise_first_failure(batch)
+        return results(calls)
 
     def is_online(self, client_id: str) -> bool:
         """True if a session record for ``client_id`` exists and its node is alive."""
@@ -205,41 +168,21 @@ class Publisher:
             pool.release(conn)
 
     def _round_trip(self, conn: Any, calls: list[Call], *, reload: bool) -> None:
-        replicated = self._replication
-        commands = [call.command for call in calls]
-        if replicated is not None:
-            commands.append(replicated.commands())
-        conn.send_packed_command(commands)
-        missing: list[Call] = []
-        failure: Exception | None = None
-        result = self._codec.result
-        # With min_replicas, outcomes are kept until WAIT vouches for them.
-        held: list[tuple[Call, PublishResult]] | None = None if replicated is None else []
+        trip = RoundTrip(calls, self._codec, self._replication)
+        conn.send_packed_command(trip.commands)
         for call in calls:
             try:
-                outcome = result(conn.read_response())
-                if held is None:
-                    call.outcome = outcome
-                else:
-                    held.append((call, outcome))
-            except rex.NoScriptError:
-                missing.append(call)
+                trip.reply(call, conn.read_response())
             except rex.ResponseError as exc:
-                if is_transient(exc):
-                    failure = failure or exc
-                else:
-                    call.outcome = publish_failed(call.biz_id, None, exc)
-        if replicated is not None and held is not None:
+                trip.error(call, exc)
+        if trip.replication is not None:
             conn.read_response()  # the barrier's receivers
-            replicated.check(conn.read_response())
-            for call, outcome in held:
-                call.outcome = outcome
-        if missing:
+            trip.replicas(conn.read_response())
+        if trip.missing:
             # Redis restarted or its script cache was flushed; see _asyncio.py.
             if not reload:
                 raise rex.NoScriptError("publish script vanished again right after loading")
             conn.send_packed_command([SCRIPT_LOAD])
             conn.read_response()
-            self._round_trip(conn, missing, reload=False)
-        if failure is not None:
-            raise failure
+            self._round_trip(conn, trip.missing, reload=False)
+        trip.finish()

@@ -75,8 +75,8 @@ def _log_failure(exc: Exception, events: list[QueuedEvent]) -> None:
 
 def _validate(publisher: Publisher | AsyncPublisher, event: QueuedEvent) -> None:
     # Fail inside the transaction, where the caller can still react, rather than after
-    # the commit. The codec is the publisher's own, so its max_payload applies.
-    publisher._codec.command(*event)
+    # the commit. The publisher's own check, so its max_payload applies.
+    publisher.validate(*event)
 
 
 # -- SQLAlchemy sessions -------------------------------------------------------------------

@@ -295,7 +295,7 @@ class OutboxDispatcher:
         """
         by_id = {row.id: row for row in rows}
         dups = [(by_id[row_id], result) for row_id, result in outcome.done if result.duplicate]
-        keys = self.publisher._codec.keys
+        keys = self.publisher.keys
         # The publisher's own client and pool: one round trip for the whole batch. Raw
         # bytes whatever the client's decode_responses: the payload is MessagePack.
         pipe: Any = self.publisher._client.pipeline(transaction=False)  # untyped in redis-py
@@ -337,8 +337,7 @@ class OutboxDispatcher:
 
     def _validate(self, row: _Row) -> tuple[str, str, Any, str]:
         item = self._item(row)
-        # The publisher's own encoder, so its max_payload applies.
-        self.publisher._codec.command(*item)
+        self.publisher.validate(*item)  # the publisher's own check: its max_payload applies
         return item
 
     def _publish_valid(self, rows: list[_Row]) -> _Outcome:

@@ -10,6 +10,7 @@ import redis
 import redis.exceptions as rex
 
 from backend_adapter import (
+    AsyncPublisher,
     ConfigError,
     EngineUnavailable,
     InvalidInput,
@@ -213,3 +214,25 @@ def test_sync_publisher_rejects_bad_settings() -> None:
         Publisher()
     with pytest.raises(ConfigError):
         Publisher("redis://x", max_connections=0)
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_validate_refuses_what_publish_would_and_sends_nothing(
+    kind: str, redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    """validate() applies the publisher's own max_payload and checks, without Redis."""
+    options = {"key_prefix": "vp", "max_payload": 200}
+    publisher: Publisher | AsyncPublisher = (
+        Publisher(redis_server.url, **options)
+        if kind == "sync"
+        else AsyncPublisher(redis_server.url, **options)
+    )
+    publisher.validate("cml", "label.created", {"id": 1}, mid="m-1")
+    with pytest.raises(PayloadTooLarge):
+        publisher.validate("cml", "label.created", {"text": "x" * 300})
+    with pytest.raises(InvalidInput):
+        publisher.validate("no spaces allowed", "label.created", {})
+    assert publisher.keys.log("cml") == wire.KeySpace("vp").log("cml")
+    assert raw.keys("vp:*") == []
+    if isinstance(publisher, Publisher):
+        publisher.close()
