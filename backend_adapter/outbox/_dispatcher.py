@@ -24,7 +24,7 @@ from backend_adapter.outbox._table import (
     OUTBOX,
     check_table,
 )
-from relay.backoff import Backoff, Retry
+from relay.backoff import Backoff, Jitter, Retry
 from relay.errors import ConfigError, InvalidEnvelope, InvalidInput, PublishFailed, RelayError
 from relay.wire import PublishResult, decode_payload
 
@@ -35,6 +35,7 @@ _BIGINT_ARRAY: Final = postgresql.ARRAY(sa.BigInteger())
 
 _MAX_PARK: Final = 300.0
 """Longest pause, in seconds, before a poison row is tried again."""
+_PARK_BACKOFF: Final = Backoff(1.0, _MAX_PARK, Jitter.NONE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +154,9 @@ class OutboxDispatcher:
         self._locking = self.engine.dialect.name == "postgresql"
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
-        # BizIds behind a poison row: left out of claims until (monotonic time, delay).
-        self._parked: dict[str, tuple[float, float]] = {}
+        # BizIds behind a poison row: left out of claims until (monotonic time), and
+        # their failures in a row (the pause doubles from 1 s up to _MAX_PARK).
+        self._parked: dict[str, tuple[float, Retry]] = {}
         self._checked = False  # the table has been found, with every column
 
     # -- one round -----------------------------------------------------------------------
@@ -393,9 +395,9 @@ class OutboxDispatcher:
         blocked.add(row.biz_id)
         # Leave the BizId out of the next claims for a while, so that its waiting rows do
         # not fill every batch and starve the others; then try the poison row again.
-        _, delay = self._parked.get(row.biz_id, (0.0, 0.5))
-        delay = min(delay * 2, _MAX_PARK)
-        self._parked[row.biz_id] = (time.monotonic() + delay, delay)
+        _, retry = self._parked.get(row.biz_id, (0.0, Retry(_PARK_BACKOFF)))
+        delay = retry.failed() or 0.0
+        self._parked[row.biz_id] = (time.monotonic() + delay, retry)
 
     def _record(self, conn: Connection, outcome: _Outcome) -> None:
         """Mark published rows; count a failure on poison rows. In the caller's transaction."""
