@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: run test test-deflate lint typecheck bench cluster chaos clean setup
+.PHONY: run test test-deflate lint typecheck bench bench-scale cluster chaos clean setup
 
 $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: run .ci/setup-system (as root) or apt-get install redis-server"; exit 1; }
@@ -74,6 +74,10 @@ chaos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m relay.bench $(BENCH_ARGS)
+
+# 100,000 clients on this box (docs/benchmarks.md, "scale"): ~10 min, ~10 GiB of RAM.
+bench-scale: $(STAMP)
+	$(PY) -m relay.bench --scenarios scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

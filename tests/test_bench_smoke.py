@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,24 +27,22 @@ PHASE_FIELDS = {
 }  # fmt: skip
 
 
-def test_bench_throughput_delivers_everything_and_stops_its_processes(tmp_path: Path) -> None:
-    """Throughput at C=20, M=200: every figure present, nothing lost, no process left."""
+def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """``python -m relay.bench *args`` into ``tmp_path``: it succeeded; its results.json."""
     proc = subprocess.run(
-        [
-            sys.executable, "-m", "relay.bench",
-            "--scenarios", "throughput",
-            "--clients", "20",
-            "--events", "200",
-            "--settle", "0.2",
-            "--out", str(tmp_path),
-        ],
+        [sys.executable, "-m", "relay.bench", "--settle", "0.2", "--out", str(tmp_path), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env={**os.environ, "PYTHONWARNINGS": "error"},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads((tmp_path / "results.json").read_text())
+    return proc, json.loads((tmp_path / "results.json").read_text())
+
+
+def test_bench_throughput_delivers_everything_and_stops_its_processes(tmp_path: Path) -> None:
+    """Throughput at C=20, M=200: every figure present, nothing lost, no process left."""
+    proc, doc = _bench(tmp_path, "--scenarios", "throughput", "--clients", "20", "--events", "200")
     (result,) = doc["results"]
     assert result["scenario"] == "throughput"
     assert PHASE_FIELDS - set(result) == set()
@@ -58,4 +57,29 @@ def test_bench_throughput_delivers_everything_and_stops_its_processes(tmp_path: 
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "latency.png").stat().st_size > 0
     assert doc["pids_started"], "the run records what it started"
+    assert [pid for pid in doc["pids_started"] if alive(pid)] == []
+
+
+def test_bench_scale_drains_a_worker_and_loses_nothing(tmp_path: Path) -> None:
+    """The 100,000-client scenario's small form: 300 clients from two loopback source
+    addresses on two workers; one worker drained mid-trickle; nothing lost, all back."""
+    proc, doc = _bench(
+        tmp_path,
+        "--scenarios", "scale",
+        "--scale-clients", "300",
+        "--scale-workers", "2",
+        "--scale-loadgens", "2",
+        "--scale-seconds", "2",
+        "--scale-drain-grace", "1",
+        "--no-plot",
+    )  # fmt: skip
+    (result,) = doc["results"]
+    assert result["scenario"] == "scale"
+    assert result["sources"] == ["127.0.0.2", "127.0.0.3"]
+    assert result["connected"] == 300
+    assert result["server_processes"] == 3  # the supervisor and both workers measured
+    assert (result["sent"], result["lost"], result["dup"]) == (1000, 0, 0)
+    assert (result["drain_lost"], result["drain_dup"]) == (0, 0)
+    assert 0 < result["drain_clients"] == result["drain_clients_resumed"] < 300
+    assert "| scale" in proc.stdout
     assert [pid for pid in doc["pids_started"] if alive(pid)] == []

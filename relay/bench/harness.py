@@ -61,6 +61,12 @@ class Options:
     storm_kill_after: float = 3.0
     storm_jitter: float = 0.25
     storm_concurrency: int = 100_000
+    scale_clients: int = 100_000
+    scale_workers: int = 8
+    scale_loadgens: int = 6
+    scale_rate: float = 500.0
+    scale_seconds: float = 20.0
+    scale_drain_grace: float = 10.0
     soak: float = 0.0
     loadgen_procs: int = 1
     batch: int = 100
@@ -118,8 +124,9 @@ class Progress:
 class LoadGen:
     """A ``relay.bench.loadgen`` process and its command channel."""
 
-    def __init__(self, child: Child) -> None:
+    def __init__(self, child: Child, source: str | None = None) -> None:
         self.child = child
+        self.source = source  # the local address its clients connect from
         self.lock = asyncio.Lock()
 
     async def call(self, cmd: str, **args: Any) -> dict[str, Any]:
@@ -233,18 +240,30 @@ class Bench:
         if cancelled:
             raise asyncio.CancelledError
 
-    async def node(self, name: str, *, workers: int = 1) -> tuple[Child, str]:
+    async def node(
+        self, name: str, *, workers: int = 1, extra: Sequence[str] = ()
+    ) -> tuple[Child, str]:
         """A fresh ``relay serve`` on a free port; returns it and its ws:// base URL."""
         port = free_port()
         child = await start_node(
-            name, port, self.redis_url, self.log_dir, workers=workers, cpus=self.server_cpus
+            name,
+            port,
+            self.redis_url,
+            self.log_dir,
+            workers=workers,
+            extra=extra,
+            cpus=self.server_cpus,
         )
         self.adopt(child)
         return child, f"ws://127.0.0.1:{port}"
 
-    async def loadgens(self) -> list[LoadGen]:
+    async def loadgens(
+        self, count: int | None = None, sources: Sequence[str | None] = ()
+    ) -> list[LoadGen]:
+        """``count`` load generators (default ``--loadgen-procs``); the i-th connects
+        from ``sources[i]`` when given."""
         gens = []
-        for i in range(self.options.loadgen_procs):
+        for i in range(self.options.loadgen_procs if count is None else count):
             child = await Child.spawn(
                 f"loadgen {i}",
                 [sys.executable, "-m", "relay.bench.loadgen"],
@@ -253,7 +272,7 @@ class Bench:
                 cpus=self.load_cpus,
             )
             self.adopt(child)
-            gens.append(LoadGen(child))
+            gens.append(LoadGen(child, sources[i] if i < len(sources) else None))
         for gen in gens:
             await gen.call("stats")  # imported and listening
         return gens
@@ -317,6 +336,7 @@ class Bench:
                 reconnect=reconnect,
                 reconnect_concurrency=max(1, self.options.storm_concurrency // len(gens)),
                 jitter=self.options.storm_jitter,
+                source=gen.source,
             )
             start += n
         deadline = time.monotonic() + timeout

@@ -4,8 +4,10 @@
 each with one JSON line on stdout (logs go to stderr). The orchestrator drives it:
 
     connect    {"urls", "prefix", "start", "count", "concurrency", "reconnect",
-                "reconnect_concurrency", "jitter"}
-               starts clients ``prefix+start`` … in the background; answers at once
+                "reconnect_concurrency", "jitter", "source"}
+               starts clients ``prefix+start`` … in the background; answers at once.
+               ``source``: the local address to connect from (127.0.0.2, …): each
+               source address has its own ephemeral ports, ~28,000 on Linux
     expect     {"count"}   resets delivery accounting for events seq 0..count-1
     stats      {}          counters (connected, delivered, lost so far, …)
     latencies  {"path"}    writes every latency (ms, float64) to ``path``
@@ -169,8 +171,11 @@ class LoadGen:
 
     async def connect(self, cmd: dict[str, Any]) -> None:
         if self.http is None:
+            source = cmd.get("source")
             self.http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                connector=aiohttp.TCPConnector(
+                    limit=0, force_close=False, local_addr=(source, 0) if source else None
+                ),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             )
         self.urls = [u.rstrip("/") for u in cmd["urls"]]

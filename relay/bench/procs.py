@@ -27,6 +27,7 @@ __all__ = [
     "CLK_TCK",
     "Child",
     "CpuSnapshot",
+    "alive",
     "free_port",
     "group_pids",
     "listeners",
@@ -85,6 +86,12 @@ def proc_rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (an exited process not yet reaped, a zombie, does not)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def group_pids(pgid: int) -> list[int]:

@@ -103,6 +103,30 @@ def _rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
             ),
             ("idle server CPU % of a core", _n(f["idle_server_cpu_pct"], 2)),
         ]
+    elif name == "scale":
+        bpc = f["bytes_per_conn"]
+        rows += [
+            ("load", f"{_n(f['clients'])} clients, {f['workers']} workers,"
+                     f" {f['loadgens']} load generators, {_n(f['rate'])} events/s trickle"),
+            ("connected", f"{_n(f['connected'])} of {_n(f['clients'])}"),
+            ("connects/s", _n(f["connect_rate_per_s"])),
+            ("server RSS per connection (all workers)", f"{_n(bpc / 1024, 1)} KiB" if bpc else "-"),
+            ("idle server CPU % of a core (all workers)", _n(f["idle_server_cpu_pct"], 2)),
+            ("trickle latency ms p50 / p90 / p99 / max", _lat(f)),
+            ("lost / dup / misrouted", _accounting(f)),
+            (f"SIGTERM to one worker (drain grace {f['drain_grace_s']:g} s): its clients",
+             _n(f.get("drain_clients"))),
+            ("… trickle meanwhile: sent / lost / dup; latency ms p99 / max",
+             f"{_n(f['drain_events'])} / {_n(f['drain_lost'])} / {_n(f['drain_dup'])};"
+             f" {_n(f['drain_lat_ms'].get('p99'), 1)} / {_n(f['drain_lat_ms'].get('max'), 1)}"),
+            ("… worker exited after / all its clients back after",
+             f"{_n(f.get('drain_worker_exited_s'), 2)} s"
+             f" / {_n(f.get('drain_all_resumed_s'), 2)} s"),
+            ("… their handshakes refused meanwhile",
+             f"{_n(f.get('drain_refused'))} ("
+             + (", ".join(f"{k} x{v}" for k, v in sorted(f["drain_handshake_errors"].items()))
+                or "-") + ")"),
+        ]  # fmt: skip
     elif name == "storm":
         resume = f["resume_s"]
         done = (

@@ -24,6 +24,8 @@ __all__ = ["build_parser", "main"]
 
 DEFAULT_SCENARIOS = ("throughput", "latency", "memory", "storm")
 FD_RESERVE = 200
+SCALE_WORKER_SKEW = 1.2
+"""A worker may get this much more than its even share of the scale scenario's clients."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.storm_concurrency,
         help="reconnect handshakes in flight (default: no limit, a herd)",
     )
+    p.add_argument("--scale-clients", type=int, default=d.scale_clients)
+    p.add_argument(
+        "--scale-workers", type=int, default=d.scale_workers, help="relay serve --workers"
+    )
+    p.add_argument(
+        "--scale-loadgens",
+        type=int,
+        default=d.scale_loadgens,
+        help="load generator processes, each from its own 127.0.0.x",
+    )
+    p.add_argument("--scale-rate", type=float, default=d.scale_rate, help="trickle events/s")
+    p.add_argument("--scale-seconds", type=float, default=d.scale_seconds, help="trickle time")
+    p.add_argument(
+        "--scale-drain-grace",
+        type=float,
+        default=d.scale_drain_grace,
+        help="the nodes' --drain-grace (one worker is drained)",
+    )
     p.add_argument("--soak", type=float, default=d.soak, metavar="SECONDS", help="0: no soak")
     p.add_argument("--loadgen-procs", type=int, default=d.loadgen_procs)
     p.add_argument("--batch", type=int, default=d.batch, help="events per publish batch")
@@ -86,8 +106,11 @@ def _options(args: argparse.Namespace) -> Options:
         raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}")
     if args.soak > 0 and "soak" not in names:
         names.append("soak")
-    if args.loadgen_procs < 1 or args.workers < 1:
-        raise SystemExit("--loadgen-procs and --workers must be at least 1")
+    if min(args.loadgen_procs, args.workers, args.scale_loadgens) < 1 or args.scale_workers < 2:
+        raise SystemExit(
+            "--loadgen-procs, --workers and --scale-loadgens must be at least 1,"
+            " --scale-workers at least 2 (one of them is drained)"
+        )
     return Options(
         scenarios=tuple(names),
         clients=args.clients,
@@ -102,6 +125,12 @@ def _options(args: argparse.Namespace) -> Options:
         storm_kill_after=args.storm_kill_after,
         storm_jitter=args.storm_jitter,
         storm_concurrency=args.storm_concurrency,
+        scale_clients=args.scale_clients,
+        scale_workers=args.scale_workers,
+        scale_loadgens=args.scale_loadgens,
+        scale_rate=args.scale_rate,
+        scale_seconds=args.scale_seconds,
+        scale_drain_grace=args.scale_drain_grace,
         soak=args.soak,
         loadgen_procs=args.loadgen_procs,
         batch=args.batch,
@@ -123,10 +152,19 @@ def _raise_fd_limit(options: Options) -> None:
     biggest = max(options.clients, options.storm_clients)
     if "memory" in options.scenarios:
         biggest = max(biggest, options.idle_clients)
+    if "scale" in options.scenarios:
+        # per process: a load generator's share, and a worker's (SO_REUSEPORT spreads
+        # unevenly, and a drained worker's clients move to the others)
+        per_gen = -(-options.scale_clients // options.scale_loadgens)
+        per_worker = int(
+            SCALE_WORKER_SKEW * options.scale_clients / max(1, options.scale_workers - 1)
+        )
+        biggest = max(biggest, per_gen, per_worker)
     if biggest + FD_RESERVE > soft:
         raise SystemExit(
-            f"{biggest:,} connections need more than the fd limit {soft:,} allows:"
-            " lower --idle-clients / --clients / --storm-clients"
+            f"{biggest:,} connections in one process need more than the fd limit {soft:,}"
+            " allows: lower --idle-clients / --clients / --storm-clients, or raise"
+            " --scale-workers / --scale-loadgens"
         )
 
 

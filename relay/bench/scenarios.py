@@ -7,11 +7,15 @@ memory      many idle clients: RSS per connection, connects per second, idle CPU
 storm       N clients on node A of two; A is killed (SIGKILL) while events flow; the
             clients reconnect to node B with ``since=``: time until all resumed, losses
 soak        the latency load for a long time: does the node's RSS stay flat?
+scale       100,000 clients on one box: several --workers, several load generators, each
+            from its own loopback address; RSS per connection, connect rate, idle CPU,
+            a 500 events/s trickle (p99, nothing lost) while one worker drains on SIGTERM
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from array import array
@@ -19,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from relay.bench.harness import Bench, LoadGen, percentiles
-from relay.bench.procs import CpuSnapshot, proc_rss_kb
+from relay.bench.procs import Child, CpuSnapshot, alive, proc_rss_kb
 
 __all__ = ["PLOTTED_SCENARIOS", "SCENARIOS", "ScenarioResult"]
 
@@ -27,6 +31,8 @@ ScenarioResult = tuple[dict[str, Any], "array[float] | None"]
 
 IDLE_HOLD_S = 5.0
 STORM_RESUME_TIMEOUT_S = 60.0
+DRAIN_TRICKLE_LEAD_S = 2.0
+"""Seconds of the scale scenario's drain trickle before one worker gets SIGTERM."""
 
 
 class IncompleteConnect(RuntimeError):
@@ -140,12 +146,7 @@ async def memory(bench: Bench) -> ScenarioResult:
         await bench.settle()
         rss_after = sum(proc_rss_kb(p) for p in node.pids())
         redis_after = proc_rss_kb(bench.redis.pid)
-        cpu0 = CpuSnapshot.take({"server": node.pids()})
-        t0 = time.monotonic()
-        while (left := IDLE_HOLD_S - (time.monotonic() - t0)) > 0:
-            bench.progress.show(f"memory: holding {n:,} idle connections, {left:.0f} s left")
-            await asyncio.sleep(min(0.5, left))
-        idle = CpuSnapshot.take({"server": node.pids()}).delta(cpu0)
+        idle_pct = await _idle_cpu_pct(bench, node, f"memory: {n:,} connections")
         bench.progress.done(f"memory: held {n:,} idle connections for {IDLE_HOLD_S:g} s")
         rss_idle = sum(proc_rss_kb(p) for p in node.pids())
     finally:
@@ -163,7 +164,7 @@ async def memory(bench: Bench) -> ScenarioResult:
         "redis_bytes_per_conn": (
             round((redis_after - redis_before) * 1024 / connected) if connected else None
         ),
-        "idle_server_cpu_pct": round(100 * idle["server"] / IDLE_HOLD_S, 2),
+        "idle_server_cpu_pct": idle_pct,
     }
     return figures, None
 
@@ -255,12 +256,138 @@ async def storm(bench: Bench) -> ScenarioResult:
     return figures, phase.latencies
 
 
+def scale_sources(count: int) -> list[str]:
+    """127.0.0.2, 127.0.0.3, …: one loopback source address per load generator, so each
+    has its own ~28,000 ephemeral ports toward the node's one address and port."""
+    return [f"127.0.0.{2 + i}" for i in range(count)]
+
+
+async def _idle_cpu_pct(bench: Bench, node: Child, label: str) -> float:
+    """The node's CPU (every worker) while its clients sit idle, % of one core."""
+    cpu0 = CpuSnapshot.take({"server": node.pids()})
+    t0 = time.monotonic()
+    while (left := IDLE_HOLD_S - (time.monotonic() - t0)) > 0:
+        bench.progress.show(f"{label}: idle, {left:.0f} s left")
+        await asyncio.sleep(min(0.5, left))
+    idle = CpuSnapshot.take({"server": node.pids()}).delta(cpu0)
+    return round(100 * idle["server"] / IDLE_HOLD_S, 2)
+
+
+async def _drain_one_worker(
+    bench: Bench, gens: list[LoadGen], node: Child, after: float
+) -> dict[str, Any]:
+    """SIGTERM to one worker ``after`` s into the trickle: how long it takes to drain its
+    clients and exit, and until every one of them is connected again (to the others)."""
+    await asyncio.sleep(after)
+    worker = next(pid for pid in node.pids() if pid != node.pid)
+    t0 = time.monotonic()
+    os.kill(worker, signal.SIGTERM)
+    while alive(worker) and time.monotonic() - t0 < STORM_RESUME_TIMEOUT_S:
+        await asyncio.sleep(0.05)
+    exited = time.monotonic() - t0
+    st = await bench.stats(gens)
+    while st["resumed"] < st["dropped"] and time.monotonic() - t0 < STORM_RESUME_TIMEOUT_S:
+        await asyncio.sleep(0.1)
+        st = await bench.stats(gens)
+    resumes = [await gen.call("resumes") for gen in gens]
+    errors: dict[str, int] = {}
+    for r in resumes:
+        for why, times in r["handshake_errors"].items():
+            errors[why] = errors.get(why, 0) + int(times)
+    return {
+        "drain_refused": sum(int(r["refused"]) for r in resumes),
+        "drain_handshake_errors": errors,
+        "drain_worker_exited_s": round(exited, 3),
+        "drain_clients": int(st["dropped"]),
+        "drain_clients_resumed": int(st["resumed"]),
+        "drain_all_resumed_s": round(time.monotonic() - t0, 3),
+    }
+
+
+async def scale(bench: Bench) -> ScenarioResult:
+    o = bench.options
+    n, workers = o.scale_clients, o.scale_workers
+    sources = scale_sources(o.scale_loadgens)
+    load = bench.phase(
+        f"scale: {n:,} clients, {workers} workers, {o.scale_loadgens} load generators from"
+        f" {sources[0]}…{sources[-1]}, {o.scale_rate:,.0f} events/s trickle"
+    )
+    assert bench.redis is not None
+    node, url = await bench.node(
+        "a", workers=workers, extra=("--drain-grace", str(o.scale_drain_grace))
+    )
+    gens: list[LoadGen] = []
+    try:
+        gens = await bench.loadgens(o.scale_loadgens, sources)
+        await bench.settle(1.0)
+        redis_before = proc_rss_kb(bench.redis.pid)
+        conn = await bench.connect(gens, node, [url], n, reconnect=True, timeout=900.0)
+        _check_connected(conn, n)
+        await bench.settle()
+        rss_after = {pid: proc_rss_kb(pid) for pid in node.pids()}
+        redis_after = proc_rss_kb(bench.redis.pid)
+        idle_pct = await _idle_cpu_pct(bench, node, "scale")
+        count = int(o.scale_rate * o.scale_seconds)
+        phase = await bench.publish_phase(
+            gens, node, clients=n, count=count, rate=o.scale_rate, label="scale trickle"
+        )
+        # The drain has a trickle of its own: its events wait for their clients' resume,
+        # which would swamp the first one's percentiles; here only the count matters.
+        # (Nor its CPU: the drained worker's share leaves the sum when it exits.)
+        drain_count = int(o.scale_rate * (DRAIN_TRICKLE_LEAD_S + o.scale_drain_grace + 5.0))
+        drain = await bench.publish_phase(
+            gens,
+            node,
+            clients=n,
+            count=drain_count,
+            rate=o.scale_rate,
+            label="scale drain",
+            during=_drain_one_worker(bench, gens, node, DRAIN_TRICKLE_LEAD_S),
+        )
+    finally:
+        await _cleanup(bench, gens, node)
+    rss_before = conn["rss_server_kb_before_connect"]
+    connected = conn["connected"]
+    f = phase.figures
+    figures = {
+        "scenario": "scale",
+        "loadavg_before": load,
+        "clients": n,
+        "workers": workers,
+        "loadgens": o.scale_loadgens,
+        "sources": sources,
+        "events": count,
+        "rate": o.scale_rate,
+        "drain_grace_s": o.scale_drain_grace,
+        **conn,
+        "server_processes": len(rss_after),
+        "rss_server_kb": {"before": rss_before, "after": sum(rss_after.values())},
+        "rss_worker_kb": sorted(rss_after.values()),
+        "bytes_per_conn": (
+            round((sum(rss_after.values()) - rss_before) * 1024 / connected) if connected else None
+        ),
+        "redis_bytes_per_conn": (
+            round((redis_after - redis_before) * 1024 / connected) if connected else None
+        ),
+        "idle_server_cpu_pct": idle_pct,
+        **{k: v for k, v in f.items() if k != "rss_server_kb"},
+        **(drain.side or {}),
+        "drain_events": drain.figures["sent"],
+        "drain_delivered": drain.figures["delivered"],
+        "drain_lost": drain.figures["lost"],
+        "drain_dup": drain.figures["dup"],
+        "drain_lat_ms": drain.figures["lat_ms"],
+    }
+    return figures, phase.latencies
+
+
 SCENARIOS: dict[str, Callable[[Bench], Awaitable[ScenarioResult]]] = {
     "throughput": throughput,
     "latency": latency,
     "memory": memory,
     "storm": storm,
     "soak": soak,
+    "scale": scale,
 }
 
 PLOTTED_SCENARIOS = ("throughput", "latency")
