@@ -348,7 +348,10 @@ class LoadGen:
         client_id = client.id
         try:
             while True:
-                msg = await receive()
+                try:
+                    msg = await receive()
+                except (aiohttp.ClientError, OSError):  # the auto-pong met a closing socket
+                    break
                 if msg.type is WSMsgType.TEXT:
                     frame = loads(msg.data)
                     if frame.get("type") != "message":
