@@ -185,6 +185,13 @@ async def serve(
         await runner.cleanup()
         raise
     await stop.wait()
+    if reuse_port:
+        # A worker of `relay serve --workers N` shares its port: closing its listener at
+        # once hands new connections, its own clients' reconnects among them, to the
+        # other workers, which answer the health checks too. (Left open, the kernel
+        # keeps sending it a share of them, each refused: 26,595 failed handshakes when
+        # one of 8 workers drained 13,828 of 100,000 clients, docs/benchmarks.md.)
+        edge.stop_listening()
     # Readiness turns 503 at once; the listener stays open for health checks while
     # sessions are closed in batches, then everything stops.
     await node.drain()
