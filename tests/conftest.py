@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.support.node import DEFLATE, Listener, NodeUnderTest
+from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 from tests.support.sentinel import PASSWORD, SentinelDeployment
 from tests.support.timing import MS as MS  # re-exported: many modules import it from here
@@ -56,6 +57,30 @@ async def sentinel_deployment() -> AsyncIterator[SentinelDeployment]:
     found = await asyncio.to_thread(SentinelDeployment(password=PASSWORD).start)
     yield found
     await asyncio.to_thread(found.close)
+
+
+@pytest.fixture(scope="session")
+def shared_cluster() -> Iterator[RedisCluster]:
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def redis_cluster(shared_cluster: RedisCluster) -> RedisCluster:
+    """The session's private Redis Cluster (3 masters, 3 replicas), empty at the start of
+    each test. Tests that kill or move things use ``own_cluster``."""
+    shared_cluster.flush()
+    return shared_cluster
+
+
+@pytest.fixture
+async def own_cluster() -> AsyncIterator[RedisCluster]:
+    """A Redis Cluster of this test's own (3 masters, 3 replicas) to kill masters of and
+    move slots in."""
+    cluster = await asyncio.to_thread(RedisCluster().start)
+    yield cluster
+    await asyncio.to_thread(cluster.close)
 
 
 @pytest.fixture

@@ -18,6 +18,36 @@ from tests.support.timing import MS
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
+def start_replicated_server(
+    port: int, directory: Path, password: str | None, *extra: str
+) -> subprocess.Popen[bytes]:
+    """One redis-server of a deployment (Sentinel's or a cluster's) sharing ``directory``
+    with the others: files named by port, the password also used to reach a master."""
+    auth = ("--requirepass", password, "--masterauth", password) if password else ()
+    args = [
+        REDIS_BIN,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+        "--dbfilename",
+        f"dump-{port}.rdb",
+        "--logfile",
+        str(directory / f"redis-{port}.log"),
+        *auth,
+        *extra,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, 10_000 * MS)
+    return proc
+
+
 class RedisServer:
     """One redis-server process. ``restart()`` keeps the port (and, with AOF, the data)."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import redis
 
 from tests.support.ports import free_port, wait_port
-from tests.support.redis_server import REDIS_BIN
+from tests.support.redis_server import REDIS_BIN, start_replicated_server
 from tests.support.timing import MS
 
 SERVICE = "relay-test"
@@ -51,30 +51,7 @@ class SentinelDeployment:
         return f"redis+sentinel://{auth}{hosts}/{SERVICE}/0"
 
     def _server(self, port: int, *extra: str) -> None:
-        auth = ("--requirepass", self.password, "--masterauth", self.password)
-        args = [
-            REDIS_BIN,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.dir),
-            "--dbfilename",
-            f"dump-{port}.rdb",
-            "--logfile",
-            str(self.dir / f"redis-{port}.log"),
-            *(auth if self.password else ()),
-            *extra,
-        ]
-        self.procs[port] = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_port(port, 10.0)
+        self.procs[port] = start_replicated_server(port, self.dir, self.password, *extra)
 
     def _sentinel(self, port: int, master_port: int) -> None:
         conf = self.dir / f"sentinel-{port}.conf"

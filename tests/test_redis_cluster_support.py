@@ -1,0 +1,56 @@
+"""The test cluster itself: formed by redis-cli, a killed master's replica takes over, slots
+move with their keys. Other tests build on these steps, so they are checked on their own."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from redis.cluster import ClusterNode
+from redis.cluster import RedisCluster as ClusterClient
+
+from tests.support.redis_cluster import RedisCluster
+
+
+def _client(cluster: RedisCluster) -> ClusterClient:
+    nodes = [ClusterNode("127.0.0.1", port) for port in cluster.alive()]  # type: ignore[no-untyped-call]
+    return ClusterClient(startup_nodes=nodes)
+
+
+def test_cluster_has_three_masters_each_with_a_replica(redis_cluster: RedisCluster) -> None:
+    masters = redis_cluster.masters()
+    assert len(masters) == 3
+    assert all(len(redis_cluster.replicas_of(port)) == 1 for port in masters)
+    assert redis_cluster.url.startswith("redis+cluster://127.0.0.1:")
+
+
+def test_killed_master_is_replaced_by_its_replica_keeping_keys(own_cluster: RedisCluster) -> None:
+    client = _client(own_cluster)
+    client.set("{biz}:k", "v")
+    client.wait(1, 2000)  # the replica has it before the kill
+    old = own_cluster.master_of_slot(own_cluster.slot_of("{biz}:k"))
+    replica = own_cluster.replicas_of(old)[0]
+    new, _ = own_cluster.kill_master_and_wait_failover(old)
+    assert new == replica
+    assert own_cluster.master_of_slot(own_cluster.slot_of("{biz}:k")) == new
+    client.close()
+    client = _client(own_cluster)
+    assert client.get("{biz}:k") == b"v"
+    client.close()
+
+
+def test_moved_slot_takes_its_keys_and_redirects(own_cluster: RedisCluster) -> None:
+    client = _client(own_cluster)
+    client.set("{biz}:k", "v")
+    slot = own_cluster.slot_of("{biz}:k")
+    source = own_cluster.master_of_slot(slot)
+    target = next(port for port in own_cluster.masters() if port != source)
+    own_cluster.move_slot(slot, target)
+    assert own_cluster.master_of_slot(slot) == target
+    with own_cluster.client(source) as old, own_cluster.client(target) as new:
+        with pytest.raises(redis.exceptions.MovedError, match=f"^{slot} 127.0.0.1:{target}$"):
+            old.get("{biz}:k")
+        assert new.get("{biz}:k") == b"v"
+    assert client.get("{biz}:k") == b"v"  # redis-py follows MOVED
+    own_cluster.reshard(target, source, 10)
+    assert len(own_cluster.masters()) == 3
+    client.close()
