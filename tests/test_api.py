@@ -7,7 +7,7 @@ error body ``{"error": {"code", "message"}}`` with its status.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,6 +20,7 @@ from tests.cluster.support import relay_cli
 from tests.conftest import MS
 from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
 from tests.support.redis_server import RedisServer
+from tests.support.timing import eventually
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -65,12 +66,6 @@ def error(code: str) -> Any:
             return f"<error {code}>"
 
     return _Error()
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 5000 * MS) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(5 * MS)
 
 
 async def start(started: list[NodeUnderTest], **overrides: Any) -> NodeUnderTest:

@@ -34,7 +34,7 @@ from relay.protocol import CloseCode, Format
 from relay.wire import parse_id
 from tests.support.node import API_KEY, NodeUnderTest, node_settings
 from tests.support.scripted import ScriptedNode, frame, overlapping_replay, welcome
-from tests.support.timing import MS
+from tests.support.timing import MS, eventually
 
 SECRET = "client-tests-hs256-secret-of-32-bytes+"  # PyJWT warns below 32 bytes
 
@@ -100,12 +100,6 @@ async def publish(node: NodeUnderTest, biz_id: str, event: str, data: Any = None
 async def take(client: RelayClient, count: int, timeout: float = 5000 * MS) -> list[Message]:
     async with asyncio.timeout(timeout):
         return [await anext(client) for _ in range(count)]
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5000 * MS) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(10 * MS)
 
 
 def on_node(client: RelayClient, node_id: str) -> bool:

@@ -7,7 +7,6 @@ the welcome's ``recovered`` tells it whether the hole was closed. Never a silent
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,9 +18,9 @@ from structlog.testing import capture_logs
 from relay.client import Message, RelayClient
 from relay.protocol import CloseCode
 from relay.wire import PUBLISH_LUA, KeySpace, encode_payload, publish_call
-from tests.conftest import MS
 from tests.support.node import NodeUnderTest, node_settings
 from tests.support.redis_server import RedisServer
+from tests.support.timing import eventually
 
 FAST = {"backoff_base": 0.05, "backoff_max": 0.2, "connect_timeout": 5.0}
 
@@ -57,13 +56,6 @@ class Recorder:
             on_welcome=self.on_welcome,
             **FAST,  # type: ignore[arg-type]
         )
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 10_000 * MS) -> None:
-    """Wait until ``predicate()`` is true, failing after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(10 * MS)
 
 
 def publish_args(biz_id: str, n: int, history_size: int) -> list[Any]:

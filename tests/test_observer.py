@@ -8,7 +8,7 @@ terminal 4000: the WPF client it was meant to watch never came back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,6 +16,7 @@ from relay.client import RelayClient, RelayClosed
 from tests.support.node import API_KEY, NodeUnderTest, node_settings
 from tests.support.redis_server import RedisServer
 from tests.support.tail import Tail
+from tests.support.timing import eventually
 
 pytestmark = pytest.mark.redis
 
@@ -35,12 +36,6 @@ async def two_nodes(redis_server: RedisServer) -> AsyncIterator[list[NodeUnderTe
 
 def ws_base(node: NodeUnderTest) -> str:
     return f"ws://127.0.0.1:{node.settings.port}"
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_tail_watches_a_connected_client_without_closing_it(

@@ -16,6 +16,7 @@ from relay.protocol import CloseCode, Format
 from relay.session import RateLimiter, Session, SessionLimits
 from relay.wire import Event, StreamId, format_id
 from tests.conftest import MS
+from tests.support.timing import eventually
 
 
 class RecordingTransport:
@@ -79,13 +80,6 @@ class RecordingTransport:
 def event(ms: int) -> Event:
     key: StreamId = (ms, 0)
     return Event(format_id(key), key, (ms - 1, 0), "cml", "e", ms, 1.0)
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 2000 * MS) -> None:
-    """Wait until ``predicate()`` is true, failing after ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(MS)
 
 
 Factory = Callable[..., Session]

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from relay import wire
 from tests.backend_adapter.sql_support import fresh_engine, sqlite_url
 from tests.support.node import Listener
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS, wait_until
 
 KEYS = wire.KeySpace()
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,14 +75,6 @@ def stream_mids(raw: redis.Redis, biz_id: str) -> list[str | None]:
 def rows(engine: sa.Engine) -> list[Any]:
     with engine.connect() as conn:
         return list(conn.execute(sa.select(OUTBOX).order_by(OUTBOX.c.id)))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.01)
 
 
 def failed_rounds(caplog: pytest.LogCaptureFixture) -> int:
@@ -338,7 +331,7 @@ def test_outbox_two_dispatchers_on_postgres_deliver_every_event_once_in_order(
     with running(dispatchers[0]), running(dispatchers[1]):
         producer.start()
         producer.join()
-        wait_until(lambda: dispatchers[0].pending() == 0, timeout=20)
+        wait_until(lambda: dispatchers[0].pending() == 0, timeout=20_000 * MS)
     for dispatcher, publisher in zip(dispatchers, publishers, strict=True):
         dispatcher.close()
         publisher.close()

@@ -32,6 +32,7 @@ from tests.cluster.support import LocalCluster, TickPublisher, nginx_available
 from tests.conftest import MS
 from tests.support.node import Listener
 from tests.support.scripted import Script, ScriptedNode, overlapping_replay, welcome
+from tests.support.timing import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 DOTNET = ROOT / "clients" / "dotnet"
@@ -130,16 +131,6 @@ def cluster(shared_cluster: LocalCluster) -> LocalCluster:
         if shared_cluster.exit_code(k) is not None:
             shared_cluster.start_node(k)
     return shared_cluster
-
-
-async def eventually(
-    predicate: Callable[[], bool], what: str, timeout: float = 10 * SECONDS
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def token(client_id: str, ttl: int = 3600) -> str:
@@ -732,7 +723,7 @@ async def test_dotnet_client_completes_the_close_handshake_both_ways(
     started = time.monotonic()
     assert await driver.stop() == 0
     assert time.monotonic() - started < 2 * SECONDS  # the reply came; no CloseTimeout wait
-    await eventually(lambda: len(node.client_codes) == 2, "the second close")
+    await eventually(lambda: len(node.client_codes) == 2, what="the second close")
     assert node.client_codes == [4508, 1000]
     last = driver.of("disconnected")[-1]
     assert (last["code"], last["will_reconnect"]) == (1000, False)

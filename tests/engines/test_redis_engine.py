@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -22,6 +22,7 @@ from tests.conftest import MS
 from tests.engines.conftest import REDIS_KINDS, RecordingHandler, StartEngine
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
+from tests.support.timing import eventually
 
 BOTH = pytest.mark.parametrize("start_engine", REDIS_KINDS, indirect=True)
 REAL = pytest.mark.parametrize(
@@ -39,15 +40,6 @@ TTL_MS = EngineOptions().history_ttl * 1000
 
 def events_named(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs if entry["event"] == name]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_ms: float = 3000) -> None:
-    """Poll an async check until it holds; fail after ``timeout_ms``."""
-    deadline = time.monotonic() + timeout_ms * MS
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_ms:.0f} ms")
-        await asyncio.sleep(20 * MS)
 
 
 def test_control_encoding_round_trips() -> None:

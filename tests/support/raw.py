@@ -8,6 +8,7 @@ import os
 import struct
 
 from tests.support.node import NodeUnderTest
+from tests.support.timing import MS
 
 
 def upgrade_request(path: str, *, version: str = "13", extra: str = "") -> tuple[bytes, str]:
@@ -32,14 +33,14 @@ class RawClient:
         return cls(*await asyncio.open_connection("127.0.0.1", node.settings.port))
 
     async def response_head(self) -> bytes:
-        return await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
+        return await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5000 * MS)
 
-    async def frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+    async def frame(self, timeout: float = 5000 * MS) -> tuple[int, bytes]:
         """The next frame's opcode and payload."""
         first, payload = await self.raw_frame(timeout)
         return first & 0x0F, payload
 
-    async def raw_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+    async def raw_frame(self, timeout: float = 5000 * MS) -> tuple[int, bytes]:
         """The next frame's first byte (FIN, RSV bits, opcode) and payload."""
         first, second = await asyncio.wait_for(self.reader.readexactly(2), timeout)
         size = second & 0x7F
