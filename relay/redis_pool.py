@@ -7,6 +7,11 @@ the engine's pub/sub side, which opens its connections with the pool's
 ``connection_class`` and ``connection_kwargs``) reach the new master. Every pool blocks
 for a free connection rather than fail, like redis-py's ``BlockingConnectionPool``.
 
+A ``redis+cluster://`` URL has no single pool: :func:`async_cluster` and
+:func:`sync_cluster` build redis-py's cluster clients (a pool per node, ``MOVED`` and
+``ASK`` followed, the layout refreshed after a failover); :func:`async_pool` and
+:func:`sync_pool` refuse it.
+
 It imports redis but does no I/O itself: it sits beside the pure core, below the engines
 (tests/test_layers.py lets backend_adapter import it and nothing else that imports redis).
 """
@@ -17,13 +22,15 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster as async_cluster_mod
 import redis.asyncio.sentinel as async_sentinel
+import redis.cluster as sync_cluster_mod
 import redis.sentinel as sync_sentinel
 
 from relay.errors import ConfigError
 from relay.redis_url import parse_redis_url
 
-__all__ = ["async_pool", "sync_pool"]
+__all__ = ["async_cluster", "async_pool", "sync_cluster", "sync_pool"]
 
 
 class _AsyncSentinelPool(
@@ -52,6 +59,8 @@ class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool, redis.BlockingConn
 
 def _pool(url: str, options: dict[str, Any], sentinel: Any, sentinel_pool: Any, pool: Any) -> Any:
     target = parse_redis_url(url)
+    if target.is_cluster:
+        raise ConfigError("redis+cluster:// names a cluster, not one server: use a cluster client")
     if target.is_sentinel:
         timeout = options.get("socket_connect_timeout") or options.get("socket_timeout")
         manager = sentinel(target.sentinels, sentinel_kwargs=target.sentinel_kwargs(timeout))
@@ -80,3 +89,29 @@ def sync_pool(url: str, **options: Any) -> redis.ConnectionPool:
         url, options, sync_sentinel.Sentinel, _SyncSentinelPool, redis.BlockingConnectionPool
     )
     return result
+
+
+def _cluster_arguments(url: str) -> dict[str, Any]:
+    target = parse_redis_url(url)
+    if not target.is_cluster:
+        raise ConfigError("a cluster client needs a redis+cluster:// URL")
+    return {"username": target.username, "password": target.password}
+
+
+def async_cluster(url: str, **options: Any) -> async_cluster_mod.RedisCluster:
+    """redis-py's asyncio cluster client for a ``redis+cluster://`` URL; ``options`` are
+    RedisCluster and connection arguments."""
+    nodes = [
+        async_cluster_mod.ClusterNode(host, port)
+        for host, port in parse_redis_url(url).cluster_nodes
+    ]
+    return async_cluster_mod.RedisCluster(startup_nodes=nodes, **_cluster_arguments(url), **options)
+
+
+def sync_cluster(url: str, **options: Any) -> sync_cluster_mod.RedisCluster:
+    """redis-py's cluster client for threads; see :func:`async_cluster`."""
+    nodes = [
+        sync_cluster_mod.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+        for host, port in parse_redis_url(url).cluster_nodes
+    ]
+    return sync_cluster_mod.RedisCluster(startup_nodes=nodes, **_cluster_arguments(url), **options)

@@ -1,19 +1,20 @@
-"""The test cluster itself: formed by redis-cli, a killed master's replica takes over, slots
-move with their keys. Other tests build on these steps, so they are checked on their own."""
+"""The test cluster and relay.redis_pool's cluster clients: formed by redis-cli, a killed
+master's replica takes over, slots move with their keys, and the clients built from a
+``redis+cluster://`` URL follow all of it."""
 
 from __future__ import annotations
 
 import pytest
 import redis
-from redis.cluster import ClusterNode
 from redis.cluster import RedisCluster as ClusterClient
 
+from relay.errors import ConfigError
+from relay.redis_pool import async_cluster, async_pool, sync_cluster, sync_pool
 from tests.support.redis_cluster import RedisCluster
 
 
 def _client(cluster: RedisCluster) -> ClusterClient:
-    nodes = [ClusterNode("127.0.0.1", port) for port in cluster.alive()]  # type: ignore[no-untyped-call]
-    return ClusterClient(startup_nodes=nodes)
+    return sync_cluster(cluster.url)
 
 
 def test_cluster_has_three_masters_each_with_a_replica(redis_cluster: RedisCluster) -> None:
@@ -54,3 +55,30 @@ def test_moved_slot_takes_its_keys_and_redirects(own_cluster: RedisCluster) -> N
     own_cluster.reshard(target, source, 10)
     assert len(own_cluster.masters()) == 3
     client.close()
+
+
+async def test_async_cluster_client_reaches_every_shard(redis_cluster: RedisCluster) -> None:
+    """Keys of different hash tags land on different masters; the asyncio client reads and
+    writes them all, and a password-less URL needs no auth."""
+    client = async_cluster(redis_cluster.url)
+    try:
+        tags = [f"{{biz-{n}}}:k" for n in range(30)]
+        for key in tags:
+            await client.set(key, key)
+        assert [await client.get(key) for key in tags] == [key.encode() for key in tags]
+        slots = {redis_cluster.master_of_slot(redis_cluster.slot_of(key)) for key in tags}
+        assert len(slots) == 3
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("build", [async_pool, sync_pool])
+def test_single_server_pools_refuse_a_cluster_url(build: object) -> None:
+    with pytest.raises(ConfigError, match="names a cluster"):
+        build("redis+cluster://h:1")  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("build", [async_cluster, sync_cluster])
+def test_cluster_clients_refuse_other_urls(build: object) -> None:
+    with pytest.raises(ConfigError, match="redis\\+cluster:// URL"):
+        build("redis://h:1/0")  # type: ignore[operator]

@@ -6,7 +6,7 @@ import pytest
 
 from relay.engines import check_redis_url
 from relay.errors import ConfigError
-from relay.redis_url import SENTINEL_PORT, parse_redis_url
+from relay.redis_url import CLUSTER_PORT, SENTINEL_PORT, parse_redis_url
 
 
 @pytest.mark.parametrize(
@@ -46,6 +46,21 @@ def test_redis_url_sentinel_lone_userinfo_is_the_password() -> None:
     }
 
 
+def test_redis_url_cluster_names_every_node_and_the_password() -> None:
+    """redis+cluster:// lists seed nodes (port 6379 by default) and the nodes' password."""
+    target = parse_redis_url("redis+cluster://app:s%40cret@10.0.0.1:7000,h2,[::1]:7002/")
+    assert target.is_cluster and not target.is_sentinel
+    assert target.cluster_nodes == (("10.0.0.1", 7000), ("h2", CLUSTER_PORT), ("::1", 7002))
+    assert (target.username, target.password) == ("app", "s@cret")
+    assert parse_redis_url("redis+cluster://secret@h:1/0").password == "secret"
+
+
+def test_redis_url_cluster_is_refused_by_the_node_by_name() -> None:
+    """relay serve says plainly that it cannot serve a cluster yet (never a scheme list)."""
+    with pytest.raises(ConfigError, match="redis\\+cluster:// is not supported by relay nodes"):
+        check_redis_url("redis+cluster://:pw@h:1")
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [
@@ -61,7 +76,11 @@ def test_redis_url_sentinel_lone_userinfo_is_the_password() -> None:
         ("redis+sentinel://h:\u00b2/svc", "bad port"),  # a digit to str.isdigit only
         ("redis+sentinel://h:1/svc/\u00b2", "not a number"),
         ("redis+sentinel://h:1/svc?socket_timeout=1", "unknown option"),
-        ("redis+cluster://h:1", "not supported"),
+        ("rediss+cluster://h:1", "not supported"),
+        ("redis+cluster://", "at least one cluster node"),
+        ("redis+cluster://h:1/3", "only database 0"),
+        ("redis+cluster://h:1,h:x", "bad port"),
+        ("redis+cluster://h:1?ssl=1", "takes no"),
     ],
 )
 def test_redis_url_refuses_malformed_strings(url: str, says: str) -> None:
