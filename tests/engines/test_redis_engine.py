@@ -248,11 +248,12 @@ async def test_heartbeat_sets_node_ttl(start_engine: StartEngine) -> None:
 
 @BOTH
 async def test_publish_refreshes_history_ttl(start_engine: StartEngine) -> None:
-    """Each publish sets the stream's TTL to history_ttl."""
+    """After each publish the stream lives at least history_ttl, at most 1.5 times it."""
     h = await start_engine(EngineOptions(history_ttl=100))
     assert h.raw is not None
-    await h.engine.publish("ttl", "e", None)
-    assert 0 < await h.raw.ttl(h.keys.log("ttl")) <= 100
+    for _ in range(3):
+        await h.engine.publish("ttl", "e", None)
+        assert 100 < await h.raw.ttl(h.keys.log("ttl")) <= 150
 
 
 @BOTH

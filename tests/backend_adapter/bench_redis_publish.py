@@ -1,0 +1,138 @@
+"""Redis CPU per publish: ``python -m tests.backend_adapter.bench_redis_publish [N]``.
+
+Starts a private redis-server and, in one run, sends N publishes of the same payload as
+pipelined calls of: the previous publish script (tests/fixtures/publish_v1.lua), the
+current relay/lua/publish.lua, and a plain PUBLISH (what a Socket.IO-style adapter
+sends). Each is measured by Redis itself: ``INFO commandstats`` (usec_per_call of
+evalsha and of the commands the script runs) and the ``INFO cpu`` delta
+(used_cpu_user + used_cpu_sys, which also counts parsing and network I/O) per event.
+Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from relay.wire import PUBLISH_LUA, KeySpace, encode_payload, publish_call
+from tests.support.redis_server import RedisServer
+
+OLD_LUA = (Path(__file__).parents[1] / "fixtures" / "publish_v1.lua").read_text()
+BIZ_IDS = 500
+PIPELINE = 100
+RUN = 10  # events of one BizId per call of the batch prototype
+REPEATS = 3
+
+# Prototype only (not shipped): one call publishes a run of events of one BizId, without
+# dedupe. It shows what the per-call script overhead costs once amortised.
+BATCH_LUA = """
+local ttl_ms = tonumber(ARGV[2]) * 1000
+local slack_ms = math.floor(ttl_ms / 4)
+local left_ms = redis.call('PTTL', KEYS[1])
+local prev = false
+if left_ms > ttl_ms then prev = redis.call('GET', KEYS[2]) end
+if not prev then
+  prev = '0-0'
+  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if newest[1] then prev = newest[1][1] end
+end
+local out, id, receivers = {}, nil, 0
+for i = 3, #ARGV do
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'p', ARGV[i], 'prev', prev)
+  receivers = redis.call('PUBLISH', KEYS[2], id .. ' ' .. prev .. ' ' .. ARGV[i])
+  out[#out + 1] = id
+  prev = id
+end
+redis.call('SET', KEYS[2], id, 'PX', ttl_ms)
+if left_ms <= ttl_ms + slack_ms then redis.call('PEXPIRE', KEYS[1], ttl_ms + 2 * slack_ms) end
+return out
+"""
+
+
+def cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def run(client: redis.Redis, n: int, call: Any) -> dict[str, Any]:
+    client.config_resetstat()
+    started = cpu(client)
+    for base in range(0, n, PIPELINE):
+        pipe = client.pipeline(transaction=False)
+        for i in range(base, base + PIPELINE):
+            call(pipe, i)
+        pipe.execute()
+    spent = cpu(client) - started
+    stats = client.info("commandstats")
+    out: dict[str, Any] = {"cpu µs/event": spent / n * 1e6}
+    for name, row in sorted(stats.items()):
+        if name.startswith(("cmdstat_info", "cmdstat_config")):
+            continue
+        out[f"{name.removeprefix('cmdstat_')} µs/call, calls/event"] = (
+            float(row["usec_per_call"]),
+            int(row["calls"]) / n,
+        )
+    # Commands a script runs are counted inside its evalsha time as well as on their own.
+    outer = stats.get("cmdstat_evalsha") or stats["cmdstat_publish"]
+    out["total µs/event (commandstats)"] = float(outer["usec"]) / n
+    return out
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    keys = KeySpace("relay")
+    payload = encode_payload("b0", "label.created", {"label": 1, "name": "shipping label"})
+    server = RedisServer().start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        old_sha, new_sha = client.script_load(OLD_LUA), client.script_load(PUBLISH_LUA)
+        batch_sha = client.script_load(BATCH_LUA)
+
+        def script(sha: str) -> Any:
+            def call(pipe: Any, i: int) -> None:
+                k, a = publish_call(
+                    keys,
+                    f"b{i % BIZ_IDS}",
+                    payload,
+                    mid=None,
+                    history_size=100,
+                    history_ttl=3600,
+                    dedupe_window=600,
+                )
+                pipe.evalsha(sha, len(k), *k, *a)
+
+            return call
+
+        def plain(pipe: Any, i: int) -> None:
+            pipe.publish(keys.channel(f"b{i % BIZ_IDS}"), payload)
+
+        def batch(pipe: Any, i: int) -> None:
+            if i % RUN == 0:
+                biz = f"b{i // RUN % BIZ_IDS}"
+                pipe.evalsha(
+                    batch_sha, 2, keys.log(biz), keys.channel(biz), 100, 3600, *[payload] * RUN
+                )
+
+        rounds = {
+            "old publish.lua": script(old_sha),
+            "new publish.lua": script(new_sha),
+            f"batch prototype, {RUN} events/call": batch,
+            "plain PUBLISH (peer)": plain,
+        }
+        for call in rounds.values():  # warm: streams exist, scripts cached
+            run(client, n // 10, call)
+        for repeat in range(REPEATS):
+            for name, call in rounds.items():
+                print(f"== {name} ({n} events, payload {len(payload)} B, round {repeat + 1})")
+                for key, value in run(client, n, call).items():
+                    shown = value if isinstance(value, tuple) else (value,)
+                    print(f"   {key:40}", "  ".join(f"{v:6.2f}" for v in shown))
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
