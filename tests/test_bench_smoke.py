@@ -83,3 +83,24 @@ def test_bench_scale_drains_a_worker_and_loses_nothing(tmp_path: Path) -> None:
     assert 0 < result["drain_clients"] == result["drain_clients_resumed"] < 300
     assert "| scale" in proc.stdout
     assert [pid for pid in doc["pids_started"] if alive(pid)] == []
+
+
+def test_bench_floor_delivers_everything_on_the_floor_and_on_relay(tmp_path: Path) -> None:
+    """The floor scenario: the same load on the floor server and on a node, each delivering
+    every event to its client, and the ratio of their CPU per message reported."""
+    proc, doc = _bench(
+        tmp_path, "--scenarios", "floor", "--clients", "20", "--events", "200", "--no-plot"
+    )
+    (result,) = doc["results"]
+    assert result["scenario"] == "floor"
+    for server in ("floor", "relay"):
+        assert result[server]["throughput_msgs_s"] > 0
+        assert (result[server]["lost"], result[server]["dup"], result[server]["misrouted"]) == (
+            0,
+            0,
+            0,
+        )
+    # 200 events may take less CPU than one clock tick: the ratio is then left out (None)
+    assert "relay_over_floor" in result
+    assert "relay µs per msg ÷ floor's" in proc.stdout
+    assert [pid for pid in doc["pids_started"] if alive(pid)] == []

@@ -33,6 +33,7 @@ from relay.bench.procs import (
     loadavg,
     proc_cpu_s,
     proc_rss_kb,
+    start_floor,
     start_node,
     start_redis,
 )
@@ -254,6 +255,13 @@ class Bench:
             extra=extra,
             cpus=self.server_cpus,
         )
+        self.adopt(child)
+        return child, f"ws://127.0.0.1:{port}"
+
+    async def floor(self) -> tuple[Child, str]:
+        """The floor server on a free port, pinned like a node; returns it and its URL."""
+        port = free_port()
+        child = await start_floor(port, self.redis_url, self.log_dir, cpus=self.server_cpus)
         self.adopt(child)
         return child, f"ws://127.0.0.1:{port}"
 

@@ -35,6 +35,7 @@ __all__ = [
     "machine_cpu",
     "proc_cpu_s",
     "proc_rss_kb",
+    "start_floor",
     "start_node",
     "start_redis",
     "wait_port",
@@ -298,7 +299,34 @@ async def start_node(
         "--workers", str(workers),
         *extra,
     ]  # fmt: skip
-    child = await Child.spawn(f"node {name}", argv, log_dir / f"node-{name}.log", cpus=cpus)
+    return await _spawn_server(
+        f"node {name}", argv, log_dir / f"node-{name}.log", port, cpus=cpus, workers=workers
+    )
+
+
+async def start_floor(
+    port: int, redis_url: str, log_dir: Path, *, cpus: frozenset[int] | None = None
+) -> Child:
+    """The floor server (``relay.bench.floor``): what Relay's per-message cost is held against."""
+    argv = [
+        sys.executable, "-m", "relay.bench.floor",
+        "--port", str(port),
+        "--redis-url", redis_url,
+    ]  # fmt: skip
+    return await _spawn_server("floor", argv, log_dir / "floor.log", port, cpus=cpus)
+
+
+async def _spawn_server(
+    name: str,
+    argv: Sequence[str],
+    log_path: Path,
+    port: int,
+    *,
+    cpus: frozenset[int] | None,
+    workers: int = 1,
+) -> Child:
+    """Start a server and wait until its ``workers`` listen on ``port``; stop it if not."""
+    child = await Child.spawn(name, argv, log_path, cpus=cpus)
     try:
         await wait_port(port, 30.0, child)
         # With --workers every worker binds its own socket (SO_REUSEPORT): wait for all.

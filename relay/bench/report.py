@@ -84,6 +84,16 @@ def _rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
                 ("server RSS KiB start / end / max",
                  f"{_n(rss['start'])} / {_n(rss['end'])} / {_n(rss['max'])}")
             )  # fmt: skip
+    elif name == "floor":
+        rows.append(("load", f"{_n(f['clients'])} clients, {_n(f['events'])} events flat out"))
+        for server in ("floor", "relay"):
+            g = f[server]
+            rows += [
+                (f"{server}: delivered msgs/s", _n(g["throughput_msgs_s"])),
+                (f"{server}: server CPU µs per delivered msg", _n(g["server_us_per_msg"], 1)),
+                (f"{server}: lost / dup / misrouted", _accounting(g)),
+            ]
+        rows.append(("relay µs per msg ÷ floor's", _n(f["relay_over_floor"], 2)))
     elif name == "memory":
         bpc = f["bytes_per_conn"]
         rows += [

@@ -1,4 +1,4 @@
-"""The five scenarios of ``make bench``. Each starts its own nodes and clients on the run's
+"""The scenarios of ``make bench``. Each starts its own nodes and clients on the run's
 Redis, measures, and stops what it started (Redis is flushed between scenarios).
 
 throughput  C clients, M events to random clients as fast as the publisher goes
@@ -6,6 +6,8 @@ latency     C clients, R events/s for a few seconds: latency percentiles under l
 memory      many idle clients: RSS per connection, connects per second, idle CPU
 storm       N clients on node A of two; A is killed (SIGKILL) while events flow; the
             clients reconnect to node B with ``since=``: time until all resumed, losses
+floor       the throughput load on the floor server (relay.bench.floor), then on a node:
+            the node's CPU per delivered message as a multiple of the floor's
 soak        the latency load for a long time: does the node's RSS stay flat?
 scale       100,000 clients on one box: several --workers, several load generators, each
             from its own loopback address; RSS per connection, connect rate, idle CPU,
@@ -53,12 +55,20 @@ async def _cleanup(bench: Bench, gens: list[LoadGen], *nodes: Any) -> None:
 
 
 async def _events(
-    bench: Bench, name: str, *, clients: int, count: int, rate: float, title: str
+    bench: Bench,
+    name: str,
+    *,
+    clients: int,
+    count: int,
+    rate: float,
+    title: str,
+    server: Callable[[], Awaitable[tuple[Child, str]]] | None = None,
 ) -> ScenarioResult:
-    """Shared by throughput, latency and soak: one node, clients, a publish phase."""
+    """Shared by throughput, latency, soak and floor: one server (default: a node),
+    clients, a publish phase."""
     o = bench.options
     load = bench.phase(title)
-    node, url = await bench.node("a", workers=o.workers)
+    node, url = await (server() if server else bench.node("a", workers=o.workers))
     gens: list[LoadGen] = []
     try:
         gens = await bench.loadgens()
@@ -96,6 +106,38 @@ async def throughput(bench: Bench) -> ScenarioResult:
         title=f"throughput: {o.clients:,} clients, {o.events:,} events flat out,"
         f" {o.workers} worker(s)",
     )
+
+
+FLOOR_FIGURES = ("throughput_msgs_s", "server_us_per_msg", "lat_ms", "lost", "dup", "misrouted")
+
+
+async def floor(bench: Bench) -> ScenarioResult:
+    """The throughput load on the floor server, then on one node: the node's CPU per
+    delivered message as a multiple of the floor's, from the same run."""
+    o = bench.options
+    runs: dict[str, dict[str, Any]] = {}
+    for server, start in (("floor", bench.floor), ("relay", lambda: bench.node("a"))):
+        figures, _ = await _events(
+            bench,
+            "floor",
+            clients=o.clients,
+            count=o.events,
+            rate=0.0,
+            title=f"floor: {o.clients:,} clients, {o.events:,} events flat out, on {server}",
+            server=start,
+        )
+        runs[server] = {
+            "loadavg_before": figures["loadavg_before"],
+            **{k: figures[k] for k in FLOOR_FIGURES},
+        }
+    floor_us, relay_us = runs["floor"]["server_us_per_msg"], runs["relay"]["server_us_per_msg"]
+    return {
+        "scenario": "floor",
+        "clients": o.clients,
+        "events": o.events,
+        **runs,
+        "relay_over_floor": round(relay_us / floor_us, 2) if floor_us and relay_us else None,
+    }, None
 
 
 async def latency(bench: Bench) -> ScenarioResult:
@@ -388,6 +430,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[ScenarioResult]]] = {
     "storm": storm,
     "soak": soak,
     "scale": scale,
+    "floor": floor,
 }
 
 PLOTTED_SCENARIOS = ("throughput", "latency")
