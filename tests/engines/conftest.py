@@ -17,10 +17,16 @@ import redis.asyncio as aioredis
 from relay.engine import Control, Engine, EngineOptions, SessionRecord
 from relay.engines.memory import MemoryEngine
 from relay.engines.redis import RedisEngine
+from relay.redis_pool import async_cluster
 from relay.wire import Event, KeySpace
 from tests.conftest import MS
 
-KINDS = ["memory", pytest.param("redis", marks=pytest.mark.redis), "fakeredis"]
+KINDS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    "fakeredis",
+    pytest.param("cluster", marks=pytest.mark.redis),  # a real 3-master Redis Cluster
+]
 REDIS_KINDS = [pytest.param("redis", marks=pytest.mark.redis), "fakeredis"]
 
 _node_ids = itertools.count(1)
@@ -90,6 +96,17 @@ class Harness:
         await asyncio.sleep(0.01)
 
 
+def receivers_are_counted(h: Harness, request: pytest.FixtureRequest) -> None:
+    """Mark a test that needs ``PublishResult.receivers``/``online`` as a known failure on
+    a cluster. A cluster's PUBLISH counts only the subscribers of the node that ran it, and
+    the engine's one classic pub/sub connection is on any node (the same one only by
+    chance, so not strict): sharded pub/sub (SSUBSCRIBE on each slot's master) is the fix,
+    not done yet, which is why ``relay serve`` still refuses redis+cluster://."""
+    if h.kind == "cluster":
+        reason = "cluster: PUBLISH counts only its own node's subscribers (no sharded pub/sub yet)"
+        request.applymarker(pytest.mark.xfail(reason=reason))
+
+
 def record(h: Harness, client_id: str, session: str, since: str | None = None) -> SessionRecord:
     """A session record of ``client_id`` on ``h``'s node, claimed now."""
     return SessionRecord(client_id, h.node_id, session, since, time.time())
@@ -123,6 +140,10 @@ async def start_engine(request: pytest.FixtureRequest) -> AsyncIterator[StartEng
                 url = request.getfixturevalue("redis_server").url
             engine = RedisEngine(url, options, **kwargs)
             raw = aioredis.Redis.from_url(url, protocol=2)
+        elif kind == "cluster":
+            url = request.getfixturevalue("redis_cluster").url
+            engine = RedisEngine(url, options, **kwargs)
+            raw = async_cluster(url, protocol=2)  # type: ignore[assignment]  # same commands
         else:
             fake = fakeredis.FakeAsyncRedis(server=fake_server, protocol=2)
             cleanups.append(lambda: fake.aclose(close_connection_pool=True))

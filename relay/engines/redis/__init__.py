@@ -41,7 +41,8 @@ whose ``since`` predates the data Redis still has is never told it recovered eve
 The package has one module per interface of :mod:`relay.engine`: ``broker``,
 ``sessions`` (the session registry) and ``nodes`` (the node registry), joined with the
 lifecycle in ``engine``; ``_subscriber`` is the pub/sub side, ``_batch`` pipelines
-commands, and ``_compat`` is the only module that uses redis-py's private (underscore)
+commands, ``_cluster`` stands in for the batcher and the pub/sub target on a Redis Cluster
+(not yet served by ``relay serve``: see that module), and ``_compat`` is the only module that uses redis-py's private (underscore)
 names. The connection pool (Sentinel included) comes from :mod:`relay.redis_pool`, which
 the publishers share.
 

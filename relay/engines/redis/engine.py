@@ -29,13 +29,16 @@ from relay.engines.redis._base import (
     translated,
 )
 from relay.engines.redis._batch import Batcher
+from relay.engines.redis._cluster import AnyNode, ClusterBatcher
 from relay.engines.redis._compat import hiredis_parser
 from relay.engines.redis._subscriber import Subscriber, Timings, as_text, stop_task
 from relay.engines.redis.broker import RedisBroker
 from relay.engines.redis.nodes import RedisNodeRegistry
 from relay.engines.redis.sessions import RedisSessionRegistry
-from relay.errors import EngineError
+from relay.errors import ConfigError, EngineError
+from relay.redis_pool import async_cluster
 from relay.redis_pool import async_pool as redis_pool
+from relay.redis_url import parse_redis_url
 from relay.wire import HISTORY_LUA, PUBLISH_LUA, KeySpace
 
 if TYPE_CHECKING:
@@ -88,30 +91,46 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
             subscribe_timeout,
         )
         self._owns_pool = connection_pool is None
-        if connection_pool is None:
-            connection_pool = redis_pool(
-                url,
-                protocol=2,
-                max_connections=max_connections,
-                timeout=socket_timeout,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(
-                    ExponentialWithJitterBackoff(cap=0.5, base=0.05),
-                    command_retries,
-                    supported_errors=(redis_errors.ConnectionError,),
-                ),
-                **hiredis_parser(),
+        connection: dict[str, Any] = {
+            "protocol": 2,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "retry": Retry(
+                ExponentialWithJitterBackoff(cap=0.5, base=0.05),
+                command_retries,
+                supported_errors=(redis_errors.ConnectionError,),
+            ),
+        }
+        self._cluster = connection_pool is None and parse_redis_url(url).is_cluster
+        if self._cluster:
+            if self.options.min_replicas:
+                raise ConfigError("--redis-min-replicas is not supported with redis+cluster://")
+            # redis-py's cluster client parses with hiredis by itself when it is installed.
+            cluster = async_cluster(url, max_connections=max_connections, **connection)
+            target = parse_redis_url(url)
+            auth = {"username": target.username, "password": target.password}
+            subscriber = {**connection, **auth, **hiredis_parser()}
+            self._pool = AnyNode(cluster, subscriber)  # type: ignore[assignment]
+            self._redis = cluster  # type: ignore[assignment]
+            self._batch = ClusterBatcher(cluster, command_timeout)  # type: ignore[assignment]
+        else:
+            if connection_pool is None:
+                connection_pool = redis_pool(
+                    url,
+                    max_connections=max_connections,
+                    timeout=socket_timeout,
+                    **connection,
+                    **hiredis_parser(),
+                )
+            self._pool = connection_pool
+            self._redis = aioredis.Redis(connection_pool=connection_pool)
+            self._batch = Batcher(
+                connection_pool,
+                command_timeout,
+                min_replicas=self.options.min_replicas,
+                replica_timeout=self.options.replica_timeout,
+                barrier=self._keys.barrier(),
             )
-        self._pool = connection_pool
-        self._redis = aioredis.Redis(connection_pool=connection_pool)
-        self._batch = Batcher(
-            connection_pool,
-            command_timeout,
-            min_replicas=self.options.min_replicas,
-            replica_timeout=self.options.replica_timeout,
-            barrier=self._keys.barrier(),
-        )
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
         self._history_script = self._redis.register_script(HISTORY_LUA)
         self._claim_script = self._redis.register_script(CLAIM_LUA)
@@ -189,7 +208,10 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
                 self._log.warning("engine.deregister_failed", error=str(exc))
         await self._batch.close()
         try:
-            await self._redis.aclose(close_connection_pool=self._owns_pool)
+            if self._cluster:
+                await self._redis.aclose()
+            else:
+                await self._redis.aclose(close_connection_pool=self._owns_pool)
         except Exception as exc:
             self._log.warning("engine.close_failed", error=type(exc).__name__)
         self._log.info("engine.closed")
