@@ -43,8 +43,8 @@ The package has one module per interface of :mod:`relay.engine`: ``broker``,
 lifecycle in ``engine``; ``_subscriber`` is the pub/sub side, ``_batch`` pipelines
 commands, ``_cluster`` stands in for the batcher and the pub/sub target on a Redis Cluster
 (not yet served by ``relay serve``: see that module), and ``_compat`` is the only module
-that uses redis-py's private (underscore) names. The connection pool (Sentinel included) comes from :mod:`relay.redis_pool`, which
-the publishers share.
+that uses redis-py's private (underscore) names. The connection pool (Sentinel included)
+comes from :mod:`relay.redis_pool`, which the publishers share.
 
 Keeping the heartbeat going is the node's job: :meth:`RedisEngine.start` registers the node
 once and :meth:`RedisEngine.close` deregisters it.
