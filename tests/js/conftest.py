@@ -21,6 +21,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 from backend_adapter import issue_token
 from tests.cluster.support import LocalCluster, get_json, nginx_available
 from tests.support.ports import free_port
+from tests.support.timing import MS
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -110,9 +111,9 @@ class PageServer:
 async def wait_last_ack(cluster: LocalCluster, client_id: str, want: str) -> None:
     """Wait until the registry shows ``want`` as the client's last ack (through the balancer)."""
     url = f"{cluster.lb_http}/api/clients/{client_id}"
-    async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+    async with aiohttp.ClientSession() as http, asyncio.timeout(10_000 * MS):
         while (await get_json(http, url))[1].get("last_ack") != want:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * MS)
 
 
 @pytest.fixture

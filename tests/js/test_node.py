@@ -33,6 +33,7 @@ from relay.wire import parse_id
 from tests.cluster.support import LocalCluster, TickPublisher
 from tests.js.conftest import HERE, NODE, NPM, ROOT, PageServer, wait_last_ack
 from tests.support.scripted import ScriptedNode, frame, overlapping_replay, welcome
+from tests.support.timing import MS
 
 MODULE = ROOT / "clients" / "js" / "relay-client.js"
 NODE_DIR = HERE / "node"
@@ -112,14 +113,16 @@ class NodeClient:
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["kind"] == kind]
 
-    async def wait(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    async def wait(
+        self, predicate: Callable[[], bool], what: str, timeout: float = 30_000 * MS
+    ) -> None:
         try:
             async with asyncio.timeout(timeout):
                 while not predicate():
                     if self.proc.returncode is not None and not predicate():
                         await asyncio.gather(*self._readers)
                         break
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(20 * MS)
         except TimeoutError:
             pass
         if not predicate():
@@ -131,7 +134,7 @@ class NodeClient:
         if self.proc.returncode is None and self.proc.stdin is not None:
             self.proc.stdin.close()
         try:
-            code = await asyncio.wait_for(self.proc.wait(), 10)
+            code = await asyncio.wait_for(self.proc.wait(), 10_000 * MS)
         except TimeoutError:
             self.proc.kill()
             code = await self.proc.wait()
@@ -338,7 +341,9 @@ async def test_node_client_renews_an_expired_token_and_resumes(
     page_server.ttl = 3
     client = await start_client(node_clients, ws_dir, cluster, page_server, "node-expiry")
     async with TickPublisher(cluster.redis_url, ["node-expiry"], interval=0.05) as ticks:
-        await client.wait(lambda: len(client.of("connected")) >= 2, "no reconnect", timeout=30)
+        await client.wait(
+            lambda: len(client.of("connected")) >= 2, "no reconnect", timeout=30_000 * MS
+        )
         await ticks.wait_ticks(10)
     accepted = ticks.accepted["node-expiry"]
     await client.wait(lambda: len(client.of("message")) >= len(accepted), "events missing")
@@ -364,7 +369,7 @@ async def test_node_client_stops_after_a_second_invalid_token(
         f"{page_server.origin}/token?client=node-bad-token",
     )
     node_clients.append(client)
-    assert await asyncio.wait_for(client.proc.wait(), 30) == 3
+    assert await asyncio.wait_for(client.proc.wait(), 30_000 * MS) == 3
     await client.stop()
     closes = client.of("disconnected")
     assert [(c["code"], c["willReconnect"]) for c in closes] == [(4001, True), (4001, False)]
