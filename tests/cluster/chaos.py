@@ -18,6 +18,13 @@ The verdict, per client: what it holds is in publish order with nothing twice, a
 accepted event it does not hold was published before a welcome that said
 ``recovered: false`` (the client was told to reload). Anything else is a silent loss.
 After the last fault every client must be connected again within 10 s.
+
+A hot lane runs beside them: a few BizIds (``hot-N``) get an event every 20 ms from a
+publisher whose history keeps only ``HOT_HISTORY`` entries, so any outage longer than
+~0.1 s (a node killed under its client, the live feed killed under a node) outruns the
+history. Their gaps cannot be proved, so the 4509 FEED_GAP close and the
+``recovered: false`` welcome run under chaos and are judged by the same rule; the run
+counts both, and the test fails if the hot lane never produced one.
 """
 
 from __future__ import annotations
@@ -32,17 +39,20 @@ import signal
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from tests.cluster.support import Fleet, LocalCluster, TickPublisher
+from tests.cluster.support import Fleet, LocalCluster, TickPublisher, TrackingClient
 
 SETTINGS = {"heartbeat": 5, "drain_grace": 3, "close_linger": 0.1}
 REDIS_FAULTS = ("pubsub_kill", "redis_restart", "redis_stall")
 NODE_FAULTS = ("node_kill", "node_term")
 FAULTS = REDIS_FAULTS + NODE_FAULTS
+HOT_INTERVAL = 0.02  # seconds between a hot BizId's events
+HOT_HISTORY = 5  # history entries the hot lane's publisher keeps per BizId
+FEED_GAP = 4509
 
 
 @dataclass
@@ -135,15 +145,21 @@ class Verdict:
     closes: Counter[int | None]
     examples: list[str]
 
+    @property
+    def feed_gaps(self) -> int:
+        """4509 closes: a node could not prove its live feed whole."""
+        return self.closes[FEED_GAP]
 
-def judge(fleet: Fleet, publisher: TickPublisher) -> Verdict:
-    """Apply the no-silent-loss rule to every client."""
+
+def judge(clients: Iterable[TrackingClient], publisher: TickPublisher) -> Verdict:
+    """Apply the no-silent-loss rule to every client of ``publisher``'s events."""
+    clients = list(clients)
     silent = told = disorder = twice = delivered = 0
     examples: list[str] = []
     closes: Counter[int | None] = Counter()
     recovered_false = terminal = 0
     ticks = publisher.tick_times  # tick_times[seq] = when seq's publishes began
-    for client in fleet:
+    for client in clients:
         got = client.seqs
         delivered += len(got)
         twice += len(got) - len(set(got))
@@ -171,7 +187,7 @@ def judge(fleet: Fleet, publisher: TickPublisher) -> Verdict:
                 f" closes {[(round(c.at, 1), c.code) for c in client.closes[-4:]]}"
             )
     return Verdict(
-        len(fleet),
+        len(clients),
         publisher.total,
         delivered,
         silent,
@@ -190,6 +206,7 @@ class ChaosOutcome:
     seed: int
     seconds: float
     verdict: Verdict
+    hot: Verdict  # the hot lane's clients alone (history outrun on purpose)
     faults: Counter[str]
     fault_log: list[tuple[float, str, float]]
     back_within: float  # after the last fault's recovery, until every client was connected
@@ -199,7 +216,7 @@ class ChaosOutcome:
     reconnect_times: list[float]  # per close of a welcomed connection: close -> next welcome
 
     def report(self, title: str) -> str:
-        v = self.verdict
+        v, hot = self.verdict, self.hot
         times = sorted(self.reconnect_times)
         spread = (
             f"median {statistics.median(times):.2f} s, p99"
@@ -219,6 +236,10 @@ class ChaosOutcome:
                 f" (recovered: false) {v.told}; out of order {v.out_of_order}; twice {v.twice};"
                 f" clients stopped {v.terminal}",
                 f"  welcomes with recovered: false {v.recovered_false}; closes by code: {codes}",
+                f"  hot lane ({hot.clients} BizIds, an event every {HOT_INTERVAL * 1000:.0f} ms,"
+                f" history {HOT_HISTORY}): {hot.accepted} accepted, {hot.delivered} held;"
+                f" 4509 FEED_GAP closes {hot.feed_gaps}; recovered: false {hot.recovered_false};"
+                f" not held but told {hot.told}; silent losses {hot.silent}",
                 f"  reconnects {self.reconnects}, close -> welcome {spread};"
                 f" every client connected {self.back_within:.2f} s after the last recovery",
                 f"  publish failures retried {self.publish_failures}, repeats answered duplicate"
@@ -247,13 +268,28 @@ def _back_within(fleet: Fleet, recovered: float) -> float:
 
 
 async def run_chaos(
-    cluster: LocalCluster, *, seconds: float, clients: int, rate: float, seed: int
+    cluster: LocalCluster,
+    *,
+    seconds: float,
+    clients: int,
+    rate: float,
+    seed: int,
+    hot: int = 3,
 ) -> ChaosOutcome:
-    """Clients and events through nginx, random faults for ``seconds``, then the verdict."""
+    """Clients and events through nginx, random faults for ``seconds``, then the verdict.
+
+    ``hot`` more clients get the hot lane's events (see the module's docstring).
+    """
     ids = [f"chaos-{i}" for i in range(clients)]
-    async with Fleet({cid: cluster.lb_ws(cid) for cid in ids}) as fleet:
+    hot_ids = [f"hot-{i}" for i in range(hot)]
+    async with Fleet({cid: cluster.lb_ws(cid) for cid in ids + hot_ids}) as fleet:
         await fleet.wait_connected(60)
-        async with TickPublisher(cluster.redis_url, ids, clients / rate) as publisher:
+        async with (
+            TickPublisher(cluster.redis_url, ids, clients / rate) as publisher,
+            TickPublisher(
+                cluster.redis_url, hot_ids, HOT_INTERVAL, history_size=HOT_HISTORY
+            ) as hot_publisher,
+        ):
             await publisher.wait_ticks(2)
             script = FaultScript(cluster, seed)
             began = time.monotonic()
@@ -268,7 +304,8 @@ async def run_chaos(
                 )
             back_within = _back_within(fleet, recovered)
             await publisher.wait_ticks(3)
-        last = {cid: seqs[-1] for cid, seqs in publisher.accepted.items()}
+        accepted = publisher.accepted | hot_publisher.accepted
+        last = {cid: seqs[-1] for cid, seqs in accepted.items()}
         with contextlib.suppress(AssertionError):  # judged below, with the figures
             await fleet.wait(
                 lambda: all(c.seqs and c.seqs[-1] == last[c.client_id] for c in fleet),
@@ -278,7 +315,8 @@ async def run_chaos(
         return ChaosOutcome(
             seed,
             ran,
-            judge(fleet, publisher),
+            judge((c for c in fleet if c.client_id in publisher.accepted), publisher),
+            judge((c for c in fleet if c.client_id in hot_publisher.accepted), hot_publisher),
             script.counts,
             script.log,
             back_within,

@@ -31,8 +31,11 @@ async def test_chaos_every_accepted_event_is_held_in_order_or_the_client_was_tol
     outcome = await run_chaos(cluster, seconds=SECONDS, clients=CLIENTS, rate=RATE, seed=SEED)
     report = outcome.report(f"chaos, {CLIENTS} clients via {cluster.describe_balancer()}")
     print("\n" + report)
-    verdict = outcome.verdict
     assert outcome.back_within <= 10.0, report  # nobody locked out by the balancer
-    assert verdict.silent == 0, report + "\n" + "\n".join(verdict.examples)
-    assert (verdict.out_of_order, verdict.twice, verdict.terminal) == (0, 0, 0), report
+    for verdict in (outcome.verdict, outcome.hot):
+        assert verdict.silent == 0, report + "\n" + "\n".join(verdict.examples)
+        assert (verdict.out_of_order, verdict.twice, verdict.terminal) == (0, 0, 0), report
+    # The hot lane outran its history: the unprovable-gap paths ran and were judged.
+    assert outcome.hot.recovered_false > 0 and outcome.hot.told > 0, report
+    assert outcome.hot.feed_gaps > 0, report
     assert sum(outcome.faults.values()) >= SECONDS / 15, report  # the faults did happen
