@@ -32,7 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from backend_adapter._core import (
-    SCRIPT_LOAD,
+    SCRIPT_LOADS,
     Call,
     Item,
     PublisherBase,
@@ -56,8 +56,13 @@ class _Pending(Call):
 
     __slots__ = ("future",)
 
-    def __init__(self, biz_id: str, command: bytes, future: asyncio.Future[PublishResult]) -> None:
-        super().__init__(biz_id, command)
+    def __init__(
+        self,
+        biz_id: str,
+        encoded: tuple[bytes, bytes, bytes],
+        future: asyncio.Future[PublishResult],
+    ) -> None:
+        super().__init__(biz_id, encoded)
         self.future = future
 
 
@@ -136,13 +141,13 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
         Raises InvalidInput / PayloadTooLarge at once, without touching Redis, and
         PublishFailed once the retries are spent.
         """
-        command = self._codec.command(biz_id, event, data, mid)
+        encoded = self._codec.encode(biz_id, event, data, mid)
         if self._closed:
             raise PublishFailed("publisher is closed")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
-        call = _Pending(biz_id, command, loop.create_future())
+        call = _Pending(biz_id, encoded, loop.create_future())
         self._pending.append(call)
         if not self._waking:
             self._wake()
@@ -294,13 +299,13 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
     async def _round_trip(self, conn: Any, calls: list[Call], *, reload: bool) -> None:
         trip = RoundTrip(calls, self._codec, self._replication)
         await conn.send_packed_command(trip.commands)
-        for call in calls:
+        for run in trip.runs:
             try:
                 # One deadline covers the whole batch (asyncio.timeout in _exchange);
                 # a per-reply timeout would cost more CPU than the reply itself.
-                trip.reply(call, await conn.read_response(timeout=math.inf))
+                trip.reply(run, await conn.read_response(timeout=math.inf))
             except rex.ResponseError as exc:
-                trip.error(call, exc)
+                trip.error(run, exc)
         if trip.replication is not None:
             await conn.read_response(timeout=math.inf)  # the barrier's receivers
             trip.replicas(await conn.read_response(timeout=math.inf))
@@ -311,7 +316,8 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
             # earlier one here; that needs a restart mid-batch and is accepted.)
             if not reload:
                 raise rex.NoScriptError("publish script vanished again right after loading")
-            await conn.send_packed_command([SCRIPT_LOAD])
-            await conn.read_response(timeout=math.inf)
+            await conn.send_packed_command(SCRIPT_LOADS)
+            for _ in SCRIPT_LOADS:
+                await conn.read_response(timeout=math.inf)
             await self._round_trip(conn, trip.missing, reload=False)
         trip.finish()

@@ -32,6 +32,7 @@ from relay.errors import ConfigError, EngineError, EngineUnavailable, InvalidInp
 from relay.wire import (
     DEFAULT_MAX_PAYLOAD,
     PUBLISH_LUA,
+    PUBLISH_RUN_LUA,
     KeySpace,
     PublishResult,
     encode_payload,
@@ -39,8 +40,10 @@ from relay.wire import (
 )
 
 __all__ = [
+    "PUBLISH_RUN_SHA",
     "PUBLISH_SHA",
     "SCRIPT_LOAD",
+    "SCRIPT_LOADS",
     "Call",
     "Item",
     "PublishCodec",
@@ -66,8 +69,19 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
-SCRIPT_LOAD: Final = b"*3\r\n" + b"".join(map(_bulk, (b"SCRIPT", b"LOAD", PUBLISH_LUA.encode())))
+PUBLISH_RUN_SHA: Final = hashlib.sha1(PUBLISH_RUN_LUA.encode()).hexdigest()
+"""EVALSHA digest of publish_run.lua."""
+
+
+def _script_load(script: str) -> bytes:
+    return b"*3\r\n" + b"".join(map(_bulk, (b"SCRIPT", b"LOAD", script.encode())))
+
+
+SCRIPT_LOAD: Final = _script_load(PUBLISH_LUA)
 """The packed ``SCRIPT LOAD <publish.lua>``, sent after a NOSCRIPT reply."""
+
+SCRIPT_LOADS: Final = [SCRIPT_LOAD, _script_load(PUBLISH_RUN_LUA)]
+"""Both scripts' ``SCRIPT LOAD``: what a publisher sends after a NOSCRIPT (two replies)."""
 
 
 Item = tuple[str, str, Any] | tuple[str, str, Any, str | None]
@@ -175,13 +189,16 @@ class RetryPolicy:
 
 
 class Call:
-    """One publish on its way: the packed command and, once known, its outcome."""
+    """One publish on its way: the packed command and, once known, its outcome.
 
-    __slots__ = ("biz_id", "command", "outcome")
+    ``dedupe`` and ``argv`` are its parts of a run command (see PublishCodec.run_command).
+    """
 
-    def __init__(self, biz_id: str, command: bytes) -> None:
+    __slots__ = ("argv", "biz_id", "command", "dedupe", "outcome")
+
+    def __init__(self, biz_id: str, encoded: tuple[bytes, bytes, bytes]) -> None:
         self.biz_id = biz_id
-        self.command = command
+        self.command, self.dedupe, self.argv = encoded
         self.outcome: PublishResult | PublishFailed | None = None
 
 
@@ -208,7 +225,7 @@ class PublishCodec:
     ARGV, the key prefix) is packed once here.
     """
 
-    __slots__ = ("_head", "_limits", "_max_payload", "_no_mid", "_window", "keys")
+    __slots__ = ("_head", "_limits", "_max_payload", "_no_mid", "_run_head", "_window", "keys")
 
     def __init__(
         self,
@@ -233,38 +250,77 @@ class PublishCodec:
         self._max_payload = max_payload
         # ARGV order and KEYS order follow relay.wire.publish_call exactly.
         self._head = b"*12\r\n" + b"".join(map(_bulk, (b"EVALSHA", PUBLISH_SHA.encode(), b"4")))
+        self._run_head = _bulk(b"EVALSHA") + _bulk(PUBLISH_RUN_SHA.encode())
         self._limits = _bulk(b"%d" % history_size) + _bulk(b"%d" % history_ttl)
         self._no_mid = _bulk(b"")
         self._window = _bulk(b"%d" % dedupe_window)
 
     def command(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> bytes:
         """Validate and encode a publish; raises InvalidInput or PayloadTooLarge."""
+        return self.encode(biz_id, event, data, mid)[0]
+
+    def encode(
+        self, biz_id: str, event: str, data: Any, mid: str | None = None
+    ) -> tuple[bytes, bytes, bytes]:
+        """:meth:`command`, and its dedupe key and ``payload mid`` bulks for a run."""
         payload = encode_payload(biz_id, event, data, mid=mid, max_size=self._max_payload)
         keys = self.keys
         log = _bulk(keys.log(biz_id).encode())
-        return b"".join(
+        dedupe = log if mid is None else _bulk(keys.mid(biz_id, mid).encode())
+        payload_mid = _bulk(payload) + (self._no_mid if mid is None else _bulk(mid.encode()))
+        command = b"".join(
             (
                 self._head,
                 log,
                 _bulk(keys.channel(biz_id).encode()),
                 _bulk(keys.session(biz_id).encode()),
-                log if mid is None else _bulk(keys.mid(biz_id, mid).encode()),
+                dedupe,
                 _bulk(payload),
                 self._limits,
                 self._no_mid if mid is None else _bulk(mid.encode()),
                 self._window,
             )
         )
+        return command, dedupe, payload_mid
 
     def calls(self, items: Iterable[Item]) -> list[Call]:
         """Encode every item of a batch before anything is sent: all valid, or nothing."""
-        command = self.command
+        encode = self.encode
         calls = []
         for item in items:
             if not 3 <= len(item) <= 4:
                 raise InvalidInput("publish_many items are (biz_id, event, data[, mid]) tuples")
-            calls.append(Call(item[0], command(*item)))
+            calls.append(Call(item[0], encode(*item)))
         return calls
+
+    def run_command(self, run: list[Call]) -> bytes:
+        """One EVALSHA of publish_run.lua for calls that share a BizId (so one slot)."""
+        biz_id, keys = run[0].biz_id, self.keys
+        return b"".join(
+            (
+                b"*%d\r\n" % (9 + 3 * len(run)),
+                self._run_head,
+                _bulk(b"%d" % (3 + len(run))),
+                _bulk(keys.log(biz_id).encode()),
+                _bulk(keys.channel(biz_id).encode()),
+                _bulk(keys.session(biz_id).encode()),
+                *(call.dedupe for call in run),
+                self._limits,
+                self._window,
+                *(call.argv for call in run),
+            )
+        )
+
+    @staticmethod
+    def runs(calls: list[Call]) -> list[list[Call]]:
+        """Consecutive calls to the same BizId go together; the order stays as given."""
+        out: list[list[Call]] = []
+        for call in calls:
+            if out and out[-1][0].biz_id == call.biz_id:
+                out[-1].append(call)
+            else:
+                out.append([call])
+        return out
 
     @staticmethod
     def result(reply: Any) -> PublishResult:
@@ -279,14 +335,27 @@ class RoundTrip:
     held until WAIT vouches for them.
     """
 
-    __slots__ = ("_held", "_result", "calls", "commands", "failure", "missing", "replication")
+    __slots__ = (
+        "_held",
+        "_result",
+        "calls",
+        "commands",
+        "failure",
+        "missing",
+        "replication",
+        "runs",
+    )
 
     def __init__(
         self, calls: list[Call], codec: PublishCodec, replication: Replication | None
     ) -> None:
         self.calls = calls
         self.replication = replication
-        self.commands = [call.command for call in calls]
+        # One command, so one reply, per run of calls to the same BizId.
+        self.runs = codec.runs(calls)
+        self.commands = [
+            run[0].command if len(run) == 1 else codec.run_command(run) for run in self.runs
+        ]
         if replication is not None:
             self.commands.append(replication.commands())
         self._result = codec.result
@@ -294,22 +363,25 @@ class RoundTrip:
         self.missing: list[Call] = []  # NOSCRIPT: Redis lost the script; load it, resend
         self.failure: Exception | None = None  # the first transient error reply
 
-    def reply(self, call: Call, reply: Any) -> None:
-        """``call``'s reply, as read."""
-        outcome = self._result(reply)
-        if self._held is None:
-            call.outcome = outcome
-        else:
-            self._held.append((call, outcome))
+    def reply(self, run: list[Call], reply: Any) -> None:
+        """The reply to ``run``'s command, as read."""
+        replies = [reply] if len(run) == 1 else reply
+        for call, one in zip(run, replies, strict=True):
+            outcome = self._result(one)
+            if self._held is None:
+                call.outcome = outcome
+            else:
+                self._held.append((call, outcome))
 
-    def error(self, call: Call, exc: rex.ResponseError) -> None:
-        """``call``'s error reply (redis-py raises it from the read)."""
+    def error(self, run: list[Call], exc: rex.ResponseError) -> None:
+        """The error reply to ``run``'s command (redis-py raises it from the read)."""
         if isinstance(exc, rex.NoScriptError):
-            self.missing.append(call)
+            self.missing.extend(run)
         elif is_transient(exc):
             self.failure = self.failure or exc
         else:
-            call.outcome = publish_failed(call.biz_id, None, exc)
+            for call in run:
+                call.outcome = publish_failed(call.biz_id, None, exc)
 
     def replicas(self, acked: Any) -> None:
         """WAIT's answer (after the barrier's): the held outcomes stand, or ReplicasBehind."""

@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from backend_adapter._core import (
-    SCRIPT_LOAD,
+    SCRIPT_LOADS,
     Call,
     Item,
     PublisherBase,
@@ -80,7 +80,7 @@ class Publisher(PublisherBase[redis.Redis]):
 
     def publish(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> PublishResult:
         """Publish one event; see :meth:`AsyncPublisher.publish`."""
-        call = Call(biz_id, self._codec.command(biz_id, event, data, mid))
+        call = Call(biz_id, self._codec.encode(biz_id, event, data, mid))
         if self._closed:
             raise PublishFailed("publisher is closed")
         self._run([call])
@@ -170,11 +170,11 @@ class Publisher(PublisherBase[redis.Redis]):
     def _round_trip(self, conn: Any, calls: list[Call], *, reload: bool) -> None:
         trip = RoundTrip(calls, self._codec, self._replication)
         conn.send_packed_command(trip.commands)
-        for call in calls:
+        for run in trip.runs:
             try:
-                trip.reply(call, conn.read_response())
+                trip.reply(run, conn.read_response())
             except rex.ResponseError as exc:
-                trip.error(call, exc)
+                trip.error(run, exc)
         if trip.replication is not None:
             conn.read_response()  # the barrier's receivers
             trip.replicas(conn.read_response())
@@ -182,7 +182,8 @@ class Publisher(PublisherBase[redis.Redis]):
             # Redis restarted or its script cache was flushed; see _asyncio.py.
             if not reload:
                 raise rex.NoScriptError("publish script vanished again right after loading")
-            conn.send_packed_command([SCRIPT_LOAD])
-            conn.read_response()
+            conn.send_packed_command(SCRIPT_LOADS)
+            for _ in SCRIPT_LOADS:
+                conn.read_response()
             self._round_trip(conn, trip.missing, reload=False)
         trip.finish()

@@ -126,7 +126,10 @@ def _lua(name: str) -> str:
 
 
 PUBLISH_LUA: Final = _lua("publish.lua")
-"""Atomic publish: dedupe on ``mid``, XADD with trim, EXPIRE, PUBLISH, online lookup."""
+"""Atomic publish: dedupe on ``mid``, XADD with trim, TTL, PUBLISH, online lookup."""
+
+PUBLISH_RUN_LUA: Final = _lua("publish_run.lua")
+"""PUBLISH_LUA for a run of events of one BizId in one call: the per-call cost paid once."""
 
 HISTORY_LUA: Final = _lua("history.lua")
 """Consistent history read: bounds of the stream, entries after ``since``, server time."""

@@ -2,7 +2,8 @@
 
 Starts a private redis-server and, in one run, sends N publishes of the same payload as
 pipelined calls of: the previous publish script (tests/fixtures/publish_v1.lua), the
-current relay/lua/publish.lua, and a plain PUBLISH (what a Socket.IO-style adapter
+current relay/lua/publish.lua, relay/lua/publish_run.lua with runs of RUN events of
+one BizId per call, and a plain PUBLISH (what a Socket.IO-style adapter
 sends). Each is measured by Redis itself: ``INFO commandstats`` (usec_per_call of
 evalsha and of the commands the script runs) and the ``INFO cpu`` delta
 (used_cpu_user + used_cpu_sys, which also counts parsing and network I/O) per event.
@@ -17,39 +18,14 @@ from typing import Any
 
 import redis
 
-from relay.wire import PUBLISH_LUA, KeySpace, encode_payload, publish_call
+from relay.wire import PUBLISH_LUA, PUBLISH_RUN_LUA, KeySpace, encode_payload, publish_call
 from tests.support.redis_server import RedisServer
 
 OLD_LUA = (Path(__file__).parents[1] / "fixtures" / "publish_v1.lua").read_text()
 BIZ_IDS = 500
 PIPELINE = 100
-RUN = 10  # events of one BizId per call of the batch prototype
+RUN = 10  # events of one BizId per call of publish_run.lua
 REPEATS = 3
-
-# Prototype only (not shipped): one call publishes a run of events of one BizId, without
-# dedupe. It shows what the per-call script overhead costs once amortised.
-BATCH_LUA = """
-local ttl_ms = tonumber(ARGV[2]) * 1000
-local slack_ms = math.floor(ttl_ms / 4)
-local left_ms = redis.call('PTTL', KEYS[1])
-local prev = false
-if left_ms > ttl_ms then prev = redis.call('GET', KEYS[2]) end
-if not prev then
-  prev = '0-0'
-  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  if newest[1] then prev = newest[1][1] end
-end
-local out, id, receivers = {}, nil, 0
-for i = 3, #ARGV do
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'p', ARGV[i], 'prev', prev)
-  receivers = redis.call('PUBLISH', KEYS[2], id .. ' ' .. prev .. ' ' .. ARGV[i])
-  out[#out + 1] = id
-  prev = id
-end
-redis.call('SET', KEYS[2], id, 'PX', ttl_ms)
-if left_ms <= ttl_ms + slack_ms then redis.call('PEXPIRE', KEYS[1], ttl_ms + 2 * slack_ms) end
-return out
-"""
 
 
 def cpu(client: redis.Redis) -> float:
@@ -89,7 +65,7 @@ def main() -> None:
     try:
         client = redis.Redis.from_url(server.url)
         old_sha, new_sha = client.script_load(OLD_LUA), client.script_load(PUBLISH_LUA)
-        batch_sha = client.script_load(BATCH_LUA)
+        batch_sha = client.script_load(PUBLISH_RUN_LUA)
 
         def script(sha: str) -> Any:
             def call(pipe: Any, i: int) -> None:
@@ -112,14 +88,16 @@ def main() -> None:
         def batch(pipe: Any, i: int) -> None:
             if i % RUN == 0:
                 biz = f"b{i // RUN % BIZ_IDS}"
+                run_keys = [keys.log(biz), keys.channel(biz), keys.session(biz)]
+                run_keys += [keys.log(biz)] * RUN  # no mid: any key of the slot
                 pipe.evalsha(
-                    batch_sha, 2, keys.log(biz), keys.channel(biz), 100, 3600, *[payload] * RUN
+                    batch_sha, len(run_keys), *run_keys, 100, 3600, 600, *[payload, ""] * RUN
                 )
 
         rounds = {
             "old publish.lua": script(old_sha),
             "new publish.lua": script(new_sha),
-            f"batch prototype, {RUN} events/call": batch,
+            f"publish_run.lua, {RUN} events/call": batch,
             "plain PUBLISH (peer)": plain,
         }
         for call in rounds.values():  # warm: streams exist, scripts cached

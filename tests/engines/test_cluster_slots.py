@@ -19,6 +19,7 @@ from relay.redis_pool import async_cluster
 from relay.wire import (
     HISTORY_LUA,
     PUBLISH_LUA,
+    PUBLISH_RUN_LUA,
     KeySpace,
     encode_payload,
     parse_history_reply,
@@ -84,3 +85,23 @@ async def test_registry_scripts_run_on_every_shard(
         assert await cluster.eval(FORGET_LUA, 1, record, "session", "s1") == 1
         assert await cluster.exists(record) == 0
     assert await cluster.eval(EPOCH_LUA, 1, "relay:epoch") > 0
+
+
+async def test_publish_run_script_runs_on_every_shard(
+    redis_cluster: RedisCluster, client: ClusterClient
+) -> None:
+    """publish_run.lua (backend_adapter's publish_many of a run of one BizId) with a
+    duplicate mid inside the run answers on every shard."""
+    for biz in _spread(redis_cluster):
+        mids = [None, "m-1", "m-1"]
+        payloads = [encode_payload(biz, "ev", {"n": n}, mid=mid) for n, mid in enumerate(mids)]
+        keys = [KEYS.log(biz), KEYS.channel(biz), KEYS.session(biz)] + [
+            KEYS.log(biz) if mid is None else KEYS.mid(biz, mid) for mid in mids
+        ]
+        argv: list[bytes | str | int] = [100, 60, 60]
+        for payload, mid in zip(payloads, mids, strict=True):
+            argv += [payload, mid or ""]
+        reply = await client.eval(PUBLISH_RUN_LUA, len(keys), *keys, *argv)
+        results = [parse_publish_reply(one) for one in reply]
+        assert [r.duplicate for r in results] == [False, False, True]
+        assert results[2].id == results[1].id

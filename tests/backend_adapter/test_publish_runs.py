@@ -1,0 +1,115 @@
+"""publish_many sends a run of events of one BizId as one script call (publish_run.lua).
+
+Consecutive items with the same BizId share a Redis Cluster slot, so they go in one
+EVALSHA: Redis pays the per-call script cost once per run instead of once per event.
+What a receiver sees must not change: every event, in order, each naming its
+predecessor, with dedupe and the online flag as for single publishes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from backend_adapter import AsyncPublisher, Publisher
+from relay import wire
+from tests.support.node import Listener
+
+KEYS = wire.KeySpace("relay")
+OLD_LUA = (Path(__file__).parents[1] / "fixtures" / "publish_v1.lua").read_text()
+
+
+def history(raw: redis.Redis, biz_id: str) -> list[wire.Event]:
+    return [
+        wire.decode_payload(sid, fields[b"prev"], fields[b"p"])
+        for sid, fields in raw.xrange(KEYS.log(biz_id))
+    ]
+
+
+def assert_chained(events: list[wire.Event]) -> None:
+    prev = wire.ID_ZERO
+    for event in events:
+        assert event.prev == prev, f"{event.id} names {event.prev}"
+        prev = event.key
+
+
+def test_a_run_of_one_biz_id_is_one_script_call(
+    sync_publisher: Publisher, raw: redis.Redis
+) -> None:
+    sync_publisher.publish("warm", "e", None)  # scripts loaded: no NOSCRIPT below
+    raw.config_resetstat()
+    items = [("cml", "e", i) for i in range(5)] + [("other", "e", 0)] + [("cml", "e", 5)]
+    results = sync_publisher.publish_many(items)
+    assert int(raw.info("commandstats")["cmdstat_evalsha"]["calls"]) == 3  # cml x5, other, cml
+    assert [r.id for r in results[:5] + results[6:]] == [e.id for e in history(raw, "cml")]
+    assert_chained(history(raw, "cml"))
+
+
+async def test_a_run_arrives_in_order_with_the_online_flag(
+    publisher: AsyncPublisher, raw: redis.Redis, client: Listener
+) -> None:
+    items = [("cml", "e", i) for i in range(5)] + [("other", "e", 0)] + [("cml", "e", 5)]
+    results = await publisher.publish_many(items)
+    messages = await client.wait_messages(6)
+    assert [m["data"] for m in messages] == [0, 1, 2, 3, 4, 5]
+    assert [m["id"] for m in messages] == [r.id for r in results[:5] + results[6:]]
+    assert [(r.online, r.receivers) for r in results] == [(True, 1)] * 5 + [(False, 0)] + [
+        (True, 1)
+    ]
+    assert_chained(history(raw, "cml"))
+    assert client.close_code is None
+
+
+def test_dedupe_inside_a_run_and_against_earlier_publishes(
+    sync_publisher: Publisher, raw: redis.Redis
+) -> None:
+    first = sync_publisher.publish("cml", "e", "a", mid="m-a")
+    results = sync_publisher.publish_many(
+        [
+            ("cml", "e", "a", "m-a"),
+            ("cml", "e", "b", "m-b"),
+            ("cml", "e", "b", "m-b"),
+            ("cml", "e", "c"),
+        ]
+    )
+    assert [(r.id, r.duplicate) for r in results[:3]] == [
+        (first.id, True),
+        (results[1].id, False),
+        (results[1].id, True),
+    ]
+    assert [e.data for e in history(raw, "cml")] == ["a", "b", "c"]
+    assert_chained(history(raw, "cml"))
+
+
+def test_runs_interleaved_with_the_previous_script_keep_the_chain(
+    sync_publisher: Publisher, raw: redis.Redis
+) -> None:
+    for round_ in range(4):
+        sync_publisher.publish_many([("cml", "e", f"{round_}.{i}") for i in range(3)])
+        payload = wire.encode_payload("cml", "e", f"{round_}.old")
+        raw.eval(
+            OLD_LUA,
+            4,
+            KEYS.log("cml"),
+            KEYS.channel("cml"),
+            KEYS.session("cml"),
+            KEYS.log("cml"),
+            payload,
+            1000,
+            3600,
+            "",
+            600,
+        )
+    events = history(raw, "cml")
+    assert len(events) == 16
+    assert_chained(events)
+
+
+def test_a_run_survives_a_flushed_script_cache(sync_publisher: Publisher, raw: redis.Redis) -> None:
+    sync_publisher.publish_many([("cml", "e", i) for i in range(2)])
+    raw.script_flush()
+    results = sync_publisher.publish_many([("cml", "e", i) for i in range(2, 5)])
+    assert len(results) == 3
+    assert [e.data for e in history(raw, "cml")] == [0, 1, 2, 3, 4]
+    assert_chained(history(raw, "cml"))
