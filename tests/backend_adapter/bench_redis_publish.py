@@ -7,7 +7,8 @@ one BizId per call, and a plain PUBLISH (what a Socket.IO-style adapter
 sends). Each is measured by Redis itself: ``INFO commandstats`` (usec_per_call of
 evalsha and of the commands the script runs) and the ``INFO cpu`` delta
 (used_cpu_user + used_cpu_sys, which also counts parsing and network I/O) per event.
-Not a test: numbers depend on the machine.
+With ``--subscribed``, one connection subscribes to every channel and reads what arrives,
+so PUBLISH has a receiver to write to. Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -59,11 +60,17 @@ def run(client: redis.Redis, n: int, call: Any) -> dict[str, Any]:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    subscribed = "--subscribed" in sys.argv
     keys = KeySpace("relay")
     payload = encode_payload("b0", "label.created", {"label": 1, "name": "shipping label"})
     server = RedisServer().start()
+    listener = None
     try:
         client = redis.Redis.from_url(server.url)
+        if subscribed:  # one connection on every channel, as a node (or Socket.IO peer) is
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(**{keys.channel(f"b{b}"): lambda _: None for b in range(BIZ_IDS)})
+            listener = pubsub.run_in_thread(sleep_time=0.01, daemon=True)
         old_sha, new_sha = client.script_load(OLD_LUA), client.script_load(PUBLISH_LUA)
         batch_sha = client.script_load(PUBLISH_RUN_LUA)
 
@@ -109,6 +116,8 @@ def main() -> None:
                     shown = value if isinstance(value, tuple) else (value,)
                     print(f"   {key:40}", "  ".join(f"{v:6.2f}" for v in shown))
     finally:
+        if listener is not None:
+            listener.stop()
         server.close()
 
 
