@@ -75,7 +75,7 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m relay.bench $(BENCH_ARGS)
 
-# 100,000 clients on this box (docs/benchmarks.md, "scale"): ~10 min, ~10 GiB of RAM.
+# 100,000 clients on this box (docs/benchmarks.md, "scale"): ~5 min, ~3 GiB of RAM.
 bench-scale: $(STAMP)
 	$(PY) -m relay.bench --scenarios scale $(BENCH_ARGS)
 
