@@ -55,7 +55,8 @@ class ClusterBatcher:
 
 class AnyNode:
     """What the subscriber needs of a pool: a connection class and the keyword arguments
-    of the next node to try, in turn over every node the cluster client knows."""
+    of the next node to try, in turn over the masters the cluster client knows (replicas
+    would do for classic pub/sub, but a master's death is then the one event to handle)."""
 
     connection_class = Connection
 
@@ -66,7 +67,7 @@ class AnyNode:
 
     @property
     def connection_kwargs(self) -> dict[str, Any]:
-        nodes = sorted((node.host, node.port) for node in self._cluster.get_nodes())
+        nodes = sorted((node.host, node.port) for node in self._cluster.get_primaries())
         if not nodes:  # not initialised yet: the seed nodes of the URL
             nodes = [
                 (node.host, node.port)
