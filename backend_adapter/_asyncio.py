@@ -38,6 +38,8 @@ from backend_adapter._core import (
     PublisherBase,
     RoundTrip,
     after_failure,
+    by_slot,
+    cluster_refused,
     is_transient,
     lookup_failed,
     raise_first_failure,
@@ -45,7 +47,8 @@ from backend_adapter._core import (
 )
 from relay.backoff import retry_async
 from relay.errors import EngineError, PublishFailed
-from relay.redis_pool import async_pool
+from relay.redis_pool import async_cluster, async_pool
+from relay.redis_url import parse_redis_url
 from relay.wire import PublishResult, validate_client_id
 
 __all__ = ["AsyncPublisher"]
@@ -105,7 +108,20 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
     DEFAULT_MAX_CONNECTIONS = 16
 
     def _connect(self, redis_url: str | None, client: redis.asyncio.Redis | None) -> None:
-        if client is None:
+        self._cluster: Any = None  # redis.asyncio.RedisCluster for redis+cluster://
+        self._stale = False  # the cluster's slot layout must be read again
+        if redis_url is not None and parse_redis_url(redis_url).is_cluster:
+            cluster_refused(self._replication)
+            self._cluster = async_cluster(
+                redis_url,
+                protocol=2,
+                socket_timeout=None,  # asyncio.timeout bounds every attempt
+                socket_connect_timeout=self._timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._client: Any = self._cluster
+            self._owns_client = True
+        elif client is None:
             assert redis_url is not None
             pool = async_pool(
                 redis_url,
@@ -116,13 +132,13 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
                 socket_connect_timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),  # our RetryPolicy is the only one
             )
-            self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)
+            self._client = redis.asyncio.Redis.from_pool(pool)
             self._owns_client = True
         else:
             self._client = client
             self._owns_client = False
         # redis-py's pool and command methods are untyped: keep them behind Any here.
-        self._pool: Any = self._client.connection_pool
+        self._pool: Any = getattr(self._client, "connection_pool", None)  # None: cluster
         self._command: Any = self._client.execute_command
         self._slots = asyncio.Semaphore(self._max_connections)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -278,6 +294,9 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
             await asyncio.sleep(delay)
 
     async def _exchange(self, calls: list[Call]) -> None:
+        if self._cluster is not None:
+            await self._exchange_cluster(calls)
+            return
         # One deadline covers connecting and the whole round trip, so our own pool runs
         # without socket_timeout: redis-py would otherwise start an extra task per send.
         pool = self._pool
@@ -295,6 +314,50 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
                         await pool.release(conn)
             except TimeoutError as exc:  # asyncio's, not redis.exceptions.TimeoutError
                 raise rex.TimeoutError(f"no reply from Redis within {self._timeout} s") from exc
+
+    async def _exchange_cluster(self, calls: list[Call]) -> None:
+        """One round trip per master owning a slot of the batch, all at once.
+
+        A MOVED, ASK, TRYAGAIN or CLUSTERDOWN reply or a lost master fails the exchange as
+        transient: the slot layout is read again before the retry resends what is open.
+        """
+        cluster = self._cluster
+        async with self._slots:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    if self._stale:
+                        self._stale = False
+                        await cluster.nodes_manager.initialize()
+                    else:
+                        await cluster.initialize()
+                    parts: dict[str, tuple[Any, list[Call]]] = {}
+                    for slot, part in by_slot(calls, self._codec.keys).items():
+                        node = cluster.nodes_manager.get_node_from_slot(slot)
+                        parts.setdefault(node.name, (node, []))[1].extend(part)
+                    done = await asyncio.gather(
+                        *(self._node_trip(node, part) for node, part in parts.values()),
+                        return_exceptions=True,
+                    )
+            except TimeoutError as exc:
+                self._stale = True
+                raise rex.TimeoutError(f"no reply from Redis within {self._timeout} s") from exc
+            except rex.RedisError:
+                self._stale = True
+                raise
+        for failure in done:
+            if isinstance(failure, BaseException):
+                self._stale = self._stale or is_transient(failure)
+                raise failure
+
+    async def _node_trip(self, node: Any, calls: list[Call]) -> None:
+        conn = node.acquire_connection()
+        try:
+            await self._round_trip(conn, calls, reload=True)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            node.release(conn)
 
     async def _round_trip(self, conn: Any, calls: list[Call], *, reload: bool) -> None:
         trip = RoundTrip(calls, self._codec, self._replication)

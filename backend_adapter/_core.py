@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 import redis.exceptions as rex
+from redis.crc import key_slot
 
 from relay.backoff import Backoff, Retry
 from relay.errors import ConfigError, EngineError, EngineUnavailable, InvalidInput, PublishFailed
@@ -53,6 +54,8 @@ __all__ = [
     "RetryPolicy",
     "RoundTrip",
     "after_failure",
+    "by_slot",
+    "cluster_refused",
     "is_transient",
     "lookup_failed",
     "publish_failed",
@@ -87,7 +90,16 @@ SCRIPT_LOADS: Final = [SCRIPT_LOAD, _script_load(PUBLISH_RUN_LUA)]
 Item = tuple[str, str, Any] | tuple[str, str, Any, str | None]
 """One entry of ``publish_many``: ``(biz_id, event, data)`` or ``(biz_id, event, data, mid)``."""
 
-_TRANSIENT: Final = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, TimeoutError)
+_TRANSIENT: Final = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ReadOnlyError,
+    TimeoutError,
+    # A cluster moving or failing over a slot: ask again once the layout is re-read.
+    rex.AskError,  # and MOVED
+    rex.TryAgainError,
+    rex.ClusterDownError,
+)
 # A wrong password or missing ACL permission does not heal by waiting.
 _PERMANENT: Final = (rex.AuthenticationError, rex.AuthorizationError)
 
@@ -200,6 +212,27 @@ class Call:
         self.biz_id = biz_id
         self.command, self.dedupe, self.argv = encoded
         self.outcome: PublishResult | PublishFailed | None = None
+
+
+def by_slot(calls: Iterable[Call], keys: KeySpace) -> dict[int, list[Call]]:
+    """A batch split by Redis Cluster hash slot, each part in the batch's order.
+
+    Every key of a BizId carries its hash tag, so one slot holds all of a publish's keys
+    and the events of one BizId stay in order within their part.
+    """
+    parts: dict[int, list[Call]] = {}
+    for call in calls:
+        parts.setdefault(key_slot(keys.log(call.biz_id).encode()), []).append(call)
+    return parts
+
+
+def cluster_refused(replication: Replication | None) -> None:
+    """``min_replicas`` is refused on a cluster: see docs/operations.md (Redis Cluster)."""
+    if replication is not None:
+        raise ConfigError(
+            "min_replicas is not supported with redis+cluster://: a cluster does not"
+            " replicate the barrier write that WAIT needs to cover a duplicate publish"
+        )
 
 
 def after_failure(calls: list[Call], exc: Exception, retry: Retry) -> tuple[list[Call], float]:

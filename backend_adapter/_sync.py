@@ -26,6 +26,8 @@ from backend_adapter._core import (
     PublisherBase,
     RoundTrip,
     after_failure,
+    by_slot,
+    cluster_refused,
     is_transient,
     lookup_failed,
     raise_first_failure,
@@ -33,7 +35,8 @@ from backend_adapter._core import (
 )
 from relay.backoff import retry_sync
 from relay.errors import EngineError, PublishFailed
-from relay.redis_pool import sync_pool
+from relay.redis_pool import sync_cluster, sync_pool
+from relay.redis_url import parse_redis_url
 from relay.wire import PublishResult, validate_client_id
 
 __all__ = ["Publisher"]
@@ -58,7 +61,20 @@ class Publisher(PublisherBase[redis.Redis]):
     DEFAULT_MAX_CONNECTIONS = 32
 
     def _connect(self, redis_url: str | None, client: redis.Redis | None) -> None:
-        if client is None:
+        self._cluster: Any = None  # redis.RedisCluster for redis+cluster://
+        self._stale = False  # the cluster's slot layout must be read again
+        if redis_url is not None and parse_redis_url(redis_url).is_cluster:
+            cluster_refused(self._replication)
+            self._cluster = sync_cluster(
+                redis_url,
+                protocol=2,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._client: Any = self._cluster
+            self._owns_client = True
+        elif client is None:
             assert redis_url is not None
             pool = sync_pool(
                 redis_url,
@@ -69,13 +85,13 @@ class Publisher(PublisherBase[redis.Redis]):
                 socket_connect_timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),  # our RetryPolicy is the only one
             )
-            self._client: redis.Redis = redis.Redis.from_pool(pool)
+            self._client = redis.Redis.from_pool(pool)
             self._owns_client = True
         else:
             self._client = client
             self._owns_client = False
         # redis-py's pool and command methods are untyped: keep them behind Any here.
-        self._pool: Any = self._client.connection_pool
+        self._pool: Any = getattr(self._client, "connection_pool", None)  # None: cluster
         self._command: Any = self._client.execute_command
 
     def publish(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> PublishResult:
@@ -156,7 +172,27 @@ class Publisher(PublisherBase[redis.Redis]):
             time.sleep(delay)
 
     def _exchange(self, calls: list[Call]) -> None:
-        pool = self._pool
+        if self._cluster is None:
+            self._exchange_with(self._pool, calls)
+            return
+        # One round trip per master owning a slot of the batch; a MOVED/ASK/TRYAGAIN or
+        # CLUSTERDOWN reply or a lost master re-reads the slot layout before the retry.
+        cluster = self._cluster
+        try:
+            if self._stale:
+                self._stale = False
+                cluster.nodes_manager.initialize()
+            parts: dict[str, tuple[Any, list[Call]]] = {}
+            for slot, part in by_slot(calls, self._codec.keys).items():
+                node = cluster.nodes_manager.get_node_from_slot(slot)
+                parts.setdefault(node.name, (node, []))[1].extend(part)
+            for node, part in parts.values():
+                self._exchange_with(cluster.get_redis_connection(node).connection_pool, part)
+        except Exception as exc:
+            self._stale = is_transient(exc)
+            raise
+
+    def _exchange_with(self, pool: Any, calls: list[Call]) -> None:
         conn = pool.get_connection()
         try:
             self._round_trip(conn, calls, reload=True)
