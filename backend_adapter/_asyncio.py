@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from backend_adapter._core import (
     SCRIPT_LOADS,
     Call,
+    Encoded,
     Item,
     PublisherBase,
     RoundTrip,
@@ -62,7 +63,7 @@ class _Pending(Call):
     def __init__(
         self,
         biz_id: str,
-        encoded: tuple[bytes, bytes, bytes],
+        encoded: Encoded,
         future: asyncio.Future[PublishResult],
     ) -> None:
         super().__init__(biz_id, encoded)

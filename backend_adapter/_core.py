@@ -87,6 +87,9 @@ SCRIPT_LOADS: Final = [SCRIPT_LOAD, _script_load(PUBLISH_RUN_LUA)]
 """Both scripts' ``SCRIPT LOAD``: what a publisher sends after a NOSCRIPT (two replies)."""
 
 
+Encoded = tuple[bytes, bytes, bytes, bytes]
+"""A publish, packed: its EVALSHA command, then its dedupe key, payload and mid bulks."""
+
 Item = tuple[str, str, Any] | tuple[str, str, Any, str | None]
 """One entry of ``publish_many``: ``(biz_id, event, data)`` or ``(biz_id, event, data, mid)``."""
 
@@ -203,14 +206,15 @@ class RetryPolicy:
 class Call:
     """One publish on its way: the packed command and, once known, its outcome.
 
-    ``dedupe`` and ``argv`` are its parts of a run command (see PublishCodec.run_command).
+    ``dedupe``, ``payload`` and ``mid`` are its parts of a run command
+    (see PublishCodec.run_command).
     """
 
-    __slots__ = ("argv", "biz_id", "command", "dedupe", "outcome")
+    __slots__ = ("biz_id", "command", "dedupe", "mid", "outcome", "payload")
 
-    def __init__(self, biz_id: str, encoded: tuple[bytes, bytes, bytes]) -> None:
+    def __init__(self, biz_id: str, encoded: Encoded) -> None:
         self.biz_id = biz_id
-        self.command, self.dedupe, self.argv = encoded
+        self.command, self.dedupe, self.payload, self.mid = encoded
         self.outcome: PublishResult | PublishFailed | None = None
 
 
@@ -292,15 +296,13 @@ class PublishCodec:
         """Validate and encode a publish; raises InvalidInput or PayloadTooLarge."""
         return self.encode(biz_id, event, data, mid)[0]
 
-    def encode(
-        self, biz_id: str, event: str, data: Any, mid: str | None = None
-    ) -> tuple[bytes, bytes, bytes]:
-        """:meth:`command`, and its dedupe key and ``payload mid`` bulks for a run."""
-        payload = encode_payload(biz_id, event, data, mid=mid, max_size=self._max_payload)
+    def encode(self, biz_id: str, event: str, data: Any, mid: str | None = None) -> Encoded:
+        """:meth:`command`, and its dedupe key, payload and mid bulks for a run."""
+        payload = _bulk(encode_payload(biz_id, event, data, mid=mid, max_size=self._max_payload))
         keys = self.keys
         log = _bulk(keys.log(biz_id).encode())
         dedupe = log if mid is None else _bulk(keys.mid(biz_id, mid).encode())
-        payload_mid = _bulk(payload) + (self._no_mid if mid is None else _bulk(mid.encode()))
+        mid_arg = self._no_mid if mid is None else _bulk(mid.encode())
         command = b"".join(
             (
                 self._head,
@@ -308,13 +310,13 @@ class PublishCodec:
                 _bulk(keys.channel(biz_id).encode()),
                 _bulk(keys.session(biz_id).encode()),
                 dedupe,
-                _bulk(payload),
+                payload,
                 self._limits,
-                self._no_mid if mid is None else _bulk(mid.encode()),
+                mid_arg,
                 self._window,
             )
         )
-        return command, dedupe, payload_mid
+        return command, dedupe, payload, mid_arg
 
     def calls(self, items: Iterable[Item]) -> list[Call]:
         """Encode every item of a batch before anything is sent: all valid, or nothing."""
@@ -340,7 +342,7 @@ class PublishCodec:
                 *(call.dedupe for call in run),
                 self._limits,
                 self._window,
-                *(call.argv for call in run),
+                *(part for call in run for part in (call.payload, call.mid)),
             )
         )
 
@@ -398,8 +400,10 @@ class RoundTrip:
 
     def reply(self, run: list[Call], reply: Any) -> None:
         """The reply to ``run``'s command, as read."""
-        replies = [reply] if len(run) == 1 else reply
-        for call, one in zip(run, replies, strict=True):
+        if len(run) == 1 and self._held is None:
+            run[0].outcome = self._result(reply)
+            return
+        for call, one in zip(run, [reply] if len(run) == 1 else reply, strict=True):
             outcome = self._result(one)
             if self._held is None:
                 call.outcome = outcome
