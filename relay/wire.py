@@ -141,6 +141,21 @@ HISTORY_LUA: Final = _lua("history.lua")
 def parse_id(text: str | bytes) -> StreamId:
     """Parse ``<ms>-<seq>``; a bare ``<ms>`` means ``<ms>-0``. Raises InvalidId."""
     if isinstance(text, bytes):
+        # The live feed's two ids per message, without decoding: bytes.isdigit() is true
+        # only for ASCII digits. 0.28 µs an id instead of 0.42-0.55 (decode_live: 2.5 µs
+        # instead of 2.9, of the ~16 µs a delivered message costs). The rest as for str.
+        ms_part, sep, seq_part = text.partition(b"-")
+        if (
+            sep
+            and 0 < len(ms_part) <= 20
+            and 0 < len(seq_part) <= 20
+            and ms_part.isdigit()
+            and seq_part.isdigit()
+        ):
+            ms, seq = int(ms_part), int(seq_part)
+            if ms >= _U64 or seq >= _U64:
+                raise InvalidId("stream id out of range")
+            return ms, seq
         try:
             text = text.decode("ascii")
         except UnicodeDecodeError:

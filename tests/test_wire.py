@@ -645,3 +645,19 @@ def test_superseded_only_by_a_later_attempt_of_the_same_instance() -> None:
     assert not superseded("i.1", "i.2")
     assert not superseded("j.9", "i.1")
     assert not superseded(None, "i.1") and not superseded("i.2", None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1-", "-1", "a-b", "1-0-0", " 1-0", "1-0 ", "1-0\n", "+1-0", "1_000-0", "1-*", "-5",
+     "1--1", "1-+2", "1- 2", f"{U64}-0", f"0-{U64}", "1" * 21 + "-0", "0-" + "1" * 21],
+)  # fmt: skip
+def test_parse_id_refuses_junk_bytes_as_it_refuses_text(text: str) -> None:
+    """Ids off the live feed arrive as bytes: the same junk raises InvalidId there too."""
+    with pytest.raises(InvalidId):
+        parse_id(text.encode())
+
+
+@pytest.mark.parametrize("text", ["0-0", "007-01", "18446744073709551615-18446744073709551615"])
+def test_parse_id_reads_bytes_as_it_reads_text(text: str) -> None:
+    assert parse_id(text.encode()) == parse_id(text)
