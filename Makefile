@@ -57,10 +57,11 @@ DEMO_SERVICE_PORT ?= 8090
 demo: $(STAMP)
 	$(PY) -m examples.label_service.demo --host $(HOST) --port $(PORT) --service-port $(DEMO_SERVICE_PORT)
 
-# Redis + N relay nodes + nginx on loopback (deploy/local-cluster.sh); Ctrl-C stops them.
+# Redis (REDIS=cluster: a 6-process Redis Cluster) + N relay nodes + nginx on loopback
+# (deploy/local-cluster.sh); Ctrl-C stops them.
 # nginx on PORT, Redis on PORT+1, nodes on PORT+2...; NODES=5 for more nodes.
 cluster: $(STAMP)
-	deploy/local-cluster.sh run -n $(or $(NODES),3) --base-port $(PORT)
+	deploy/local-cluster.sh run -n $(or $(NODES),3) --base-port $(PORT) --redis $(or $(REDIS),single)
 
 # The long chaos run: random node kills and drains, Redis restarts, stalls and pub/sub
 # kills under load through nginx (tests/cluster/test_chaos.py; `make test` runs 2 minutes

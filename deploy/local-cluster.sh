@@ -14,10 +14,12 @@ usage() {
     cat <<'EOF'
 usage: deploy/local-cluster.sh COMMAND [options]
 
-  start [-n N] [--base-port P] [--dir D] [--redis-url URL] [--balancer nginx|haproxy]
+  start [-n N] [--base-port P] [--dir D] [--redis-url URL] [--redis single|cluster]
+        [--balancer nginx|haproxy]
         start redis-server (unless --redis-url), N relay nodes and the balancer (nginx
         unless told otherwise), wait until all are ready, print the URLs and return;
-        everything keeps running in the background
+        everything keeps running in the background. --redis cluster starts a Redis
+        Cluster of 6 redis-servers (3 masters, 3 replicas) instead of one Redis
   run   [same options]    start, then stop everything on Ctrl-C (what `make cluster` does)
   stop   [--dir D]        stop the balancer, then the nodes (SIGTERM: they drain), then Redis
   status [--dir D]        show every process, its port and its readiness
@@ -27,7 +29,8 @@ usage: deploy/local-cluster.sh COMMAND [options]
   start-redis [--dir D]            start the cluster's Redis again (same port, same data)
 
 Ports: the balancer on P (default 8080), Redis on P+1, node K (1..N) on P+1+K; all
-127.0.0.1. The directory (default $TMPDIR/relay-cluster-$UID) holds cluster.env, *.pid,
+127.0.0.1. A Redis Cluster's servers listen on P+101…P+106 (their cluster bus on
+those + 10000). The directory (default $TMPDIR/relay-cluster-$UID) holds cluster.env, *.pid,
 node K's exit code in nodeK.exit, logs/ and the rendered balancer config.
 
 Nodes are `relay serve --host 127.0.0.1 --port … --redis-url … --node-id nodeK` and read
@@ -61,6 +64,7 @@ NODES=3
 BASE_PORT=8080
 DIR=${RELAY_CLUSTER_DIR:-${TMPDIR:-/tmp}/relay-cluster-$(id -u)}
 EXTERNAL_REDIS=""
+REDIS_KIND=single
 BALANCER=nginx
 KILL=0
 while [ $# -gt 0 ]; do
@@ -69,6 +73,7 @@ while [ $# -gt 0 ]; do
     --base-port) BASE_PORT=${2:?}; shift 2 ;;
     --dir) DIR=${2:?}; shift 2 ;;
     --redis-url) EXTERNAL_REDIS=${2:?}; shift 2 ;;
+    --redis) REDIS_KIND=${2:?}; shift 2 ;;
     --balancer) BALANCER=${2:?}; shift 2 ;;
     --kill) KILL=1; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -77,6 +82,7 @@ while [ $# -gt 0 ]; do
 done
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive number"
 [[ "$BALANCER" =~ ^(nginx|haproxy)$ ]] || die "--balancer wants nginx or haproxy"
+[[ "$REDIS_KIND" =~ ^(single|cluster)$ ]] || die "--redis wants single or cluster"
 [[ "$BASE_PORT" =~ ^[0-9]+$ ]] && [ "$BASE_PORT" -ge 1024 ] && [ $((BASE_PORT + NODES + 1)) -le 65535 ] ||
     die "--base-port wants a port from 1024 that leaves room for $((NODES + 1)) more"
 mkdir -p "$DIR"
@@ -91,6 +97,7 @@ HAPROXY_BIN=${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 # No passive failure accounting: see the header of deploy/nginx/relay.conf.template.
 NGINX_SERVER_PARAMS=${NGINX_SERVER_PARAMS-max_fails=0}
 REDIS_BIN=${REDIS_BIN:-$(command -v redis-server || echo /usr/bin/redis-server)}
+REDIS_CLI=${REDIS_CLI:-$(command -v redis-cli || echo /usr/bin/redis-cli)}
 export RELAY_API_KEY=${RELAY_API_KEY:-dev-key}
 
 # -- helpers --------------------------------------------------------------------------------
@@ -128,18 +135,57 @@ node_port() { echo $((BASE_PORT + 1 + $1)); }
 
 # -- redis ----------------------------------------------------------------------------------
 
-start_redis() {
-    local port=$((BASE_PORT + 1))
-    port_free "$port" || die "port $port (redis) is taken"
-    mkdir -p "$DIR/redis"
-    "$REDIS_BIN" "$HERE/redis/redis.conf" --port "$port" --bind 127.0.0.1 --dir "$DIR/redis" \
-        --daemonize yes --pidfile "$DIR/redis.pid" --logfile "$DIR/logs/redis.log" \
-        </dev/null >/dev/null 2>>"$DIR/logs/redis.log" || die "redis-server failed: see $DIR/logs/redis.log"
+# redis-server on port $1 named $2 (its pid file, log and data directory), plus options.
+launch_redis() {
+    local port=$1 name=$2
+    shift 2
+    port_free "$port" || die "port $port ($name) is taken"
+    mkdir -p "$DIR/$name"
+    "$REDIS_BIN" "$HERE/redis/redis.conf" --port "$port" --bind 127.0.0.1 --dir "$DIR/$name" \
+        --daemonize yes --pidfile "$DIR/$name.pid" --logfile "$DIR/logs/$name.log" "$@" \
+        </dev/null >/dev/null 2>>"$DIR/logs/$name.log" || die "redis-server failed: see $DIR/logs/$name.log"
     local deadline=$((SECONDS + 10))
     until [ "$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0" && printf "PING\r\n" >&3 && head -c5 <&3' "$port" 2>/dev/null)" = "+PONG" ]; do
-        [ $SECONDS -ge $deadline ] && die "redis-server did not answer on $port: see $DIR/logs/redis.log"
+        [ $SECONDS -ge $deadline ] && die "redis-server did not answer on $port: see $DIR/logs/$name.log"
         sleep 0.05
     done
+}
+
+start_redis() { launch_redis $((BASE_PORT + 1)) redis; }
+
+cluster_ports() { seq $((BASE_PORT + 101)) $((BASE_PORT + 106)); }
+
+# Six cluster-enabled redis-servers joined by `redis-cli --cluster create` (3 masters with
+# a replica each), as an operator would; returns once every node says cluster_state:ok.
+start_redis_cluster() {
+    local port addresses=()
+    for port in $(cluster_ports); do
+        rm -rf "${DIR:?}/redis-$port" # a fresh cluster: an old nodes.conf would refuse to join
+        port_free $((port + 10000)) || die "port $((port + 10000)) (cluster bus of redis-$port) is taken"
+        launch_redis "$port" "redis-$port" --cluster-enabled yes --cluster-config-file nodes.conf \
+            --cluster-node-timeout 2000
+        addresses+=("127.0.0.1:$port")
+    done
+    "$REDIS_CLI" --cluster create "${addresses[@]}" --cluster-replicas 1 --cluster-yes \
+        </dev/null >>"$DIR/logs/redis-cluster-create.log" 2>&1 ||
+        die "redis-cli --cluster create failed: see $DIR/logs/redis-cluster-create.log"
+    local deadline=$((SECONDS + 30))
+    for port in $(cluster_ports); do
+        until "$REDIS_CLI" -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; do
+            [ $SECONDS -ge $deadline ] && die "the Redis Cluster did not come up: see $DIR/logs"
+            sleep 0.1
+        done
+    done
+}
+
+# The pid files of the Redis this script started: one server or a cluster's six.
+own_redis_pidfiles() {
+    local port
+    if [ "${REDIS_KIND:-single}" = cluster ]; then
+        for port in $(cluster_ports); do echo "$DIR/redis-$port.pid"; done
+    else
+        echo "$DIR/redis.pid"
+    fi
 }
 
 # -- nodes ----------------------------------------------------------------------------------
@@ -275,7 +321,7 @@ cmd_start() {
     if [ -f "$STATE" ]; then
         (
             load_state
-            for f in "$DIR"/nginx/nginx.pid "$DIR"/haproxy/haproxy.pid "$DIR"/redis.pid "$DIR"/node*.pid; do
+            for f in "$DIR"/nginx/nginx.pid "$DIR"/haproxy/haproxy.pid "$DIR"/redis*.pid "$DIR"/node*.pid; do
                 alive "$(pid_of "$f")" && exit 1
             done
             exit 0
@@ -288,6 +334,8 @@ cmd_start() {
     if [ -n "$EXTERNAL_REDIS" ]; then
         REDIS_URL=$EXTERNAL_REDIS
         own_redis=0
+    elif [ "$REDIS_KIND" = cluster ]; then
+        REDIS_URL="redis+cluster://127.0.0.1:$((BASE_PORT + 101)),127.0.0.1:$((BASE_PORT + 102)),127.0.0.1:$((BASE_PORT + 103))"
     else
         REDIS_URL="redis://127.0.0.1:$((BASE_PORT + 1))/0"
     fi
@@ -295,12 +343,15 @@ cmd_start() {
 NODES=$NODES
 BASE_PORT=$BASE_PORT
 REDIS_URL='$REDIS_URL'
+REDIS_KIND=$REDIS_KIND
 OWN_REDIS=$own_redis
 BALANCER=$BALANCER
 EOF
     # Whatever fails from here (die exits), stop what was started.
     trap 'echo "local-cluster: start failed; stopping what was started" >&2; cmd_stop >/dev/null 2>&1 || true' EXIT
-    [ "$own_redis" = 1 ] && start_redis
+    if [ "$own_redis" = 1 ]; then
+        if [ "$REDIS_KIND" = cluster ]; then start_redis_cluster; else start_redis; fi
+    fi
     local k
     for k in $(seq 1 "$NODES"); do launch_node "$k"; done
     for k in $(seq 1 "$NODES"); do wait_node_ready "$k"; done
@@ -343,11 +394,15 @@ cmd_stop() {
         [ -f "$DIR/node$k.exit" ] && echo "node$k exited with code $(cat "$DIR/node$k.exit")"
     done
     if [ "$OWN_REDIS" = 1 ]; then
-        pid=$(pid_of "$DIR/redis.pid")
-        if alive "$pid"; then
-            kill -TERM "$pid" 2>/dev/null || true
-            wait_gone "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
-        fi
+        local pidfile
+        for pidfile in $(own_redis_pidfiles); do
+            pid=$(pid_of "$pidfile")
+            if alive "$pid"; then
+                kill -TERM "$pid" 2>/dev/null || true
+                wait_gone "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
+            fi
+            rm -f "$pidfile"
+        done
     fi
     rm -f "$DIR"/node*.pid "$DIR/redis.pid" "$DIR/nginx/nginx.pid" "$DIR/haproxy/haproxy.pid"
     echo "stopped the cluster in $DIR"
@@ -372,7 +427,10 @@ cmd_status() {
         describe "node$k" "$(pid_of "$DIR/node$k.pid")" "$(node_port "$k")" /readyz
         if [ -f "$DIR/node$k.exit" ]; then echo "           exited with code $(cat "$DIR/node$k.exit")"; fi
     done
-    if [ "$OWN_REDIS" = 1 ]; then
+    if [ "$OWN_REDIS" = 1 ] && [ "${REDIS_KIND:-single}" = cluster ]; then
+        local port
+        for port in $(cluster_ports); do describe redis "$(pid_of "$DIR/redis-$port.pid")" "$port" ""; done
+    elif [ "$OWN_REDIS" = 1 ]; then
         describe redis "$(pid_of "$DIR/redis.pid")" $((BASE_PORT + 1)) ""
     else
         echo "  redis    external  $REDIS_URL"
@@ -402,6 +460,8 @@ cmd_start_node() {
 own_redis_only() {
     load_state
     [ "$OWN_REDIS" = 1 ] || die "this cluster uses an external Redis ($REDIS_URL)"
+    [ "${REDIS_KIND:-single}" = single ] ||
+        die "stop-redis/start-redis act on one Redis; stop a cluster node with redis-cli -p PORT shutdown"
 }
 
 cmd_stop_redis() {
