@@ -16,7 +16,7 @@ import redis
 
 from backend_adapter import AsyncPublisher, Publisher
 from relay import wire
-from relay.errors import ConfigError
+from relay.errors import ConfigError, PublishFailed
 from relay.wire import KeySpace
 from tests.support.redis_cluster import RedisCluster
 
@@ -116,3 +116,44 @@ def test_relay_publish_command_reaches_a_cluster(redis_cluster: RedisCluster) ->
     ).stdout
     assert json.loads(out)["duplicate"] is False
     assert [data for _, data in _history(redis_cluster, "cli-biz")] == [{"n": 1}]
+
+
+async def test_cluster_reshard_under_load_loses_and_doubles_nothing(
+    own_cluster: RedisCluster,
+) -> None:
+    """`redis-cli --cluster reshard` moves 300 slots while AsyncPublisher publishes to
+    BizIds in them (one mid per event, concurrently): every accepted event is in its
+    BizId's history exactly once, in the order accepted, and every slot ends on the target."""
+    source = own_cluster.master_of_slot(0)
+    target = next(p for p in own_cluster.masters() if p != source)
+    moving = [b for b in (f"r{n}" for n in range(3000)) if own_cluster.slot_of(KEYS.log(b)) < 300]
+    biz_ids = moving[:12]
+    accepted: dict[str, list[int]] = {biz: [] for biz in biz_ids}
+    failed = 0
+
+    async def lane(publisher: AsyncPublisher, biz: str, stop: asyncio.Event) -> None:
+        nonlocal failed
+        n = 0
+        while not stop.is_set() or n < 20:
+            try:
+                await publisher.publish(biz, "e", n, mid=f"{biz}-{n}")
+                accepted[biz].append(n)
+            except PublishFailed:
+                failed += 1
+            n += 1
+
+    async with AsyncPublisher(
+        own_cluster.url, retries=30, backoff=0.01, history_size=100_000
+    ) as publisher:
+        stop = asyncio.Event()
+        lanes = [asyncio.create_task(lane(publisher, biz, stop)) for biz in biz_ids]
+        await asyncio.sleep(0)
+        await asyncio.to_thread(own_cluster.reshard, source, target, 300)
+        stop.set()
+        await asyncio.gather(*lanes)
+    assert all(
+        own_cluster.master_of_slot(own_cluster.slot_of(KEYS.log(b))) == target for b in biz_ids
+    )
+    assert failed == 0
+    for biz in biz_ids:
+        assert [data for _, data in _history(own_cluster, biz)] == accepted[biz]
