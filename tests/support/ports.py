@@ -14,6 +14,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` different free ports: every socket stays bound until all are picked, so
+    the system cannot hand out one port twice (as calls of :func:`free_port` may)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def wait_port(port: int, timeout: float = 10_000 * MS, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 from tests.support.redis_server import start_replicated_server
 from tests.support.timing import MS
 
@@ -79,10 +79,12 @@ class RedisCluster:
         self.password = password
         self.node_timeout_ms = node_timeout_ms
         self.masters_wanted = masters
-        self.ports = [free_port() for _ in range(masters * (1 + replicas))]
+        count = masters * (1 + replicas)
         # The cluster bus listens on a port of its own (by default port + 10000, which may
         # be taken or beyond 65535 for a free port picked by the system).
-        self.bus_ports = {port: free_port() for port in self.ports}
+        picked = free_ports(2 * count)
+        self.ports = picked[:count]
+        self.bus_ports = dict(zip(self.ports, picked[count:], strict=True))
         self.replicas_per_master = replicas
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -113,6 +115,14 @@ class RedisCluster:
         )
 
     def start(self) -> RedisCluster:
+        """Start every node and form the cluster; on any failure nothing is left running."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> RedisCluster:
         for port in self.ports:
             self._server(port)
         create = [
@@ -127,7 +137,6 @@ class RedisCluster:
         ]
         done = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
         if done.returncode != 0:
-            self.close()
             raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}{done.stderr}")
         self.wait_ok()
         self.wait_replicated()

@@ -12,8 +12,15 @@ Live delivery still uses the node's one classic pub/sub connection (``SUBSCRIBE`
 cluster forwards every ``PUBLISH`` to every node, so that connection may be on any node.
 :class:`AnyNode` gives the subscriber the next known node on each (re)connect, so when
 the node it read from dies it moves to another and the usual resubscribe and gap repair
-follow. The cost is that every publish crosses the cluster bus to every node; sharded
-pub/sub (``SSUBSCRIBE`` on each slot's master) would avoid it and is not done yet.
+follow. The costs, which sharded pub/sub (``SSUBSCRIBE`` on each slot's master) would
+remove and which are why ``relay serve`` does not accept a cluster yet:
+
+- every publish crosses the cluster bus to every node;
+- ``PUBLISH`` counts only the subscribers of the node that ran it, so a publish's
+  ``receivers`` and ``online`` are wrong unless the reader happens to be on that master;
+- a BizId's events may reach the reader out of order when its slot moves (the old
+  owner's message crosses the bus, the new one's may not): ``prev`` still links them, so
+  the hub repairs from history (GAP) and drops the late one (STALE).
 """
 
 from __future__ import annotations
