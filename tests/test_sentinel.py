@@ -19,6 +19,7 @@ from relay.engines.redis import RedisEngine
 from relay.errors import EngineUnavailable, PublishFailed
 from tests.engines.conftest import RecordingHandler
 from tests.support.sentinel import PASSWORD, SentinelDeployment
+from tests.support.timing import MS
 
 pytestmark = pytest.mark.redis
 
@@ -59,11 +60,13 @@ async def test_sentinel_engine_and_publishers_follow_a_failover(
                 await asyncio.to_thread(deployment.kill, deployment.sentinel_ports[0])
                 await asyncio.to_thread(deployment.kill, old)
                 loop = asyncio.get_running_loop()
-                failures = await _publish_until_accepted(publisher, "b1", 1, loop.time() + 30)
+                failures = await _publish_until_accepted(
+                    publisher, "b1", 1, loop.time() + 30_000 * MS
+                )
                 assert deployment.master_port() != old
                 # The node's subscription moved too: a live event arrives after resubscribing.
                 await handler.wait_until(lambda: handler.resubscribes >= 1, 20_000)
-                await _publish_until_accepted(publisher, "b1", 2, loop.time() + 10)
+                await _publish_until_accepted(publisher, "b1", 2, loop.time() + 10_000 * MS)
                 await handler.wait_until(
                     lambda: [e.data["seq"] for e in handler.events_for("b1")][-1:] == [2],
                     10_000,

@@ -23,6 +23,7 @@ from backend_adapter import AsyncPublisher
 from relay.protocol import CloseCode
 from tests.support.ports import free_port, wait_port
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS
 
 RELAY = [sys.executable, "-m", "relay"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ async def test_serve_waits_for_redis_unready_then_serves_when_it_comes(
     await asyncio.to_thread(wait_port, node.port, 20)
     async with aiohttp.ClientSession() as http:
         assert (await _status(http, f"{node.base}/healthz"))[0] == 200
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 20_000 * MS
         while "error" not in (body := (await _status(http, f"{node.base}/readyz"))[1]):
             assert body["reason"] == "starting", body  # 503, before the first attempt failed
             assert time.monotonic() < deadline, body
@@ -177,7 +178,7 @@ def test_serve_stopped_while_waiting_for_redis_exits_0(
     node = Served(tmp_path, free_port())
     served.append(node)
     wait_port(node.port, 20)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 20_000 * MS
     while not node.events("node.start_failed"):
         assert time.monotonic() < deadline
         time.sleep(0.05)

@@ -54,7 +54,7 @@ async def test_status_feeds_are_bounded_per_node(started_nodes: list[NodeUnderTe
             async with http.get("/status/feed") as second:
                 assert second.status == 503
                 assert (await second.json())["error"]["code"] == "too_many_pages"
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 5000 * MS
         while True:
             async with http.get("/status/feed") as again:
                 if again.status == 200:
