@@ -25,15 +25,16 @@ def test_cluster_has_three_masters_each_with_a_replica(redis_cluster: RedisClust
 
 
 def test_killed_master_is_replaced_by_its_replica_keeping_keys(own_cluster: RedisCluster) -> None:
-    client = _client(own_cluster)
-    client.set("{biz}:k", "v")
-    client.wait(1, 2000)  # the replica has it before the kill
     old = own_cluster.master_of_slot(own_cluster.slot_of("{biz}:k"))
+    with own_cluster.client(old) as master:
+        master.set("{biz}:k", "v")
+        # WAIT counts replicas that have this connection's writes, so it must run on the
+        # master's own connection: a cluster client sends it to any node.
+        assert master.wait(1, 10_000) == 1
     replica = own_cluster.replicas_of(old)[0]
     new, _ = own_cluster.kill_master_and_wait_failover(old)
     assert new == replica
     assert own_cluster.master_of_slot(own_cluster.slot_of("{biz}:k")) == new
-    client.close()
     client = _client(own_cluster)
     assert client.get("{biz}:k") == b"v"
     client.close()
