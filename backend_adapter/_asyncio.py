@@ -40,7 +40,7 @@ from backend_adapter._core import (
     RoundTrip,
     after_failure,
     by_slot,
-    cluster_refused,
+    in_slot,
     is_transient,
     lookup_failed,
     raise_first_failure,
@@ -112,7 +112,7 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
         self._cluster: Any = None  # redis.asyncio.RedisCluster for redis+cluster://
         self._stale = False  # the cluster's slot layout must be read again
         if redis_url is not None and parse_redis_url(redis_url).is_cluster:
-            cluster_refused(self._replication)
+            self._replication = in_slot(self._replication)
             self._cluster = async_cluster(
                 redis_url,
                 protocol=2,

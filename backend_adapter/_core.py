@@ -20,6 +20,7 @@ every error becomes a :class:`~relay.errors.PublishFailed` naming the BizId and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ __all__ = [
     "RoundTrip",
     "after_failure",
     "by_slot",
-    "cluster_refused",
+    "in_slot",
     "is_transient",
     "lookup_failed",
     "publish_failed",
@@ -118,13 +119,23 @@ class Replication:
     min_replicas: int
     timeout: float
     barrier: str
+    in_slot: bool = False  # a Redis Cluster: the barrier is a SET in the batch's slot
 
-    def commands(self) -> bytes:
-        """The packed ``PUBLISH <barrier> ""`` and ``WAIT``: two replies follow the batch."""
+    def commands(self, slot_barrier: str) -> bytes:
+        """The packed barrier write and ``WAIT``: two replies follow the batch.
+
+        The barrier is ``PUBLISH <barrier> ""``, or on a cluster (which sends PUBLISH over
+        its bus, not to the replicas) ``SET <slot_barrier> "" PX <timeout>`` in the slot of
+        the batch, whose master the connection is.
+        """
         ms = b"%d" % max(1, round(self.timeout * 1000))
-        publish = b"*3\r\n" + b"".join(map(_bulk, (b"PUBLISH", self.barrier.encode(), b"")))
+        if self.in_slot:
+            barrier: tuple[bytes, ...] = (b"SET", slot_barrier.encode(), b"", b"PX", ms)
+        else:
+            barrier = (b"PUBLISH", self.barrier.encode(), b"")
+        write = b"*%d\r\n" % len(barrier) + b"".join(map(_bulk, barrier))
         wait = b"*3\r\n" + b"".join(map(_bulk, (b"WAIT", b"%d" % self.min_replicas, ms)))
-        return publish + wait
+        return write + wait
 
     def check(self, acked: Any) -> None:
         """Raise ReplicasBehind unless WAIT's reply ``acked`` is enough."""
@@ -230,13 +241,9 @@ def by_slot(calls: Iterable[Call], keys: KeySpace) -> dict[int, list[Call]]:
     return parts
 
 
-def cluster_refused(replication: Replication | None) -> None:
-    """``min_replicas`` is refused on a cluster: see docs/operations.md (Redis Cluster)."""
-    if replication is not None:
-        raise ConfigError(
-            "min_replicas is not supported with redis+cluster://: a cluster does not"
-            " replicate the barrier write that WAIT needs to cover a duplicate publish"
-        )
+def in_slot(replication: Replication | None) -> Replication | None:
+    """The WAIT settings for a Redis Cluster: the barrier becomes a write in the slot."""
+    return None if replication is None else dataclasses.replace(replication, in_slot=True)
 
 
 def after_failure(calls: list[Call], exc: Exception, retry: Retry) -> tuple[list[Call], float]:
@@ -392,7 +399,7 @@ class RoundTrip:
             run[0].command if len(run) == 1 else codec.run_command(run) for run in self.runs
         ]
         if replication is not None:
-            self.commands.append(replication.commands())
+            self.commands.append(replication.commands(codec.keys.slot_barrier(calls[0].biz_id)))
         self._result = codec.result
         self._held: list[tuple[Call, PublishResult]] | None = None if replication is None else []
         self.missing: list[Call] = []  # NOSCRIPT: Redis lost the script; load it, resend

@@ -266,6 +266,12 @@ class KeySpace:
         earlier one, so WAIT covers them all (see docs/wire.md, min-replicas)."""
         return f"{self.prefix}:barrier"
 
+    def slot_barrier(self, biz_id: str) -> str:
+        """The key of a short-lived ``SET`` before ``WAIT`` on a Redis Cluster, in
+        ``biz_id``'s slot: a cluster does not replicate PUBLISH, so the barrier must be a
+        write on the slot's own master."""
+        return f"{self.prefix}:{{{biz_id}}}:barrier"
+
 
 # -- envelopes --------------------------------------------------------------------------
 

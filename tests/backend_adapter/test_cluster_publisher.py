@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import redis
 
 from backend_adapter import AsyncPublisher, Publisher
 from relay import wire
-from relay.errors import ConfigError, PublishFailed
-from relay.wire import KeySpace
+from relay.errors import PublishFailed
+from relay.wire import KeySpace, PublishResult
 from tests.support.redis_cluster import RedisCluster
 
 KEYS = KeySpace("relay")
@@ -87,12 +89,48 @@ async def test_cluster_slot_moved_under_publishing(own_cluster: RedisCluster) ->
 
 
 @pytest.mark.parametrize("publisher_class", [Publisher, AsyncPublisher])
-def test_cluster_refuses_min_replicas_by_name(
-    redis_cluster: RedisCluster, publisher_class: type
+async def test_cluster_min_replicas_waits_for_the_slot_masters_replica(
+    own_cluster: RedisCluster, publisher_class: type
 ) -> None:
-    """WAIT cannot vouch for a duplicate on a cluster: min_replicas is refused, not ignored."""
-    with pytest.raises(ConfigError, match="min_replicas is not supported with redis\\+cluster"):
-        publisher_class(redis_cluster.url, min_replicas=1)
+    """With min_replicas=1 a publish succeeds once the replica of its slot's master holds
+    it; with that replica frozen (SIGSTOP) the publish fails with ReplicasBehind, while a
+    BizId on another master still publishes. A duplicate is vouched for the same way."""
+    frozen_master = own_cluster.master_of_slot(own_cluster.slot_of(KEYS.log("shop-0")))
+    other = next(
+        b
+        for b in BIZ_IDS
+        if own_cluster.master_of_slot(own_cluster.slot_of(KEYS.log(b))) != frozen_master
+    )
+    replica = own_cluster.procs[own_cluster.replicas_of(frozen_master)[0]]
+    kwargs = {"min_replicas": 1, "replica_timeout": 0.2, "retries": 1, "timeout": 1.0}
+    publisher, retrier = (publisher_class(own_cluster.url, **kwargs) for _ in range(2))
+
+    async def publish(via: Any, biz: str, mid: str) -> PublishResult:
+        if isinstance(via, AsyncPublisher):
+            return await via.publish(biz, "e", 1, mid=mid)
+        return await asyncio.to_thread(via.publish, biz, "e", 1, mid)
+
+    try:
+        first = await publish(publisher, "shop-0", "a")
+        assert (await publish(retrier, "shop-0", "a")).duplicate
+        replica.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(PublishFailed, match="ReplicasBehind: 0 of 1 replica"):
+                await publish(publisher, "shop-0", "b")
+            # Another process retries "b" (same mid): a duplicate whose original the
+            # replica does not hold is not vouched for either.
+            with pytest.raises(PublishFailed, match="ReplicasBehind"):
+                await publish(retrier, "shop-0", "b")
+            assert not (await publish(retrier, other, "c")).duplicate
+        finally:
+            replica.send_signal(signal.SIGCONT)
+    finally:
+        for each in (publisher, retrier):
+            if isinstance(each, AsyncPublisher):
+                await each.close()
+            else:
+                each.close()
+    assert first.id == next(sid for sid, _ in _history(own_cluster, "shop-0"))
 
 
 def test_relay_publish_command_reaches_a_cluster(redis_cluster: RedisCluster) -> None:
