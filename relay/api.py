@@ -167,8 +167,9 @@ async def publish(request: web.Request) -> web.Response:
 async def _publish_batch(node: Node, body: dict[str, Any]) -> list[dict[str, Any]]:
     """One result per event, in order: its answer, or its own error.
 
-    Events of one BizId are published one after another, in the order given; different
-    BizIds go concurrently, so the Redis engine sends a round of them in one pipeline.
+    The events of one BizId go to the engine as one run, in the order given (on Redis:
+    one script call); different BizIds go concurrently. A run holding an event the
+    engine refuses (too large) is published event by event, so only that event fails.
     """
     unknown = body.keys() - {"events"}
     if unknown:
@@ -182,23 +183,40 @@ async def _publish_batch(node: Node, body: dict[str, Any]) -> list[dict[str, Any
             f"'events' has {len(events)} events; at most {limit} per call (--publish-batch-max)"
         )
     results: list[dict[str, Any]] = [{} for _ in events]
-    by_biz: dict[str, list[tuple[int, tuple[str, str, Any, str | None]]]] = {}
+    by_biz: dict[str, list[tuple[int, tuple[str, Any, str | None]]]] = {}
     for i, item in enumerate(events):
         try:
-            fields = publish_fields(item)
+            biz_id, event, data, mid = publish_fields(item)
         except InvalidInput as exc:
             results[i] = _failure(exc)
         else:
-            by_biz.setdefault(fields[0], []).append((i, fields))
+            by_biz.setdefault(biz_id, []).append((i, (event, data, mid)))
 
-    async def publish_in_order(items: list[tuple[int, tuple[str, str, Any, str | None]]]) -> None:
-        for i, (biz_id, event, data, mid) in items:
+    async def publish_one_by_one(
+        biz_id: str, items: list[tuple[int, tuple[str, Any, str | None]]]
+    ) -> None:
+        for i, (event, data, mid) in items:
             try:
                 results[i] = _answer(await node.publish(biz_id, event, data, mid=mid))
             except RelayError as exc:
                 results[i] = _failure(exc)
 
-    await asyncio.gather(*(publish_in_order(items) for items in by_biz.values()))
+    async def publish_run(
+        biz_id: str, items: list[tuple[int, tuple[str, Any, str | None]]]
+    ) -> None:
+        try:
+            answers = await node.publish_run(biz_id, [fields for _, fields in items])
+        except InvalidInput:
+            await publish_one_by_one(biz_id, items)
+            return
+        except RelayError as exc:
+            for i, _ in items:
+                results[i] = _failure(exc)
+            return
+        for (i, _), answer in zip(items, answers, strict=True):
+            results[i] = _answer(answer)
+
+    await asyncio.gather(*(publish_run(b, items) for b, items in by_biz.items()))
     return results
 
 

@@ -16,6 +16,7 @@ passes to :meth:`Engine.start`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -187,6 +188,16 @@ class Broker(Protocol):
         self, biz_id: str, event: str, data: Any, *, mid: str | None = None
     ) -> PublishResult:
         """Append to history and deliver live, atomically; dedupe on ``mid``."""
+
+    async def publish_run(
+        self, biz_id: str, events: Sequence[tuple[str, Any, str | None]]
+    ) -> list[PublishResult]:
+        """Publish ``(event, data, mid)`` events of one BizId in order, in one step.
+
+        Each result is what :meth:`publish` of that event, in turn, would answer (a mid
+        seen earlier in the run is a duplicate). Every event is validated first: an
+        invalid one raises before anything is published.
+        """
 
     async def subscribe(self, biz_id: str) -> None:
         """Start live delivery of ``biz_id``; returns once the subscription is live.

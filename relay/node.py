@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 import structlog
@@ -574,6 +574,13 @@ class Node:
         result = await self.engine.publish(biz_id, event, data, mid=mid)
         self.metrics.publishes.inc()
         return result
+
+    async def publish_run(
+        self, biz_id: str, events: Sequence[tuple[str, Any, str | None]]
+    ) -> list[PublishResult]:
+        results = await self.engine.publish_run(biz_id, events)
+        self.metrics.publishes.inc(len(results))
+        return results
 
     # -- engine callbacks --------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -46,6 +46,7 @@ __all__ = [
     "parse_publish_reply",
     "prove_recovery",
     "publish_call",
+    "publish_run_call",
     "superseded",
     "validate_client_id",
     "validate_event_name",
@@ -468,6 +469,27 @@ def publish_call(
         ],
         [payload, history_size, history_ttl, mid or "", dedupe_window],
     )
+
+
+def publish_run_call(
+    keys: KeySpace,
+    biz_id: str,
+    events: Sequence[tuple[bytes, str | None]],
+    *,
+    history_size: int,
+    history_ttl: int,
+    dedupe_window: int,
+) -> tuple[list[str], list[bytes | str | int]]:
+    """KEYS and ARGV of :data:`PUBLISH_RUN_LUA` for ``(payload, mid)`` events of one BizId.
+
+    Every key is in ``biz_id``'s ``{B}`` slot, so the call is safe on a cluster.
+    """
+    log = keys.log(biz_id)
+    dedupe = [log if mid is None else keys.mid(biz_id, mid) for _, mid in events]
+    args: list[bytes | str | int] = [history_size, history_ttl, dedupe_window]
+    for payload, mid in events:
+        args += (payload, mid or "")
+    return [log, keys.channel(biz_id), keys.session(biz_id), *dedupe], args
 
 
 def _text(value: Any) -> str:

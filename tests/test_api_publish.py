@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 
 from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, node_settings
 from tests.support.redis_server import RedisServer
@@ -163,3 +164,27 @@ async def test_api_publish_batch_with_redis_down_is_unavailable_per_event(
         "bad_request",
         "unavailable",
     ]
+
+
+async def test_api_publish_batch_sends_one_script_call_per_biz_id(
+    own_redis: RedisServer, started_nodes: list[NodeUnderTest], http: aiohttp.ClientSession
+) -> None:
+    """A batch of 10 events of one BizId interleaved with 5 of another reaches Redis as two
+    script calls (one run each), and each BizId's events keep their order."""
+    node = await start(started_nodes, own_redis.url)
+    events = [{"biz_id": "alice", "event": f"a{n}"} for n in range(10)]
+    for n in range(5):
+        events.insert(2 * n + 1, {"biz_id": "bob", "event": f"b{n}"})
+    raw = redis.Redis(port=own_redis.port, password=own_redis.password)
+    try:
+        raw.config_resetstat()
+        status, answer = await post(http, node, {"events": events})
+        stats = raw.info("commandstats")
+    finally:
+        raw.close()
+    assert status == 200 and all("id" in r for r in answer["results"])
+    evalsha = stats["cmdstat_evalsha"]  # a fresh server answers NOSCRIPT first: not run
+    assert evalsha["calls"] - evalsha["failed_calls"] == 2
+    assert stats["cmdstat_xadd"]["calls"] == 15
+    assert await history_events(node, "alice") == [f"a{n}" for n in range(10)]
+    assert await history_events(node, "bob") == [f"b{n}" for n in range(5)]

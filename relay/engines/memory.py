@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -108,8 +109,23 @@ class MemoryEngine:
     async def publish(
         self, biz_id: str, event: str, data: Any, *, mid: str | None = None
     ) -> PublishResult:
+        max_size = self.options.max_payload
+        return self._publish(
+            biz_id, encode_payload(biz_id, event, data, mid=mid, max_size=max_size), mid
+        )
+
+    async def publish_run(
+        self, biz_id: str, events: Sequence[tuple[str, Any, str | None]]
+    ) -> list[PublishResult]:
+        max_size = self.options.max_payload
+        encoded = [
+            (encode_payload(biz_id, event, data, mid=mid, max_size=max_size), mid)
+            for event, data, mid in events
+        ]
+        return [self._publish(biz_id, payload, mid) for payload, mid in encoded]
+
+    def _publish(self, biz_id: str, payload: bytes, mid: str | None) -> PublishResult:
         opts = self.options
-        payload = encode_payload(biz_id, event, data, mid=mid, max_size=opts.max_payload)
         now = time.time()
         self._publishes += 1
         if self._publishes % 1024 == 0:

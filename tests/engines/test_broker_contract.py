@@ -9,7 +9,7 @@ import pytest
 
 from relay.engine import EngineOptions
 from relay.errors import InvalidClientId, InvalidInput, PayloadTooLarge
-from relay.wire import ID_ZERO, parse_id, prove_recovery
+from relay.wire import ID_ZERO, format_id, parse_id, prove_recovery
 from tests.engines.conftest import KINDS, Harness, StartEngine, receivers_are_counted, record
 
 pytestmark = pytest.mark.parametrize("start_engine", KINDS, indirect=True)
@@ -67,6 +67,61 @@ async def test_publish_mid_dedupes_without_delivery(harness: Harness) -> None:
     assert not other.duplicate
     await handler.wait_until(lambda: len(handler.events_for("dup")) >= 2)
     assert [e.id for e in handler.events_for("dup")] == [first.id, marker.id]
+
+
+async def test_publish_run_answers_like_single_publishes_in_order(
+    harness: Harness, request: pytest.FixtureRequest
+) -> None:
+    """A run gets one result per event, as N publishes would: increasing ids, delivered
+    in order, chained in history, online/receivers for a subscribed BizId with a session."""
+    receivers_are_counted(harness, request)
+    engine, handler = harness.engine, harness.handler
+    await engine.claim_session(record(harness, "run", "s1"))
+    await engine.subscribe("run")
+    before = await engine.publish("run", "e", 0)
+    results = await engine.publish_run("run", [("e", {"n": n}, None) for n in range(1, 6)])
+    ids = [before.id, *(r.id for r in results)]
+    assert [parse_id(i) for i in ids] == sorted({parse_id(i) for i in ids})
+    assert all(r.online and r.receivers >= 1 and not r.duplicate for r in results)
+    await handler.wait_until(lambda: len(handler.events_for("run")) >= 6)
+    delivered = handler.events_for("run")
+    assert [e.id for e in delivered] == ids
+    assert [e.data for e in delivered] == [0, *({"n": n} for n in range(1, 6))]
+    history = await engine.history("run", parse_id(before.id), 10)
+    assert [e.id for e in history.entries] == ids[1:]
+    assert [format_id(e.prev) for e in history.entries] == ids[:-1]
+
+
+async def test_publish_run_dedupes_within_the_run_and_against_earlier(harness: Harness) -> None:
+    """A mid seen earlier, or earlier in the same run, is a duplicate with the first id."""
+    engine, handler = harness.engine, harness.handler
+    await engine.subscribe("rdup")
+    first = await engine.publish("rdup", "e", 1, mid="m-1")
+    results = await engine.publish_run(
+        "rdup", [("e", 1, "m-1"), ("e", 2, "m-2"), ("e", 3, None), ("e", 2, "m-2")]
+    )
+    assert [r.duplicate for r in results] == [True, False, False, True]
+    assert results[0].id == first.id and results[3].id == results[1].id
+    assert results[0].receivers == 0 and results[3].receivers == 0
+    marker = await engine.publish("rdup", "marker", None)
+    await handler.wait_until(lambda: len(handler.events_for("rdup")) >= 4)
+    assert [e.id for e in handler.events_for("rdup")] == [
+        first.id,
+        results[1].id,
+        results[2].id,
+        marker.id,
+    ]
+
+
+async def test_publish_run_with_an_invalid_event_publishes_nothing(
+    start_engine: StartEngine,
+) -> None:
+    """An oversized event anywhere in a run raises before any event of it is written."""
+    h = await start_engine(EngineOptions(max_payload=512))
+    with pytest.raises(PayloadTooLarge):
+        await h.engine.publish_run("rbig", [("e", 1, None), ("e", "x" * 1000, None)])
+    assert (await h.engine.history("rbig", None, 10)).last is None
+    assert await h.engine.publish_run("rbig", []) == []
 
 
 async def test_publish_rejects_invalid_biz_id(harness: Harness) -> None:

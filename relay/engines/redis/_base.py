@@ -147,6 +147,7 @@ class RedisBase:
     _redis: aioredis.Redis
     _batch: Batcher
     _publish_script: AsyncScript
+    _publish_run_script: AsyncScript
     _history_script: AsyncScript
     _claim_script: AsyncScript
     _forget_script: AsyncScript

@@ -39,7 +39,7 @@ from relay.errors import ConfigError, EngineError
 from relay.redis_pool import async_cluster
 from relay.redis_pool import async_pool as redis_pool
 from relay.redis_url import parse_redis_url
-from relay.wire import HISTORY_LUA, PUBLISH_LUA, KeySpace
+from relay.wire import HISTORY_LUA, PUBLISH_LUA, PUBLISH_RUN_LUA, KeySpace
 
 if TYPE_CHECKING:
     from relay.engine import Broker, Engine, NodeRegistry, SessionRegistry
@@ -132,6 +132,7 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
                 barrier=self._keys.barrier(),
             )
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
+        self._publish_run_script = self._redis.register_script(PUBLISH_RUN_LUA)
         self._history_script = self._redis.register_script(HISTORY_LUA)
         self._claim_script = self._redis.register_script(CLAIM_LUA)
         self._forget_script = self._redis.register_script(FORGET_LUA)
