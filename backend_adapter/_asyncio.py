@@ -32,7 +32,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from backend_adapter._core import (
-    SCRIPT_LOADS,
     Call,
     Encoded,
     Item,
@@ -380,8 +379,8 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
             # earlier one here; that needs a restart mid-batch and is accepted.)
             if not reload:
                 raise rex.NoScriptError("publish script vanished again right after loading")
-            await conn.send_packed_command(SCRIPT_LOADS)
-            for _ in SCRIPT_LOADS:
+            await conn.send_packed_command(self._codec.script_loads)
+            for _ in self._codec.script_loads:
                 await conn.read_response(timeout=math.inf)
             await self._round_trip(conn, trip.missing, reload=False)
         trip.finish()

@@ -31,9 +31,12 @@ from redis.crc import key_slot
 
 from relay.backoff import Backoff, Retry
 from relay.errors import ConfigError, EngineError, EngineUnavailable, InvalidInput, PublishFailed
+from relay.redis_url import parse_redis_url
 from relay.wire import (
     DEFAULT_MAX_PAYLOAD,
+    PUBLISH_CLUSTER_LUA,
     PUBLISH_LUA,
+    PUBLISH_RUN_CLUSTER_LUA,
     PUBLISH_RUN_LUA,
     KeySpace,
     PublishResult,
@@ -86,6 +89,10 @@ SCRIPT_LOAD: Final = _script_load(PUBLISH_LUA)
 
 SCRIPT_LOADS: Final = [SCRIPT_LOAD, _script_load(PUBLISH_RUN_LUA)]
 """Both scripts' ``SCRIPT LOAD``: what a publisher sends after a NOSCRIPT (two replies)."""
+
+_CLUSTER_SHA: Final = hashlib.sha1(PUBLISH_CLUSTER_LUA.encode()).hexdigest()
+_RUN_CLUSTER_SHA: Final = hashlib.sha1(PUBLISH_RUN_CLUSTER_LUA.encode()).hexdigest()
+_CLUSTER_LOADS: Final = [_script_load(PUBLISH_CLUSTER_LUA), _script_load(PUBLISH_RUN_CLUSTER_LUA)]
 
 
 Encoded = tuple[bytes, bytes, bytes, bytes]
@@ -269,7 +276,16 @@ class PublishCodec:
     ARGV, the key prefix) is packed once here.
     """
 
-    __slots__ = ("_head", "_limits", "_max_payload", "_no_mid", "_run_head", "_window", "keys")
+    __slots__ = (
+        "_head",
+        "_limits",
+        "_max_payload",
+        "_no_mid",
+        "_run_head",
+        "_window",
+        "keys",
+        "script_loads",
+    )
 
     def __init__(
         self,
@@ -279,7 +295,9 @@ class PublishCodec:
         history_ttl: int = 3600,
         dedupe_window: int = 600,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        cluster: bool = False,
     ) -> None:
+        """``cluster``: the scripts' Redis Cluster variants (SPUBLISH instead of PUBLISH)."""
         for name, value in (
             ("history_size", history_size),
             ("history_ttl", history_ttl),
@@ -293,8 +311,13 @@ class PublishCodec:
         self.keys = KeySpace(key_prefix)
         self._max_payload = max_payload
         # ARGV order and KEYS order follow relay.wire.publish_call exactly.
-        self._head = b"*12\r\n" + b"".join(map(_bulk, (b"EVALSHA", PUBLISH_SHA.encode(), b"4")))
-        self._run_head = _bulk(b"EVALSHA") + _bulk(PUBLISH_RUN_SHA.encode())
+        sha, run_sha = (
+            (_CLUSTER_SHA, _RUN_CLUSTER_SHA) if cluster else (PUBLISH_SHA, PUBLISH_RUN_SHA)
+        )
+        self._head = b"*12\r\n" + b"".join(map(_bulk, (b"EVALSHA", sha.encode(), b"4")))
+        self._run_head = _bulk(b"EVALSHA") + _bulk(run_sha.encode())
+        self.script_loads = _CLUSTER_LOADS if cluster else SCRIPT_LOADS
+        """The packed ``SCRIPT LOAD`` of both scripts, sent after a NOSCRIPT (two replies)."""
         self._limits = _bulk(b"%d" % history_size) + _bulk(b"%d" % history_ttl)
         self._no_mid = _bulk(b"")
         self._window = _bulk(b"%d" % dedupe_window)
@@ -480,6 +503,7 @@ class PublisherBase(Generic[ClientT]):
             history_ttl=history_ttl,
             dedupe_window=dedupe_window,
             max_payload=max_payload,
+            cluster=redis_url is not None and parse_redis_url(redis_url).is_cluster,
         )
         self._retry = RetryPolicy(retries, backoff, max_backoff)
         self._replication = replication(key_prefix, min_replicas, replica_timeout, timeout)

@@ -20,7 +20,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from backend_adapter._core import (
-    SCRIPT_LOADS,
     Call,
     Item,
     PublisherBase,
@@ -218,8 +217,8 @@ class Publisher(PublisherBase[redis.Redis]):
             # Redis restarted or its script cache was flushed; see _asyncio.py.
             if not reload:
                 raise rex.NoScriptError("publish script vanished again right after loading")
-            conn.send_packed_command(SCRIPT_LOADS)
-            for _ in SCRIPT_LOADS:
+            conn.send_packed_command(self._codec.script_loads)
+            for _ in self._codec.script_loads:
                 conn.read_response()
             self._round_trip(conn, trip.missing, reload=False)
         trip.finish()

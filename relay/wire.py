@@ -28,7 +28,10 @@ __all__ = [
     "ID_ZERO",
     "MAX_CLIENT_ID_LEN",
     "MAX_DATA_DEPTH",
+    "PUBLISH_CLUSTER_LUA",
     "PUBLISH_LUA",
+    "PUBLISH_RUN_CLUSTER_LUA",
+    "PUBLISH_RUN_LUA",
     "Event",
     "History",
     "KeySpace",
@@ -131,6 +134,13 @@ PUBLISH_LUA: Final = _lua("publish.lua")
 
 PUBLISH_RUN_LUA: Final = _lua("publish_run.lua")
 """PUBLISH_LUA for a run of events of one BizId in one call: the per-call cost paid once."""
+
+PUBLISH_CLUSTER_LUA: Final = _lua("publish_cluster.lua")
+"""PUBLISH_LUA for a Redis Cluster: the same script with SPUBLISH (sharded pub/sub), so the
+event goes to the subscribers on its slot's master only and ``receivers`` counts them."""
+
+PUBLISH_RUN_CLUSTER_LUA: Final = _lua("publish_run_cluster.lua")
+"""PUBLISH_RUN_LUA for a Redis Cluster (SPUBLISH)."""
 
 HISTORY_LUA: Final = _lua("history.lua")
 """Consistent history read: bounds of the stream, entries after ``since``, server time."""

@@ -196,7 +196,6 @@ async def _http(base: str, method: str, path: str, api_key: str | None, body: An
 def _need_target(args: argparse.Namespace) -> None:
     """--redis-url or --http, well-formed, before anything is sent."""
     from relay.engines import check_redis_url
-    from relay.redis_url import parse_redis_url
 
     if args.http:
         if not args.http.startswith(("http://", "https://")):
@@ -204,8 +203,6 @@ def _need_target(args: argparse.Namespace) -> None:
                 "--http (or RELAY_HTTP) is a node's base URL with its scheme,"
                 f" e.g. http://127.0.0.1:8080 (got {args.http!r})"
             )
-    elif (args.redis_url or "").lower().startswith("redis+cluster://"):
-        parse_redis_url(args.redis_url)  # the publishers reach a cluster (nodes: not yet)
     elif args.redis_url:
         check_redis_url(args.redis_url)
     else:

@@ -55,10 +55,9 @@ def test_redis_url_cluster_names_every_node_and_the_password() -> None:
     assert parse_redis_url("redis+cluster://secret@h:1/0").password == "secret"
 
 
-def test_redis_url_cluster_is_refused_by_the_node_by_name() -> None:
-    """relay serve says plainly that it cannot serve a cluster yet (never a scheme list)."""
-    with pytest.raises(ConfigError, match="redis\\+cluster:// is not supported by relay nodes"):
-        check_redis_url("redis+cluster://:pw@h:1")
+def test_redis_url_cluster_is_served_by_the_node() -> None:
+    """relay serve takes redis+cluster:// (sharded pub/sub), password and all."""
+    assert check_redis_url("redis+cluster://:pw@h:1,h2:2") == "redis+cluster://:pw@h:1,h2:2"
 
 
 @pytest.mark.parametrize(

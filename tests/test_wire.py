@@ -26,7 +26,10 @@ from relay.wire import (
     DEFAULT_MAX_PAYLOAD,
     HISTORY_LUA,
     ID_ZERO,
+    PUBLISH_CLUSTER_LUA,
     PUBLISH_LUA,
+    PUBLISH_RUN_CLUSTER_LUA,
+    PUBLISH_RUN_LUA,
     Event,
     History,
     KeySpace,
@@ -434,6 +437,17 @@ def test_publish_call_matches_lua_arity() -> None:
     assert max(int(n) for n in re.findall(r"KEYS\[(\d+)\]", PUBLISH_LUA)) == len(kv)
     assert max(int(n) for n in re.findall(r"ARGV\[(\d+)\]", PUBLISH_LUA)) == len(argv)
     assert max(int(n) for n in re.findall(r"KEYS\[(\d+)\]", HISTORY_LUA)) == 1
+
+
+def test_publish_cluster_scripts_differ_only_by_spublish() -> None:
+    """The Redis Cluster scripts are the single-server ones with SPUBLISH for PUBLISH, and
+    nothing else: the two never drift apart."""
+    for single, cluster in (
+        (PUBLISH_LUA, PUBLISH_CLUSTER_LUA),
+        (PUBLISH_RUN_LUA, PUBLISH_RUN_CLUSTER_LUA),
+    ):
+        assert single.count("redis.call('PUBLISH', KEYS[2]") == 1
+        assert cluster == single.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
 
 
 @pytest.mark.parametrize(

@@ -8,18 +8,11 @@ from relay.redis_url import parse_redis_url
 
 __all__ = ["REDIS_SCHEMES", "check_redis_url", "create_engine"]
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
 
 def check_redis_url(url: str) -> str:
     """``url`` if it names a Redis the Redis engine can reach; ConfigError saying how if not."""
-    if url.lower().startswith("redis+cluster://"):
-        # Parsed (the publishers' cluster client accepts it), not yet served by the engine:
-        # live delivery needs sharded pub/sub and a per-slot batcher.
-        raise ConfigError(
-            "--redis-url (or RELAY_REDIS_URL): redis+cluster:// is not supported by relay"
-            " nodes yet; use redis:// or redis+sentinel://"
-        )
     if not url.lower().startswith(REDIS_SCHEMES):
         raise ConfigError(
             # Not quoted: a URL without its scheme may still carry a password.

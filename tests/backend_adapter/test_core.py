@@ -55,6 +55,24 @@ def test_codec_script_digest_and_load_command() -> None:
     assert redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_LUA) == SCRIPT_LOAD
 
 
+def test_codec_on_a_cluster_sends_the_spublish_scripts() -> None:
+    """A cluster codec's EVALSHA names publish_cluster.lua (SPUBLISH), its run command
+    publish_run_cluster.lua, and its SCRIPT LOADs carry those texts; nothing else differs."""
+    single, cluster = PublishCodec(), PublishCodec(cluster=True)
+    sha = hashlib.sha1(wire.PUBLISH_CLUSTER_LUA.encode()).hexdigest()
+    run_sha = hashlib.sha1(wire.PUBLISH_RUN_CLUSTER_LUA.encode()).hexdigest()
+    head = b"*12\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n4\r\n"
+    assert cluster.command("cml", "e", 1).startswith(head % sha.encode())
+    assert single.command("cml", "e", 1).startswith(head % PUBLISH_SHA.encode())
+    run = cluster.run_command(cluster.calls([("cml", "e", 1), ("cml", "e", 2)]))
+    assert run_sha.encode() in run
+    assert cluster.script_loads == [
+        redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_CLUSTER_LUA),
+        redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_RUN_CLUSTER_LUA),
+    ]
+    assert single.script_loads[0] == SCRIPT_LOAD
+
+
 def test_codec_calls_validate_every_item_first() -> None:
     """One bad item in a batch raises before any command exists."""
     codec = PublishCodec()

@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.cluster.support import ROOT, SCRIPT, LocalCluster, get_json, node_env
+from tests.cluster.support import API_KEY, ROOT, SCRIPT, LocalCluster, get_json, node_env
 from tests.support.timing import MS
 
 TEMPLATE = ROOT / "deploy" / "nginx" / "relay.conf.template"
@@ -105,30 +105,65 @@ def _cluster_base_port() -> int:
     raise RuntimeError("no free block of ports for a local Redis Cluster")
 
 
-def test_script_redis_cluster_starts_six_servers_and_stops_them(tmp_path: Path) -> None:
+async def test_script_redis_cluster_serves_nodes_end_to_end(tmp_path: Path) -> None:
     """`start --redis cluster` (make cluster REDIS=cluster) forms a 3-master/3-replica Redis
-    Cluster with redis-cli and gives the nodes its redis+cluster:// URL; the nodes refuse it
-    by name, and the failed start leaves no redis-server behind."""
+    Cluster with redis-cli and gives the nodes its redis+cluster:// URL: both nodes get
+    ready, a client connected through the balancer receives an event published on the
+    other node's API (sharded pub/sub, counted as one receiver), and `stop` stops all."""
     base = _cluster_base_port()
     args = ["--dir", str(tmp_path / "c"), "--base-port", str(base)]
-    started = subprocess.run(
-        [str(SCRIPT), "start", "-n", "1", "--redis", "cluster", *args],
+    started = await asyncio.to_thread(
+        subprocess.run,
+        [str(SCRIPT), "start", "-n", "2", "--redis", "cluster", *args],
         capture_output=True,
         text=True,
         timeout=120,
         env=node_env(),
     )
-    created = (tmp_path / "c" / "logs" / "redis-cluster-create.log").read_text()
-    assert "[OK] All 16384 slots covered" in created
-    assert created.count("Adding replica") == 3
-    url = ",".join(f"127.0.0.1:{base + 100 + k}" for k in (1, 2, 3))
-    assert f"redis+cluster://{url}" in (tmp_path / "c" / "cluster.env").read_text()
-    # This version's nodes refuse the cluster URL by name, and the script stops what it
-    # started. When nodes serve a cluster, this becomes: `status` shows nginx, the node and
-    # six redis-servers running, and `stop` stops them.
-    assert started.returncode != 0, started.stdout
-    node_log = (tmp_path / "c" / "logs" / "node1.log").read_text()
-    assert "redis+cluster:// is not supported by relay nodes yet" in node_log
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        created = (tmp_path / "c" / "logs" / "redis-cluster-create.log").read_text()
+        assert "[OK] All 16384 slots covered" in created
+        assert created.count("Adding replica") == 3
+        url = ",".join(f"127.0.0.1:{base + 100 + k}" for k in (1, 2, 3))
+        assert f"redis+cluster://{url}" in (tmp_path / "c" / "cluster.env").read_text()
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [str(SCRIPT), "status", "--dir", str(tmp_path / "c")],
+            capture_output=True,
+            text=True,
+            env=node_env(),
+            check=False,
+        )
+        assert status.stdout.count("running") == 9, status.stdout  # nginx, 2 nodes, 6 redis
+        assert status.stdout.count("/readyz 200") == 2
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"ws://127.0.0.1:{base}/ws/on-cluster") as ws,
+        ):
+            welcome = orjson.loads((await ws.receive(timeout=5000 * MS)).data)
+            assert welcome["type"] == "welcome"
+            other = 2 if welcome["node"] == "node1" else 1
+            async with http.post(
+                f"http://127.0.0.1:{base + other}/api/publish",
+                json={"biz_id": "on-cluster", "event": "e", "data": {"n": 1}},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            ) as response:
+                answer = await response.json()
+            assert response.status == 200, answer
+            assert answer["receivers"] == 1 and answer["online"] is True
+            message = orjson.loads((await ws.receive(timeout=5000 * MS)).data)
+            assert (message["id"], message["data"]) == (answer["id"], {"n": 1})
+    finally:
+        stopped = await asyncio.to_thread(
+            subprocess.run,
+            [str(SCRIPT), "stop", "--dir", str(tmp_path / "c")],
+            capture_output=True,
+            text=True,
+            env=node_env(),
+            check=False,
+        )
+    assert "node1 exited with code 0" in stopped.stdout, stopped.stdout
     for port in range(base + 101, base + 107):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"redis-server {port} still runs"

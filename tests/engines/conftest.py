@@ -96,17 +96,6 @@ class Harness:
         await asyncio.sleep(0.01)
 
 
-def receivers_are_counted(h: Harness, request: pytest.FixtureRequest) -> None:
-    """Mark a test that needs ``PublishResult.receivers``/``online`` as a known failure on
-    a cluster. A cluster's PUBLISH counts only the subscribers of the node that ran it, and
-    the engine's one classic pub/sub connection is on any node (the same one only by
-    chance, so not strict): sharded pub/sub (SSUBSCRIBE on each slot's master) is the fix,
-    not done yet, which is why ``relay serve`` still refuses redis+cluster://."""
-    if h.kind == "cluster":
-        reason = "cluster: PUBLISH counts only its own node's subscribers (no sharded pub/sub yet)"
-        request.applymarker(pytest.mark.xfail(reason=reason))
-
-
 def record(h: Harness, client_id: str, session: str, since: str | None = None) -> SessionRecord:
     """A session record of ``client_id`` on ``h``'s node, claimed now."""
     return SessionRecord(client_id, h.node_id, session, since, time.time())

@@ -10,7 +10,7 @@ import pytest
 from relay.engine import EngineOptions
 from relay.errors import InvalidClientId, InvalidInput, PayloadTooLarge
 from relay.wire import ID_ZERO, format_id, parse_id, prove_recovery
-from tests.engines.conftest import KINDS, Harness, StartEngine, receivers_are_counted, record
+from tests.engines.conftest import KINDS, Harness, StartEngine, record
 
 pytestmark = pytest.mark.parametrize("start_engine", KINDS, indirect=True)
 
@@ -39,11 +39,8 @@ async def test_publish_without_subscriber_reaches_nobody(harness: Harness) -> No
     assert (result.receivers, result.online, result.duplicate) == (0, False, False)
 
 
-async def test_publish_online_needs_subscription_and_session(
-    harness: Harness, request: pytest.FixtureRequest
-) -> None:
+async def test_publish_online_needs_subscription_and_session(harness: Harness) -> None:
     """Online only while the BizId is subscribed and a session record exists."""
-    receivers_are_counted(harness, request)
     engine = harness.engine
     await engine.claim_session(record(harness, "on", "s1"))
     assert not (await engine.publish("on", "e", 1)).online
@@ -69,12 +66,9 @@ async def test_publish_mid_dedupes_without_delivery(harness: Harness) -> None:
     assert [e.id for e in handler.events_for("dup")] == [first.id, marker.id]
 
 
-async def test_publish_run_answers_like_single_publishes_in_order(
-    harness: Harness, request: pytest.FixtureRequest
-) -> None:
+async def test_publish_run_answers_like_single_publishes_in_order(harness: Harness) -> None:
     """A run gets one result per event, as N publishes would: increasing ids, delivered
     in order, chained in history, online/receivers for a subscribed BizId with a session."""
-    receivers_are_counted(harness, request)
     engine, handler = harness.engine, harness.handler
     await engine.claim_session(record(harness, "run", "s1"))
     await engine.subscribe("run")
@@ -149,11 +143,8 @@ async def test_publish_rejects_non_json_data(harness: Harness) -> None:
 # -- live delivery ---------------------------------------------------------------------
 
 
-async def test_subscribe_returns_when_live(
-    harness: Harness, request: pytest.FixtureRequest
-) -> None:
+async def test_subscribe_returns_when_live(harness: Harness) -> None:
     """A publish right after subscribe() returns already has a receiver."""
-    receivers_are_counted(harness, request)
     for n in range(5):
         await harness.engine.subscribe(f"live-{n}")
         assert (await harness.engine.publish(f"live-{n}", "e", n)).receivers >= 1
@@ -205,11 +196,8 @@ async def test_unsubscribe_stops_delivery(harness: Harness) -> None:
     assert len(handler.events_for("gone")) == 1
 
 
-async def test_resubscribe_after_unsubscribe_delivers(
-    harness: Harness, request: pytest.FixtureRequest
-) -> None:
+async def test_resubscribe_after_unsubscribe_delivers(harness: Harness) -> None:
     """A BizId unsubscribed and subscribed again is live again."""
-    receivers_are_counted(harness, request)
     engine, handler = harness.engine, harness.handler
     await engine.subscribe("again")
     await engine.unsubscribe("again")

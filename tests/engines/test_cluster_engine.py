@@ -1,4 +1,5 @@
-"""The Redis engine on a real Redis Cluster whose master dies: it follows the promotion.
+"""The Redis engine on a real Redis Cluster: a reader per master (sharded pub/sub), which
+follows a master's death and a slot's move.
 
 The contract suites run on the cluster as well (the ``cluster`` kind of
 tests/engines/conftest.py); this is what a single server has no counterpart of.
@@ -10,7 +11,8 @@ import asyncio
 
 import redis
 
-from relay.engine import EngineOptions
+from backend_adapter import AsyncPublisher
+from relay.engine import Control, EngineOptions
 from relay.engines.redis import RedisEngine
 from relay.errors import EngineError
 from relay.wire import KeySpace
@@ -21,13 +23,15 @@ from tests.support.redis_cluster import RedisCluster
 KEYS = KeySpace("relay")
 
 
-def _subscriber_master(cluster: RedisCluster, node_id: str) -> int:
-    """The master the engine's pub/sub connection is on (its client name names the node)."""
-    for port in cluster.masters():
+def _readers(cluster: RedisCluster, node_id: str) -> dict[int, int]:
+    """How many pub/sub connections of the engine (its client name names the node) each
+    live node holds."""
+    counts = {}
+    for port in cluster.alive():
         with cluster.client(port) as client:
-            if any(c.get("name") == f"relay-sub:{node_id}" for c in client.client_list()):
-                return port
-    raise LookupError("the engine's pub/sub connection is on no master")
+            names = [c.get("name") for c in client.client_list()]
+        counts[port] = names.count(f"relay-sub:{node_id}")
+    return counts
 
 
 def _biz_on(cluster: RedisCluster, master: int) -> str:
@@ -45,17 +49,18 @@ def _replica_has(cluster: RedisCluster, replica: int, biz: str, length: int) -> 
 
 
 async def test_engine_follows_a_killed_master_to_its_replica(own_cluster: RedisCluster) -> None:
-    """Kill -9 the master holding both a subscribed BizId and the engine's pub/sub
-    connection: publishes fail as retryable for a moment, then land on the promoted replica,
-    nothing accepted before the kill is lost, the engine resubscribes on another node (so
-    the node repairs gaps) and live delivery comes back, each event at most once."""
+    """Kill -9 the master holding a subscribed BizId (and one of the engine's readers):
+    publishes fail as retryable for a moment, then land on the promoted replica, nothing
+    accepted before the kill is lost, the engine subscribes on the promoted replica and
+    tells the node to repair gaps, and live delivery comes back (``receivers`` 1), each
+    event at most once."""
     engine = RedisEngine(
         own_cluster.url, EngineOptions(), socket_timeout=500 * MS, command_timeout=2000 * MS
     )
     handler = RecordingHandler()
     await engine.start("node-failover", handler)
     try:
-        master = await asyncio.to_thread(_subscriber_master, own_cluster, "node-failover")
+        master = own_cluster.masters()[0]
         biz = await asyncio.to_thread(_biz_on, own_cluster, master)
         replica = own_cluster.replicas_of(master)[0]
         await engine.subscribe(biz)
@@ -83,6 +88,7 @@ async def test_engine_follows_a_killed_master_to_its_replica(own_cluster: RedisC
             lambda: engine.ready and handler.resubscribes >= 1, timeout_ms=20_000
         )
         live = await engine.publish(biz, "e", 3)
+        assert live.receivers == 1
         await handler.wait_until(
             lambda: live.id in [e.id for e in handler.events_for(biz)], timeout_ms=10_000
         )
@@ -94,9 +100,10 @@ async def test_engine_follows_a_killed_master_to_its_replica(own_cluster: RedisC
 
 
 async def test_engine_follows_a_moved_slot(own_cluster: RedisCluster) -> None:
-    """Move a subscribed BizId's slot, keys included, to another master between two
-    publishes: the second lands on the new owner (MOVED followed), history holds both in
-    order, both are delivered live once each, and the second names the first as ``prev``."""
+    """Move a subscribed BizId's slot, keys included, to another master: the old master
+    ends the subscription (``sunsubscribe``), the engine subscribes on the new one and
+    tells the node to repair; the next publish lands there (MOVED followed), is counted
+    (``receivers`` 1) and delivered live, naming the first as ``prev``; history holds both."""
     engine = RedisEngine(own_cluster.url, EngineOptions())
     handler = RecordingHandler()
     await engine.start("node-moved", handler)
@@ -107,18 +114,51 @@ async def test_engine_follows_a_moved_slot(own_cluster: RedisCluster) -> None:
         target = next(port for port in own_cluster.masters() if port != source)
         await engine.subscribe(biz)
         first = await engine.publish(biz, "e", 1)
+        assert first.receivers == 1
         await asyncio.to_thread(own_cluster.move_slot, slot, target)
+        await handler.wait_until(lambda: handler.resubscribes >= 1)
         second = await engine.publish(biz, "e", 2)
         assert own_cluster.master_of_slot(slot) == target
+        assert second.receivers == 1
         history = await engine.history(biz, (0, 0), 10)
         assert [e.id for e in history.entries] == [first.id, second.id]
         await handler.wait_until(lambda: len(handler.events_for(biz)) >= 2)
-        delivered = {e.id: e for e in handler.events_for(biz)}
-        assert sorted(delivered) == sorted([first.id, second.id])
-        assert len(handler.events_for(biz)) == 2
-        # Classic pub/sub reaches the reader over two paths here (the old owner's message
-        # crosses the cluster bus), so the two may arrive in either order; ``prev`` links
-        # them, so the node's hub (relay.hub: GAP, then STALE) still hands clients order.
-        assert delivered[second.id].prev == delivered[first.id].key
+        delivered = handler.events_for(biz)
+        assert [e.id for e in delivered] == [first.id, second.id]
+        assert delivered[1].prev == delivered[0].key
+    finally:
+        await engine.close()
+
+
+async def test_engine_reads_every_master_and_counts_receivers(redis_cluster: RedisCluster) -> None:
+    """One reader connection per master; an event of a BizId on each of the three shards,
+    from the engine or from backend_adapter's publisher, is delivered live with
+    ``receivers`` 1 (the shard's subscriber, counted by SPUBLISH), a BizId nobody
+    subscribed has none, and a kick reaches the node on its control channel."""
+    engine = RedisEngine(redis_cluster.url, EngineOptions())
+    handler = RecordingHandler()
+    await engine.start("node-shards", handler)
+    try:
+        masters = redis_cluster.masters()
+        readers = await asyncio.to_thread(_readers, redis_cluster, "node-shards")
+        assert {port: n for port, n in readers.items() if n} == dict.fromkeys(masters, 1)
+        bizs = [await asyncio.to_thread(_biz_on, redis_cluster, m) for m in masters]
+        for biz in bizs:
+            await engine.subscribe(biz)
+        results = [await engine.publish(biz, "e", n) for n, biz in enumerate(bizs)]
+        assert [r.receivers for r in results] == [1, 1, 1]
+        await handler.wait_until(
+            lambda: (
+                [[e.id for e in handler.events_for(b)] for b in bizs] == [[r.id] for r in results]
+            )
+        )
+        async with AsyncPublisher(redis_cluster.url) as publisher:  # the same script
+            by_publisher = await publisher.publish_many([(b, "p", n) for n, b in enumerate(bizs)])
+        assert [r.receivers for r in by_publisher] == [1, 1, 1]
+        await handler.wait_until(lambda: len(handler.events) == 6)
+        nobody = next(b for b in (f"idle-{n}" for n in range(100)) if b not in bizs)
+        assert (await engine.publish(nobody, "e", 0)).receivers == 0
+        await engine.send_control("node-shards", Control("kick", client_id=bizs[0]))
+        await handler.wait_until(lambda: [c.client_id for c in handler.controls] == [bizs[0]])
     finally:
         await engine.close()

@@ -3,6 +3,8 @@
 The URL names one Redis or, with ``redis+sentinel://``, the master that Sentinel names:
 every new connection (the pool's and the pub/sub one) asks the sentinels, so after a
 failover the engine reconnects to the new master and repairs gaps as after a restart.
+With ``redis+cluster://`` it names a Redis Cluster: live delivery is sharded pub/sub, one
+pub/sub connection per master (``_sharded``).
 With ``EngineOptions.min_replicas`` a publish returns only once ``WAIT`` says that many
 replicas hold it (:mod:`relay.engines.redis._batch`).
 
@@ -41,8 +43,8 @@ whose ``since`` predates the data Redis still has is never told it recovered eve
 The package has one module per interface of :mod:`relay.engine`: ``broker``,
 ``sessions`` (the session registry) and ``nodes`` (the node registry), joined with the
 lifecycle in ``engine``; ``_subscriber`` is the pub/sub side, ``_batch`` pipelines
-commands, ``_cluster`` stands in for the batcher and the pub/sub target on a Redis Cluster
-(not yet served by ``relay serve``: see that module), and ``_compat`` is the only module
+commands, ``_cluster`` stands in for the batcher on a Redis Cluster and ``_sharded`` for
+the pub/sub side there (sharded pub/sub, a reader per master), and ``_compat`` is the only module
 that uses redis-py's private (underscore) names. The connection pool (Sentinel included)
 comes from :mod:`relay.redis_pool`, which the publishers share.
 

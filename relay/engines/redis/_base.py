@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from importlib import resources
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -24,6 +24,9 @@ from relay.engines.redis._batch import Batcher, ReplicasBehind
 from relay.engines.redis._subscriber import Subscriber, Timings, reraise_swallowed_cancel
 from relay.errors import EngineError, EngineUnavailable, RelayError
 from relay.wire import KeySpace
+
+if TYPE_CHECKING:
+    from relay.engines.redis._sharded import ShardedSubscriber
 
 __all__ = [
     "ACK_LUA",
@@ -146,6 +149,7 @@ class RedisBase:
     _pool: ConnectionPool
     _redis: aioredis.Redis
     _batch: Batcher
+    _publish_command: str  # PUBLISH, or SPUBLISH on a cluster (control messages)
     _publish_script: AsyncScript
     _publish_run_script: AsyncScript
     _history_script: AsyncScript
@@ -161,7 +165,7 @@ class RedisBase:
     _node_id: str
     _handler: EngineHandler | None
     _started_at: float
-    _sub: Subscriber | None
+    _sub: Subscriber | ShardedSubscriber | None
     _registered: bool
     _closed: bool
 
@@ -187,7 +191,7 @@ class RedisBase:
             raise EngineError("engine is closed")
         return Guard(what, None if batched else self._command_timeout)
 
-    def _subscriber(self) -> Subscriber:
+    def _subscriber(self) -> Subscriber | ShardedSubscriber:
         if self._closed:
             raise EngineError("engine is closed")
         if self._sub is None:

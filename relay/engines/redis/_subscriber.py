@@ -51,6 +51,7 @@ _SUBSCRIBE: Final = b"subscribe"
 _UNSUBSCRIBE: Final = b"unsubscribe"
 _MESSAGE: Final = b"message"
 _BATCH: Final = 1000  # channels per SUBSCRIBE command when resubscribing
+_REPLIES: Final = (list, redis_errors.ResponseError)  # what the reader dispatches
 
 
 # -- control messages ---------------------------------------------------------------------
@@ -109,7 +110,18 @@ class _Session:
 
 
 class Subscriber:
-    """The node's one pub/sub connection: subscriptions, the reader, reconnects, the canary."""
+    """The node's one pub/sub connection: subscriptions, the reader, reconnects, the canary.
+
+    The class attributes name the pub/sub dialect (classic here); the ``_on_*`` hooks and
+    :meth:`_commands` are where a shard's reader on a Redis Cluster differs
+    (:mod:`relay.engines.redis._sharded`).
+    """
+
+    _SUBSCRIBE_COMMAND: bytes = b"SUBSCRIBE"
+    _UNSUBSCRIBE_COMMAND: bytes = b"UNSUBSCRIBE"
+    _SUBSCRIBED: bytes = _SUBSCRIBE  # the kinds of the replies Redis pushes
+    _UNSUBSCRIBED: bytes = _UNSUBSCRIBE
+    _MESSAGE_KIND: bytes = _MESSAGE
 
     def __init__(
         self,
@@ -262,6 +274,7 @@ class Subscriber:
                 error = await self._serve(session)
                 self._log.warning("engine.disconnected", error=error, session=number)
                 self._set_health(False, reason="disconnected")
+                self._on_disconnected()
                 down_since = loop.time()
                 if session.live_at:
                     retry.succeeded()
@@ -310,25 +323,35 @@ class Subscriber:
         session.awaiting.update(initial)
         for channel in initial:
             session.ops[channel] = deque([_SUBSCRIBE])
-        batches: list[list[str | bytes]] = [
-            ["SUBSCRIBE", *initial[i : i + _BATCH]] for i in range(0, len(initial), _BATCH)
-        ]
+        batches = self._commands(_SUBSCRIBE, initial)
         await conn.send_packed_command(conn.pack_commands(batches), check_health=False)
         read = conn.read_response
         dispatch = self._dispatch
         buffered = hiredis_reader(conn)
         while True:
-            dispatch(session, await read(timeout=math.inf))
+            try:
+                reply = await read(timeout=math.inf)
+            except redis_errors.ResponseError as exc:  # an error reply to a command of ours
+                reply = exc
+            dispatch(session, reply)
             if buffered is None:
                 continue
             # Flat out one socket read holds hundreds of messages: take them straight from
             # hiredis instead of one read_response (and its bookkeeping) each.
-            while isinstance(reply := buffered.gets(), list):
+            while True:
+                reply = buffered.gets()
+                if not isinstance(reply, _REPLIES):
+                    break
                 dispatch(session, reply)
             if isinstance(reply, redis_errors.ConnectionError):
                 raise reply
             # Anything else is hiredis' "nothing buffered" sentinel, or a reply that is
             # not a list, which _dispatch would ignore as well.
+
+    def _commands(self, kind: bytes, channels: list[bytes]) -> list[list[bytes]]:
+        """(UN)SUBSCRIBE commands for ``channels`` (``kind`` is the reply kind it asks for)."""
+        name = self._SUBSCRIBE_COMMAND if kind == _SUBSCRIBE else self._UNSUBSCRIBE_COMMAND
+        return [[name, *channels[i : i + _BATCH]] for i in range(0, len(channels), _BATCH)]
 
     async def _send(self, command: bytes, channel: bytes) -> None:
         """SUBSCRIBE or UNSUBSCRIBE on the live connection; the next one resubscribes anyway.
@@ -360,12 +383,16 @@ class Subscriber:
 
     def _flush_outbox(self, session: _Session) -> None:
         pending, session.outbox = session.outbox, []
-        commands: list[list[bytes]] = []
+        runs: list[tuple[bytes, list[bytes]]] = []
         for command, channel in pending:
-            if commands and commands[-1][0] == command and len(commands[-1]) <= _BATCH:
-                commands[-1].append(channel)
+            kind = _SUBSCRIBE if command == b"SUBSCRIBE" else _UNSUBSCRIBE
+            if runs and runs[-1][0] == kind:
+                runs[-1][1].append(channel)
             else:
-                commands.append([command, channel])
+                runs.append((kind, [channel]))
+        commands = [
+            command for kind, channels in runs for command in self._commands(kind, channels)
+        ]
         task = asyncio.ensure_future(self._write(session, commands))
         session.writes.add(task)
         task.add_done_callback(session.writes.discard)
@@ -390,19 +417,39 @@ class Subscriber:
 
     def _dispatch(self, session: _Session, reply: Any) -> None:
         if not isinstance(reply, list) or len(reply) < 3:
+            if isinstance(reply, redis_errors.ResponseError):
+                self._on_error_reply(session, reply)
             return
         kind = reply[0]
-        if kind == _MESSAGE:
+        if kind == self._MESSAGE_KIND:
             self._on_message(reply[1], reply[2])
-        elif kind in (_SUBSCRIBE, _UNSUBSCRIBE):
-            self._on_confirmation(session, kind, reply[1])
+        elif kind == self._SUBSCRIBED:
+            self._on_confirmation(session, _SUBSCRIBE, reply[1])
+        elif kind == self._UNSUBSCRIBED:
+            self._on_confirmation(session, _UNSUBSCRIBE, reply[1])
+
+    def _on_error_reply(self, session: _Session, error: redis_errors.ResponseError) -> None:
+        """Redis refused a (UN)SUBSCRIBE: the connection is out of step; a new one retries."""
+        raise error
+
+    def _on_dropped(self, session: _Session, channel: bytes) -> None:
+        """Redis ended a subscription nobody asked to end (a shard's slot moved away)."""
+
+    def _on_disconnected(self) -> None:
+        """The connection was lost or replaced; the reader is about to connect again."""
+
+    async def _publish(self, channel: str, data: bytes) -> None:
+        """Send a canary to ``channel``."""
+        await self._redis.publish(channel, data)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         if channel == self._control_channel:
             self._on_control(data)
             return
         biz_id = self._channels.get(channel)
-        if biz_id is None:
+        if not biz_id:
+            if biz_id is not None:  # "": another control channel of the node's (a shard's)
+                self._on_control(data)
             return  # unsubscribed a moment ago
         try:
             event = decode_live(data)
@@ -461,6 +508,8 @@ class Subscriber:
             # whatever was published before it may be lost.
             self._log.warning("engine.resubscribed", reason="unexpected_confirmation")
             safely(self._log, self._handler.on_resubscribed)
+        elif channel in session.sent:
+            self._on_dropped(session, channel)
         if kind != _SUBSCRIBE or channel not in session.sent or channel in session.ops:
             return
         if channel in session.awaiting:
@@ -512,7 +561,7 @@ class Subscriber:
             canary = Control("canary", token=f"{self._canary_prefix}{count}")
             try:
                 async with asyncio.timeout(self._t.canary_interval):
-                    await self._redis.publish(channel, encode_control(canary))
+                    await self._publish(channel, encode_control(canary))
             except Exception as exc:
                 self._log.debug("engine.canary_failed", error=type(exc).__name__)
             reraise_swallowed_cancel(asyncio.current_task(), 0)

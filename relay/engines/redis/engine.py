@@ -29,8 +29,9 @@ from relay.engines.redis._base import (
     translated,
 )
 from relay.engines.redis._batch import Batcher
-from relay.engines.redis._cluster import AnyNode, ClusterBatcher
+from relay.engines.redis._cluster import ClusterBatcher
 from relay.engines.redis._compat import hiredis_parser
+from relay.engines.redis._sharded import ShardedSubscriber
 from relay.engines.redis._subscriber import Subscriber, Timings, as_text, stop_task
 from relay.engines.redis.broker import RedisBroker
 from relay.engines.redis.nodes import RedisNodeRegistry
@@ -39,7 +40,14 @@ from relay.errors import ConfigError, EngineError
 from relay.redis_pool import async_cluster
 from relay.redis_pool import async_pool as redis_pool
 from relay.redis_url import parse_redis_url
-from relay.wire import HISTORY_LUA, PUBLISH_LUA, PUBLISH_RUN_LUA, KeySpace
+from relay.wire import (
+    HISTORY_LUA,
+    PUBLISH_CLUSTER_LUA,
+    PUBLISH_LUA,
+    PUBLISH_RUN_CLUSTER_LUA,
+    PUBLISH_RUN_LUA,
+    KeySpace,
+)
 
 if TYPE_CHECKING:
     from relay.engine import Broker, Engine, NodeRegistry, SessionRegistry
@@ -109,8 +117,8 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
             cluster = async_cluster(url, max_connections=max_connections, **connection)
             target = parse_redis_url(url)
             auth = {"username": target.username, "password": target.password}
-            subscriber = {**connection, **auth, **hiredis_parser()}
-            self._pool = AnyNode(cluster, subscriber)  # type: ignore[assignment]
+            # The shard readers' connections: like the pool's, to each master in turn.
+            self._shard_connection = {**connection, **auth, **hiredis_parser()}
             self._redis = cluster  # type: ignore[assignment]
             self._batch = ClusterBatcher(cluster, command_timeout)  # type: ignore[assignment]
         else:
@@ -131,8 +139,16 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
                 replica_timeout=self.options.replica_timeout,
                 barrier=self._keys.barrier(),
             )
-        self._publish_script = self._redis.register_script(PUBLISH_LUA)
-        self._publish_run_script = self._redis.register_script(PUBLISH_RUN_LUA)
+        # A cluster forwards a PUBLISH to every node and counts only the receivers of the
+        # node that ran it: there the scripts SPUBLISH to the slot's master (sharded pub/sub).
+        publish, publish_run = (
+            (PUBLISH_CLUSTER_LUA, PUBLISH_RUN_CLUSTER_LUA)
+            if self._cluster
+            else (PUBLISH_LUA, PUBLISH_RUN_LUA)
+        )
+        self._publish_command = "SPUBLISH" if self._cluster else "PUBLISH"
+        self._publish_script = self._redis.register_script(publish)
+        self._publish_run_script = self._redis.register_script(publish_run)
         self._history_script = self._redis.register_script(HISTORY_LUA)
         self._claim_script = self._redis.register_script(CLAIM_LUA)
         self._forget_script = self._redis.register_script(FORGET_LUA)
@@ -146,7 +162,7 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
         self._node_id = ""
         self._handler: EngineHandler | None = None
         self._started_at = 0.0
-        self._sub: Subscriber | None = None
+        self._sub: Subscriber | ShardedSubscriber | None = None
         self._registered = False
         self._closed = False
 
@@ -166,15 +182,27 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
         self._handler = handler
         self._started_at = time.time()
         self._log = structlog.get_logger(__name__, node=node_id)
-        self._sub = Subscriber(
-            self._pool,
-            self._redis,
-            handler,
-            self._keys.control(node_id),
-            _CLIENT_NAME_UNSAFE.sub("_", f"relay-sub:{node_id}"),
-            self._timings,
-            self._log,
-        )
+        client_name = _CLIENT_NAME_UNSAFE.sub("_", f"relay-sub:{node_id}")
+        if self._cluster:
+            self._sub = ShardedSubscriber(
+                self._redis,  # type: ignore[arg-type]  # the cluster client
+                self._shard_connection,
+                handler,
+                self._keys.control(node_id),
+                client_name,
+                self._timings,
+                self._log,
+            )
+        else:
+            self._sub = Subscriber(
+                self._pool,
+                self._redis,
+                handler,
+                self._keys.control(node_id),
+                client_name,
+                self._timings,
+                self._log,
+            )
         try:
             async with self._guard("start"):
                 await self._epoch_script(keys=[self._epoch_key])

@@ -90,4 +90,6 @@ class RedisSessionRegistry(RedisBase):
         # Batched: a reconnect herd from a dead node sends one kick per client at once,
         # which one by one would exhaust the connection pool.
         async with self._guard("send_control", batched=True):
-            await self._batch.call("PUBLISH", self._keys.control(node_id), encode_control(control))
+            await self._batch.call(
+                self._publish_command, self._keys.control(node_id), encode_control(control)
+            )
