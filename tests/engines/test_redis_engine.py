@@ -25,6 +25,13 @@ from tests.support.redis_server import RedisServer
 from tests.support.timing import eventually
 
 BOTH = pytest.mark.parametrize("start_engine", REDIS_KINDS, indirect=True)
+# The registry on a Redis Cluster too: its keys live in many slots, the reaper scans every
+# master (redis-py's cluster SCAN goes to each primary).
+ALL = pytest.mark.parametrize(
+    "start_engine",
+    [*REDIS_KINDS, pytest.param("cluster", marks=pytest.mark.redis)],
+    indirect=True,
+)
 REAL = pytest.mark.parametrize(
     "start_engine", [pytest.param("redis", marks=pytest.mark.redis)], indirect=True
 )
@@ -185,7 +192,7 @@ async def test_client_status_offline_when_node_dead(start_engine: StartEngine) -
     assert (status.node, status.session) == ("ghost", "s1")
 
 
-@BOTH
+@ALL
 async def test_nodes_drops_closed_and_stale_nodes(start_engine: StartEngine) -> None:
     """A closed node deregisters; a node-set member without a live hash is not listed."""
     a = await start_engine()
@@ -198,7 +205,7 @@ async def test_nodes_drops_closed_and_stale_nodes(start_engine: StartEngine) -> 
     assert await a.raw.zscore(a.keys.nodes(), "ghost") is not None  # kept for the reaper
 
 
-@BOTH
+@ALL
 async def test_dead_node_sessions_are_reaped_by_a_live_node(start_engine: StartEngine) -> None:
     """Records of a node silent past reap_after are forgotten, or handed to a live session."""
     a = await start_engine()
@@ -227,7 +234,7 @@ async def test_dead_node_sessions_are_reaped_by_a_live_node(start_engine: StartE
     assert await a.raw.zscore(a.keys.nodes(), "dead") is None
 
 
-@BOTH
+@ALL
 async def test_node_taken_for_dead_asks_its_sessions_to_rejoin(start_engine: StartEngine) -> None:
     """A live node that was reaped learns it at its next heartbeat: Control("rejoin")."""
     a = await start_engine()
@@ -237,7 +244,7 @@ async def test_node_taken_for_dead_asks_its_sessions_to_rejoin(start_engine: Sta
     assert [c.action for c in a.handler.controls] == ["rejoin"]
 
 
-@BOTH
+@ALL
 async def test_heartbeat_sets_node_ttl(start_engine: StartEngine) -> None:
     """The node's hash expires after node_ttl unless refreshed."""
     h = await start_engine(EngineOptions(node_ttl=5.0))
