@@ -96,7 +96,8 @@ class Settings:
     redis_url: str | None = field(
         default=None,
         metadata={
-            "help": "Redis URL (redis://, rediss://, unix://, redis+sentinel://hosts/service);"
+            "help": "Redis URL (redis://, rediss://, unix://, redis+sentinel://hosts/service,"
+            " redis+cluster://hosts);"
             " none means the single-node memory engine",
             "url": True,
         },

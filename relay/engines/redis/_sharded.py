@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, Final
 
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
@@ -47,6 +47,11 @@ from relay.errors import EngineError, EngineUnavailable
 from relay.wire import Event
 
 __all__ = ["ShardReader", "ShardedSubscriber"]
+
+# While a reader is down the slot map is read again at least this often (seconds): a
+# promoted replica is noticed that long after the cluster promoted it, at the cost of one
+# CLUSTER SLOTS per step.
+_FOLLOW_CAP: Final = 0.25
 
 
 class _Moved(EngineError):
@@ -365,7 +370,9 @@ class ShardedSubscriber:
         a channel could not be placed: read the slot map, then put readers and channels
         where it says."""
         timings = self.timings
-        retry = Retrying(Backoff(timings.backoff_base, min(timings.backoff_cap, 0.5), Jitter.HALF))
+        retry = Retrying(
+            Backoff(timings.backoff_base, min(timings.backoff_cap, _FOLLOW_CAP), Jitter.HALF)
+        )
         delay = 0.0
         while True:
             if delay:
