@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 
 import redis
+from redis.crc import key_slot
 
 from backend_adapter import AsyncPublisher
 from relay.engine import Control, EngineOptions
 from relay.engines.redis import RedisEngine
+from relay.engines.redis._sharded import canary_channel
 from relay.errors import EngineError
 from relay.wire import KeySpace
 from tests.conftest import MS
@@ -162,3 +164,13 @@ async def test_engine_reads_every_master_and_counts_receivers(redis_cluster: Red
         await handler.wait_until(lambda: [c.client_id for c in handler.controls] == [bizs[0]])
     finally:
         await engine.close()
+
+
+def test_canary_channel_hashes_to_a_slot_the_master_serves() -> None:
+    """A master's canary channel is found however few slots it serves (one here), the same
+    every time; a master without slots gets none."""
+    for owned in ({12345}, {0}, set(range(5461, 10923))):
+        channel = canary_channel("relay:ctl:node-1", owned)
+        assert channel is not None and key_slot(channel.encode()) in owned
+        assert canary_channel("relay:ctl:node-1", owned) == channel
+    assert canary_channel("relay:ctl:node-1", set()) is None
