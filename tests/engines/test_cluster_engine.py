@@ -132,6 +132,28 @@ async def test_engine_follows_a_moved_slot(own_cluster: RedisCluster) -> None:
         await engine.close()
 
 
+async def test_engine_subscribe_follows_a_moved_reply(own_cluster: RedisCluster) -> None:
+    """A slot moved while the engine had nothing subscribed in it, so its slot map is stale:
+    SSUBSCRIBE on the old master is answered ``-MOVED``, the engine reads the map again
+    and subscribes on the new master; subscribe() returns once that is confirmed, and the
+    next publish is counted there and delivered."""
+    engine = RedisEngine(own_cluster.url, EngineOptions())
+    handler = RecordingHandler()
+    await engine.start("node-moved-reply", handler)
+    try:
+        biz = "moved-reply-biz"
+        slot = own_cluster.slot_of(KEYS.log(biz))
+        source = own_cluster.master_of_slot(slot)
+        target = next(port for port in own_cluster.masters() if port != source)
+        await asyncio.to_thread(own_cluster.move_slot, slot, target)
+        await engine.subscribe(biz)
+        published = await engine.publish(biz, "e", 1)
+        assert published.receivers == 1
+        await handler.wait_until(lambda: [e.id for e in handler.events_for(biz)] == [published.id])
+    finally:
+        await engine.close()
+
+
 async def test_engine_reads_every_master_and_counts_receivers(redis_cluster: RedisCluster) -> None:
     """One reader connection per master; an event of a BizId on each of the three shards,
     from the engine or from backend_adapter's publisher, is delivered live with
