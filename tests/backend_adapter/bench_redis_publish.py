@@ -1,9 +1,9 @@
 """Redis CPU per publish: ``python -m tests.backend_adapter.bench_redis_publish [N]``.
 
 Starts a private redis-server and, in one run, sends N publishes of the same payload as
-pipelined calls of: the previous publish script (tests/fixtures/publish_v1.lua), the
-current relay/lua/publish.lua, relay/lua/publish_run.lua with runs of RUN events of
-one BizId per call, and a plain PUBLISH (what a Socket.IO-style adapter
+pipelined calls of: the earlier publish scripts (tests/fixtures/publish_v1.lua and
+publish_v2.lua), the current relay/lua/publish.lua, relay/lua/publish_run.lua with runs
+of RUN events of one BizId per call, and a plain PUBLISH (what a Socket.IO-style adapter
 sends). Each is measured by Redis itself: ``INFO commandstats`` (usec_per_call of
 evalsha and of the commands the script runs) and the ``INFO cpu`` delta
 (used_cpu_user + used_cpu_sys, which also counts parsing and network I/O) per event.
@@ -22,7 +22,8 @@ import redis
 from relay.wire import PUBLISH_LUA, PUBLISH_RUN_LUA, KeySpace, encode_payload, publish_call
 from tests.support.redis_server import RedisServer
 
-OLD_LUA = (Path(__file__).parents[1] / "fixtures" / "publish_v1.lua").read_text()
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+V1_LUA, V2_LUA = ((FIXTURES / f"publish_v{v}.lua").read_text() for v in (1, 2))
 BIZ_IDS = 500
 PIPELINE = 100
 RUN = 10  # events of one BizId per call of publish_run.lua
@@ -71,7 +72,8 @@ def main() -> None:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(**{keys.channel(f"b{b}"): lambda _: None for b in range(BIZ_IDS)})
             listener = pubsub.run_in_thread(sleep_time=0.01, daemon=True)
-        old_sha, new_sha = client.script_load(OLD_LUA), client.script_load(PUBLISH_LUA)
+        v1_sha, v2_sha = client.script_load(V1_LUA), client.script_load(V2_LUA)
+        new_sha = client.script_load(PUBLISH_LUA)
         batch_sha = client.script_load(PUBLISH_RUN_LUA)
 
         def script(sha: str) -> Any:
@@ -102,8 +104,9 @@ def main() -> None:
                 )
 
         rounds = {
-            "old publish.lua": script(old_sha),
-            "new publish.lua": script(new_sha),
+            "publish.lua v1": script(v1_sha),
+            "publish.lua v2": script(v2_sha),
+            "publish.lua (current)": script(new_sha),
             f"publish_run.lua, {RUN} events/call": batch,
             "plain PUBLISH (peer)": plain,
         }
