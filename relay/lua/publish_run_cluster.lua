@@ -14,6 +14,7 @@ local prev = false
 if left_ms > ttl_ms then
   prev = redis.call('GET', KEYS[2])
 end
+local kept = prev
 if not prev then
   prev = '0-0'
   local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -40,10 +41,14 @@ for i = 1, #KEYS - 3 do
     prev, wrote = id, true
   end
 end
-if wrote then
-  redis.call('SET', KEYS[2], prev, 'PX', ttl_ms)
+if wrote then  -- the newest-id key's TTL as in publish.lua
   if left_ms <= ttl_ms + slack_ms then
     redis.call('PEXPIRE', KEYS[1], ttl_ms + 2 * slack_ms)
+    redis.call('SET', KEYS[2], prev, 'PX', ttl_ms + slack_ms)
+  elseif kept then
+    redis.call('SET', KEYS[2], prev, 'KEEPTTL')
+  else
+    redis.call('SET', KEYS[2], prev, 'PX', ttl_ms)
   end
 end
 return out
