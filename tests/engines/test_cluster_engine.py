@@ -8,21 +8,31 @@ tests/engines/conftest.py); this is what a single server has no counterpart of.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import redis
+import structlog
 from redis.crc import key_slot
 
 from backend_adapter import AsyncPublisher
 from relay.engine import Control, EngineOptions
 from relay.engines.redis import RedisEngine
-from relay.engines.redis._sharded import canary_channel
+from relay.engines.redis._sharded import (
+    NodeTarget,
+    ShardedSubscriber,
+    ShardReader,
+    canary_channel,
+)
+from relay.engines.redis._subscriber import _SUBSCRIBE, _UNSUBSCRIBE, Timings, _Session
 from relay.errors import EngineError
+from relay.redis_pool import async_cluster
 from relay.wire import KeySpace
 from tests.conftest import MS
 from tests.engines.conftest import RecordingHandler
 from tests.support.redis_cluster import RedisCluster
 
 KEYS = KeySpace("relay")
+TIMINGS = Timings(1.0, 1.0, 3.0, 0.05, 2.0, 5.0)
 
 
 def _readers(cluster: RedisCluster, node_id: str) -> dict[int, int]:
@@ -196,3 +206,41 @@ def test_canary_channel_hashes_to_a_slot_the_master_serves() -> None:
         assert channel is not None and key_slot(channel.encode()) in owned
         assert canary_channel("relay:ctl:node-1", owned) == channel
     assert canary_channel("relay:ctl:node-1", set()) is None
+
+
+async def test_shard_reader_settles_every_command_of_a_moved_slot() -> None:
+    """A -MOVED answers one command, but every (S)SUBSCRIBE and SUNSUBSCRIBE of that slot
+    on the connection will be refused alike: at the first one the reader drops the
+    channels it was subscribing (their waiters learn it, the owner looks again) and
+    forgets the unsubscribes, so nothing waits for a confirmation that never comes."""
+    cluster = async_cluster("redis+cluster://127.0.0.1:1")
+    owner = ShardedSubscriber(
+        cluster,
+        {},
+        RecordingHandler(),
+        "relay:ctl:n",
+        "relay-sub:n",
+        TIMINGS,
+        structlog.get_logger(),
+    )
+    reader = ShardReader(
+        owner, "127.0.0.1:1", "relay:ctl:n:shard:0", NodeTarget({}, "127.0.0.1", 1)
+    )
+    subscribing, unsubscribing, elsewhere = b"relay:{a}:ch", b"relay:{a}:x", b"relay:{b}:ch"
+    session = _Session(conn=None)  # type: ignore[arg-type]  # no I/O here
+    session.sent = {subscribing, elsewhere}
+    session.ops = {
+        subscribing: deque([_SUBSCRIBE]),
+        unsubscribing: deque([_UNSUBSCRIBE]),
+        elsewhere: deque([_SUBSCRIBE]),
+    }
+    reader.channels.update({subscribing: "a", elsewhere: "b"})
+    waiter = asyncio.get_running_loop().create_future()
+    reader._waiters[subscribing] = [waiter]
+    slot = key_slot(subscribing)
+    reader._on_error_reply(session, redis.exceptions.MovedError(f"{slot} 127.0.0.1:2"))
+    assert list(session.ops) == [elsewhere] and session.sent == {elsewhere}
+    assert reader.channels == {elsewhere: "b"}
+    assert isinstance(waiter.exception(), EngineError)  # subscribe() looks again
+    assert owner._changed.is_set()
+    await cluster.aclose()

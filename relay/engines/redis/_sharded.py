@@ -153,14 +153,17 @@ class ShardReader(Subscriber):
             # connection is out of step; the reader connects again and resubscribes.
             self._owner.topology_changed()
             raise error
+        # Every command of this slot on this connection is refused the same way, so all
+        # of them are settled at the first refusal: a subscribe is dropped (the owner moves
+        # the channel), an unsubscribe has nothing left to end here.
         slot = error.slot_id
-        refused = [
-            channel
-            for channel, ops in session.ops.items()
-            if ops and ops[0] == _SUBSCRIBE and key_slot(channel) == slot
-        ]
-        for channel in refused:
-            self._drop(session, channel)
+        pending = [channel for channel in session.ops if key_slot(channel) == slot]
+        refused = [channel for channel in pending if _SUBSCRIBE in session.ops[channel]]
+        for channel in pending:
+            if channel in refused:
+                self._drop(session, channel)
+            else:
+                del session.ops[channel]
         self._log.info("engine.slot_moved", slot=slot, channels=len(refused), reply="moved")
         self._owner.topology_changed()
 
