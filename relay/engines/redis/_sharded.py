@@ -110,7 +110,9 @@ class ShardReader(Subscriber):
     _UNSUBSCRIBED = b"sunsubscribe"
     _MESSAGE_KIND = b"smessage"
 
-    def __init__(self, owner: ShardedSubscriber, name: str, canary: str, target: NodeTarget):
+    def __init__(
+        self, owner: ShardedSubscriber, name: str, canary: str, target: NodeTarget
+    ) -> None:
         super().__init__(
             target,  # type: ignore[arg-type]  # a pool as far as the reader is concerned
             owner.cluster,  # type: ignore[arg-type]  # for spublish only
@@ -148,7 +150,7 @@ class ShardReader(Subscriber):
         await self._owner.cluster.spublish(channel, data)
 
     def _on_error_reply(self, session: _Session, error: redis_errors.ResponseError) -> None:
-        if not isinstance(error, redis_errors.AskError):  # MOVED (or ASK): the slot is elsewhere
+        if not isinstance(error, redis_errors.AskError):  # MovedError is an AskError
             # CLUSTERDOWN, TRYAGAIN, ...: no slot to tell which command it answers, so this
             # connection is out of step; the reader connects again and resubscribes.
             self._owner.topology_changed()
@@ -169,7 +171,8 @@ class ShardReader(Subscriber):
 
     def _on_dropped(self, session: _Session, channel: bytes) -> None:
         self._drop(session, channel)
-        self._log.info("engine.slot_moved", slot=key_slot(channel), reply="sunsubscribe")
+        # Debug: a reshard ends one subscription per channel; the owner logs each move once.
+        self._log.debug("engine.slot_moved", slot=key_slot(channel), reply="sunsubscribe")
         self._owner.topology_changed()
 
     def _drop(self, session: _Session, channel: bytes) -> None:
@@ -293,7 +296,11 @@ class ShardedSubscriber:
                         raise
                 if channel not in self._channels:
                     return  # unsubscribed meanwhile
-                if self._home.get(channel) is reader and channel in reader.channels:
+                if (
+                    self._home.get(channel) is reader
+                    and channel in reader.channels
+                    and not reader.closed
+                ):
                     return
             if loop.time() > deadline:
                 self._channels.pop(channel, None)
@@ -347,7 +354,11 @@ class ShardedSubscriber:
         return self._readers.get(node.name)
 
     def _retire(self, reader: ShardReader) -> None:
+        """Close ``reader``; its channels are placed again by the next pass."""
         del self._readers[reader.name]
+        for channel, home in list(self._home.items()):
+            if home is reader:
+                del self._home[channel]
         task = asyncio.get_running_loop().create_task(reader.close())
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
@@ -392,15 +403,18 @@ class ShardedSubscriber:
             else:
                 await self._changed.wait()
             self._changed.clear()
+            moved: int | None = None
             try:
                 async with asyncio.timeout(timings.socket_timeout * 2):
                     await self.cluster.nodes_manager.initialize()
             except (TimeoutError, redis_errors.RedisError, OSError, IndexError) as exc:
                 self.log.debug("engine.slots_unread", error=type(exc).__name__)
-                moved: int | None = None
             else:
-                self._place_readers()
-                moved = await self._rehome()
+                try:
+                    self._place_readers()
+                    moved = await self._rehome()
+                except Exception:  # a bug here must not stop the following for good
+                    self.log.exception("engine.topology_failed")
             self._settled.set()
             if moved == 0 and all(r.live for r in self._readers.values()):
                 retry.succeeded()
