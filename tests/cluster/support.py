@@ -281,6 +281,7 @@ class TrackingClient:
     client_id: str
     url: str
     seqs: list[int] = field(default_factory=list)  # data["seq"] of each delivered message
+    arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each, in step
     duplicates: int = 0
     welcomes: list[Welcome] = field(default_factory=list)
     closes: list[Close] = field(default_factory=list)
@@ -298,6 +299,12 @@ class TrackingClient:
 
     def welcomes_after(self, t: float) -> list[Welcome]:
         return [w for w in self.welcomes if w.at >= t]
+
+    def first_arrival(self, min_seq: int) -> float | None:
+        """When the first message with seq >= ``min_seq`` arrived (None: not yet)."""
+        return next(
+            (at for seq, at in zip(self.seqs, self.arrivals, strict=True) if seq >= min_seq), None
+        )
 
     async def run(self, http: aiohttp.ClientSession) -> None:
         attempt = 0
@@ -362,6 +369,7 @@ class TrackingClient:
         self._last = key
         self.last_id = frame["id"]
         self.seqs.append(frame["data"]["seq"])
+        self.arrivals.append(time.monotonic())
 
     async def stop_connection(self) -> None:
         """Close the current connection from the client side; the client reconnects."""
@@ -456,6 +464,7 @@ class TickPublisher:
         self.interval = interval
         self.accepted: dict[str, list[int]] = {cid: [] for cid in self.client_ids}
         self.failures = 0  # PublishFailed raised (each then retried)
+        self.last_failure = ""  # the message of the last one
         self.duplicates = 0  # publishes Redis reported as repeats of an earlier mid
         self.ticks = 0
         self.tick_times: list[float] = []  # monotonic start of each tick
@@ -484,7 +493,10 @@ class TickPublisher:
                 self._task.result()
                 raise AssertionError("publisher stopped")
             if time.monotonic() > deadline:
-                raise AssertionError(f"publisher made {self.ticks} of {target} ticks")
+                raise AssertionError(
+                    f"publisher made {self.ticks} of {target} ticks; last failure:"
+                    f" {self.last_failure or 'none'}"
+                )
             await asyncio.sleep(20 * MS)
 
     @property
@@ -509,7 +521,8 @@ class TickPublisher:
                 result = await self.publisher.publish(
                     client_id, "tick", {"seq": seq}, mid=f"{client_id}:{seq}"
                 )
-            except PublishFailed:
+            except PublishFailed as exc:
+                self.last_failure = str(exc)
                 self.failures += 1
                 await asyncio.sleep(100 * MS)
                 continue

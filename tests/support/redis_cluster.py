@@ -244,6 +244,7 @@ class RedisCluster:
         before = next(n for n in self.nodes() if n.port == master_port)
         replicas = self.replicas_of(master_port)
         self.kill(master_port)
+        self.resume_replicas()  # after cut_replicas: a stopped replica cannot take over
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -261,10 +262,45 @@ class RedisCluster:
                 raise TimeoutError(f"no replica of {master_port} took over")
             time.sleep(50 * MS)
         for port in self.alive():
-            with self.client(port) as client:
-                client.execute_command("CLUSTER", "FORGET", before.node_id)
+            self._forget(port, before.node_id, deadline)
         self.wait_ok(max(deadline - time.monotonic(), 1.0))
         return promoted[0].port, seen
+
+    def _forget(self, port: int, node_id: str, deadline: float) -> None:
+        """CLUSTER FORGET on one node; a fellow replica of the dead master refuses until it
+        has moved over to the promoted one, so that is waited for."""
+        while True:
+            try:
+                with self.client(port) as client:
+                    client.execute_command("CLUSTER", "FORGET", node_id)
+                return
+            except redis.ResponseError as exc:
+                if "forget my master" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(50 * MS)
+
+    def cut_replicas(self, master_port: int) -> None:
+        """Replication of one master stops: its replicas are stopped (SIGSTOP) and it drops
+        their links, so what it accepts from now on exists only on it until
+        :meth:`resume_replicas` (or its death: the replicas then lack it)."""
+        replicas = self.replicas_of(master_port)
+        # Writes are held while the replicas stop one after the other, so both stop at the
+        # same offset (else a write acknowledged by the second is lost if the first wins).
+        with self.client(master_port) as client:
+            client.execute_command("CLIENT", "PAUSE", int(2_000 * MS) or 1, "WRITE")
+            try:
+                client.execute_command("WAIT", len(replicas), int(1_000 * MS) or 1)
+                for port in replicas:
+                    os.kill(self.procs[port].pid, signal.SIGSTOP)
+                client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            finally:
+                client.execute_command("CLIENT", "UNPAUSE")
+
+    def resume_replicas(self) -> None:
+        """SIGCONT every node (those :meth:`cut_replicas` stopped)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
 
     def move_slot(self, slot: int, target_port: int, batch: int = 100) -> None:
         """Move one slot, its keys included, to the master ``target_port``: the documented
