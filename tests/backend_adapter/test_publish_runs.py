@@ -115,3 +115,32 @@ def test_a_run_survives_a_flushed_script_cache(sync_publisher: Publisher, raw: r
     assert len(results) == 3
     assert [e.data for e in history(raw, "cml")] == [0, 1, 2, 3, 4]
     assert_chained(history(raw, "cml"))
+
+
+def test_a_run_keeps_the_history_ttl_and_the_newest_id_key_as_a_single_publish_does(
+    raw: redis.Redis,
+) -> None:
+    def run(n: int) -> list[str]:
+        events = [(wire.encode_payload("ttl", "e", f"{n}.{i}"), None) for i in range(3)]
+        keys, args = wire.publish_run_call(
+            KEYS, "ttl", events, history_size=1000, history_ttl=100, dedupe_window=600
+        )
+        return [
+            reply[0].decode() for reply in raw.eval(wire.PUBLISH_RUN_LUA, len(keys), *keys, *args)
+        ]
+
+    run(0)
+    assert 145_000 < raw.pttl(KEYS.log("ttl")) <= 150_000
+    assert 120_000 < raw.pttl(KEYS.channel("ttl")) <= 125_000
+    # As if 24 s went by: more than ttl + ttl/4 left, so the TTLs are kept.
+    raw.pexpire(KEYS.log("ttl"), 126_000)
+    raw.pexpire(KEYS.channel("ttl"), 101_000)
+    ids = run(1)
+    assert 120_000 < raw.pttl(KEYS.log("ttl")) <= 126_000
+    assert 95_000 < raw.pttl(KEYS.channel("ttl")) <= 101_000
+    assert raw.get(KEYS.channel("ttl")) == ids[-1].encode()
+    raw.pexpire(KEYS.log("ttl"), 124_000)  # below ttl + ttl/4: extended, the key with it
+    run(2)
+    assert 145_000 < raw.pttl(KEYS.log("ttl")) <= 150_000
+    assert 120_000 < raw.pttl(KEYS.channel("ttl")) <= 125_000
+    assert_chained(history(raw, "ttl"))
