@@ -382,6 +382,24 @@ def test_encode_live_decode_live_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
+    ("sid", "prev"),
+    [
+        ("5-1", "5-0"),
+        ("0-1", "0-0"),
+        ("05-1", "5-0"),  # leading zeros: the same key, the id written canonically
+        ("5-01", "005-0"),
+        ("5", "4"),  # a bare <ms>
+        ("9999999999999999999-0", "1-0"),  # 19 digits
+        ("18446744073709551615-18446744073709551615", "12345678901234567890-0"),  # 20 digits
+    ],
+)
+def test_decode_live_ids_as_decode_payload(sid: str, prev: str) -> None:
+    """Every id spelling decode_payload takes gives decode_live the same event."""
+    payload = encode_payload("cml", "e", {"n": 1}, ts=2.0)
+    assert decode_live(encode_live(sid, prev, payload)) == decode_payload(sid, prev, payload)
+
+
+@pytest.mark.parametrize(
     "message",
     [
         b"",
@@ -393,6 +411,7 @@ def test_encode_live_decode_live_round_trip() -> None:
         b"\xff-0 0-0 " + envelope(),
         b" 1-0 0-0 " + envelope(),
         b"1-0 0-0 \xc1",
+        b"1-0 0-18446744073709551616 " + envelope(),  # prev past 2**64
         b"1-0 0-0 " + envelope(v=9),
         f"{U64}-0 0-0 ".encode() + envelope(),
     ],
