@@ -599,13 +599,18 @@ class Node:
         sessions = sub.sessions
         if not sessions:
             return
-        frames: dict[Format, bytes | None] = {}
-        for session in sessions:
-            fmt = session.format
-            frame = (
-                frames[fmt] if fmt in frames else frames.setdefault(fmt, self._encode(event, fmt))
-            )
-            session.push(event, frame)
+        if len(sessions) == 1:
+            # The usual case, one session per BizId: no table of frames by format (its
+            # dict and Format's hashing in Python are ~0.3 µs of the ~15 µs a message costs).
+            session = sessions[0]
+            session.push(event, self._encode(event, session.format))
+        else:
+            frames: dict[Format, bytes | None] = {}
+            for session in sessions:
+                fmt = session.format
+                if fmt not in frames:
+                    frames[fmt] = self._encode(event, fmt)
+                session.push(event, frames[fmt])
         metrics = self.metrics
         metrics.messages_out += len(sessions)
         metrics.latency.observe(time.time() - event.ts)
