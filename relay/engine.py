@@ -16,7 +16,7 @@ passes to :meth:`Engine.start`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -167,10 +167,11 @@ class EngineHandler(Protocol):
     def on_control(self, control: Control) -> None:
         """A control message addressed to this node."""
 
-    def on_resubscribed(self) -> None:
+    def on_resubscribed(self, biz_ids: Collection[str] | None = None) -> None:
         """The live subscription was re-established: events may have been missed.
 
-        The node replays each subscribed BizId's gap from history.
+        The node replays each subscribed BizId's gap from history; with ``biz_ids``, only
+        those BizIds' (a Redis Cluster moved their slots, or reconnected to their master).
         """
 
     def on_health(self, healthy: bool) -> None:

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Collection, Coroutine, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -707,12 +707,19 @@ class Node:
         for session in sessions:
             session.gap()
 
-    def on_resubscribed(self) -> None:
-        """The live feed was re-established: every BizId may have a gap."""
+    def on_resubscribed(self, biz_ids: Collection[str] | None = None) -> None:
+        """The live feed was re-established: every BizId (or each of ``biz_ids``) may have
+        a gap."""
         self.metrics.engine_reconnects.inc()
-        self.note("engine.resubscribed", subscriptions=len(self.hub))
-        self.log.info("engine.resubscribed", subscriptions=len(self.hub))
-        for sub in self.hub:
+        if biz_ids is None:
+            subs: Iterable[Subscription[Session]] = self.hub
+            count = len(self.hub)
+        else:
+            subs = [sub for sub in map(self.hub.get, biz_ids) if sub is not None]
+            count = len(subs)
+        self.note("engine.resubscribed", subscriptions=count)
+        self.log.info("engine.resubscribed", subscriptions=count)
+        for sub in subs:
             if not sub.sessions:
                 continue
             if sub.repairing:

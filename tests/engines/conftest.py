@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ class RecordingHandler:
         self.events: list[Event] = []
         self.controls: list[Control] = []
         self.resubscribes = 0
+        self.resubscribed: list[list[str] | None] = []  # the BizIds named each time (None: all)
         self.health: list[bool] = []
         self._changed = asyncio.Event()
 
@@ -50,8 +51,9 @@ class RecordingHandler:
         self.controls.append(control)
         self._changed.set()
 
-    def on_resubscribed(self) -> None:
+    def on_resubscribed(self, biz_ids: Collection[str] | None = None) -> None:
         self.resubscribes += 1
+        self.resubscribed.append(None if biz_ids is None else sorted(biz_ids))
         self._changed.set()
 
     def on_health(self, healthy: bool) -> None:

@@ -99,6 +99,7 @@ async def test_engine_follows_a_killed_master_to_its_replica(own_cluster: RedisC
         await handler.wait_until(
             lambda: engine.ready and handler.resubscribes >= 1, timeout_ms=20_000
         )
+        assert all(named == [biz] for named in handler.resubscribed)  # that master's only
         live = await engine.publish(biz, "e", 3)
         assert live.receivers == 1
         await handler.wait_until(
@@ -114,8 +115,9 @@ async def test_engine_follows_a_killed_master_to_its_replica(own_cluster: RedisC
 async def test_engine_follows_a_moved_slot(own_cluster: RedisCluster) -> None:
     """Move a subscribed BizId's slot, keys included, to another master: the old master
     ends the subscription (``sunsubscribe``), the engine subscribes on the new one and
-    tells the node to repair; the next publish lands there (MOVED followed), is counted
-    (``receivers`` 1) and delivered live, naming the first as ``prev``; history holds both."""
+    tells the node to repair that BizId (no other); the next publish lands there (MOVED
+    followed), is counted (``receivers`` 1) and delivered live, naming the first as
+    ``prev``; history holds both."""
     engine = RedisEngine(own_cluster.url, EngineOptions())
     handler = RecordingHandler()
     await engine.start("node-moved", handler)
@@ -124,11 +126,14 @@ async def test_engine_follows_a_moved_slot(own_cluster: RedisCluster) -> None:
         slot = own_cluster.slot_of(KEYS.log(biz))
         source = own_cluster.master_of_slot(slot)
         target = next(port for port in own_cluster.masters() if port != source)
+        elsewhere = await asyncio.to_thread(_biz_on, own_cluster, source)
         await engine.subscribe(biz)
+        await engine.subscribe(elsewhere)  # same master, another slot: not moved
         first = await engine.publish(biz, "e", 1)
         assert first.receivers == 1
         await asyncio.to_thread(own_cluster.move_slot, slot, target)
         await handler.wait_until(lambda: handler.resubscribes >= 1)
+        assert handler.resubscribed == [[biz]]  # only the moved BizId is repaired
         second = await engine.publish(biz, "e", 2)
         assert own_cluster.master_of_slot(slot) == target
         assert second.receivers == 1

@@ -81,11 +81,13 @@ class NodeTarget:
 
 
 class _Relay:
-    """A reader's handler: events and controls go up as they are, health to the owner."""
+    """A reader's handler: events and controls go up as they are, health to the owner, and
+    a resubscribe names the BizIds of that reader only (the other masters lost nothing)."""
 
     def __init__(self, owner: ShardedSubscriber) -> None:
         self._owner = owner
         self._handler = owner.handler
+        self.reader: ShardReader | None = None
 
     def on_event(self, event: Event) -> None:
         self._handler.on_event(event)
@@ -93,8 +95,10 @@ class _Relay:
     def on_control(self, control: Control) -> None:
         self._handler.on_control(control)
 
-    def on_resubscribed(self) -> None:
-        self._handler.on_resubscribed()
+    def on_resubscribed(self, biz_ids: Collection[str] | None = None) -> None:
+        if biz_ids is None and self.reader is not None:
+            biz_ids = [biz_id for biz_id in self.reader.channels.values() if biz_id]
+        self._handler.on_resubscribed(biz_ids)
 
     def on_health(self, healthy: bool) -> None:
         self._owner.health_changed()
@@ -113,10 +117,11 @@ class ShardReader(Subscriber):
     def __init__(
         self, owner: ShardedSubscriber, name: str, canary: str, target: NodeTarget
     ) -> None:
+        relay = _Relay(owner)
         super().__init__(
             target,  # type: ignore[arg-type]  # a pool as far as the reader is concerned
             owner.cluster,  # type: ignore[arg-type]  # for spublish only
-            _Relay(owner),
+            relay,
             canary,
             owner.client_name,
             owner.timings,
@@ -124,6 +129,7 @@ class ShardReader(Subscriber):
         )
         self.name = name
         self._owner = owner
+        relay.reader = self
 
     def launch(self) -> None:
         """Connect and run the canary; ready once the first canary comes back."""
@@ -446,7 +452,10 @@ class ShardedSubscriber:
             )
             failed = sum(isinstance(outcome, BaseException) for outcome in outcomes)
             self.log.info("engine.resubscribed", reason="slots_moved", channels=len(moves) - failed)
-            # What was published while a channel moved is in history: the node repairs.
-            safely(self.log, self.handler.on_resubscribed)
+            # What was published while a channel moved is in history: the node repairs
+            # those BizIds (control channels have no history).
+            moved = [biz_id for _, biz_id, _ in moves if biz_id]
+            if moved:
+                safely(self.log, self.handler.on_resubscribed, moved)
             unplaced += failed
         return None if unplaced else len(moves)
