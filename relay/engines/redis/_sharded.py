@@ -11,10 +11,12 @@ serves, and :class:`ShardedSubscriber` keeps them where the slot map says:
   (re)subscribe with ``-MOVED``. The reader drops the channel and the slot map is read
   again; the channel is subscribed on its new master.
 - A master died: its reader's connection is lost. The slot map is read again every
-  backoff step until another master (the promoted replica) serves its slots; that
-  master gets a reader, the old one is closed, and its channels move over.
+  backoff step (50 to 250 ms) until another master (the promoted replica) serves its
+  slots; that master gets a reader, the old one is closed, and its channels move over.
 - After every such move, once the new subscriptions are confirmed, the node is told
-  ``on_resubscribed()`` and repairs each BizId's gap from history, as after a reconnect.
+  ``on_resubscribed(biz_ids)`` for the BizIds moved and repairs their gaps from
+  history, as after a reconnect (a reader that reconnects to its own master names its
+  BizIds the same way).
 
 Each reader runs its own canary on a channel of its own that hashes to its master, so a
 deaf shard is detected; the engine is ready while every master's reader is. The node's

@@ -58,7 +58,8 @@ _CLIENT_NAME_UNSAFE: Final = re.compile(r"[^!-~]")
 
 
 class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
-    """Broker and registry on Redis; one pub/sub connection per node.
+    """Broker and registry on Redis; one pub/sub connection per node (per master of a
+    Redis Cluster).
 
     ``connection_pool`` replaces the pool built from ``url`` (tests pass fakeredis's);
     the engine does not close a pool it was given. Timings are in seconds: commands give
