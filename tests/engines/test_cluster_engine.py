@@ -8,6 +8,8 @@ tests/engines/conftest.py); this is what a single server has no counterpart of.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections import deque
 
 import redis
@@ -199,6 +201,35 @@ async def test_engine_reads_every_master_and_counts_receivers(redis_cluster: Red
         assert (await engine.publish(nobody, "e", 0)).receivers == 0
         await engine.send_control("node-shards", Control("kick", client_id=bizs[0]))
         await handler.wait_until(lambda: [c.client_id for c in handler.controls] == [bizs[0]])
+    finally:
+        await engine.close()
+
+
+async def test_engine_is_unready_while_one_master_is_deaf(own_cluster: RedisCluster) -> None:
+    """SIGSTOP one master: its reader's canary stops coming back, so the engine turns
+    unready (on_health False) although the other masters answer; SIGCONT, and it is
+    ready again once that reader's canary returns, delivering on that master."""
+    engine = RedisEngine(
+        own_cluster.url, EngineOptions(), canary_interval=100 * MS, canary_deadline=400 * MS
+    )
+    handler = RecordingHandler()
+    await engine.start("node-deaf", handler)
+    try:
+        master = own_cluster.masters()[0]
+        biz = await asyncio.to_thread(_biz_on, own_cluster, master)
+        await engine.subscribe(biz)
+        assert engine.ready
+        pid = own_cluster.procs[master].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await handler.wait_until(lambda: False in handler.health, timeout_ms=5000)
+            assert not engine.ready
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await handler.wait_until(lambda: engine.ready and handler.health[-1], timeout_ms=20_000)
+        published = await engine.publish(biz, "e", 1)
+        assert published.receivers == 1
+        await handler.wait_until(lambda: published.id in [e.id for e in handler.events_for(biz)])
     finally:
         await engine.close()
 
