@@ -17,6 +17,7 @@ from backend_adapter import AsyncPublisher, Publisher
 from relay.engine import EngineOptions
 from relay.engines.redis import RedisEngine
 from relay.errors import EngineUnavailable, PublishFailed
+from relay.wire import parse_id
 from tests.engines.conftest import RecordingHandler
 from tests.support.sentinel import PASSWORD, SentinelDeployment
 from tests.support.timing import MS
@@ -53,9 +54,11 @@ async def test_sentinel_engine_and_publishers_follow_a_failover(
         try:
             await engine.subscribe("b1")
             async with AsyncPublisher(deployment.url, timeout=1.0, retries=1) as publisher:
-                await publisher.publish("b1", "tick", {"seq": 0}, mid="b1:0")
+                first = await publisher.publish("b1", "tick", {"seq": 0}, mid="b1:0")
                 await handler.wait_until(lambda: len(handler.events_for("b1")) == 1)
-                old = deployment.master_port()
+                # Every blocking call runs in a thread: a stalled loop makes the engine's
+                # canary replace its connection, a resubscribe this test does not expect.
+                old = await asyncio.to_thread(deployment.master_port)
                 # The first sentinel of the URL is gone too: the others are asked.
                 await asyncio.to_thread(deployment.kill, deployment.sentinel_ports[0])
                 await asyncio.to_thread(deployment.kill, old)
@@ -63,7 +66,7 @@ async def test_sentinel_engine_and_publishers_follow_a_failover(
                 failures = await _publish_until_accepted(
                     publisher, "b1", 1, loop.time() + 30_000 * MS
                 )
-                assert deployment.master_port() != old
+                assert await asyncio.to_thread(deployment.master_port) != old
                 # The node's subscription moved too: a live event arrives after resubscribing.
                 await handler.wait_until(lambda: handler.resubscribes >= 1, 20_000)
                 await _publish_until_accepted(publisher, "b1", 2, loop.time() + 10_000 * MS)
@@ -71,6 +74,10 @@ async def test_sentinel_engine_and_publishers_follow_a_failover(
                     lambda: [e.data["seq"] for e in handler.events_for("b1")][-1:] == [2],
                     10_000,
                 )
+                # What a node's gap repair reads after the resubscribe: seq 1, published
+                # while the engine was (most likely) not yet subscribed, and seq 2.
+                gap = await engine.history("b1", parse_id(first.id), 10)
+                assert [e.data["seq"] for e in gap.entries] == [1, 2]
             with Publisher(deployment.url, timeout=1.0) as sync_publisher:
                 result = await asyncio.to_thread(sync_publisher.publish, "b1", "tick", {"seq": 3})
             await handler.wait_until(lambda: len(handler.events_for("b1")) >= 3, 5_000)

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from tests.support.ports import free_port, wait_port
+from tests.support.ports import free_ports, wait_port
 from tests.support.redis_server import REDIS_BIN, start_replicated_server
 from tests.support.timing import MS
 
@@ -39,8 +41,10 @@ class SentinelDeployment:
         self.dir = Path(tempfile.mkdtemp(prefix="relay-test-sentinel-"))
         self.password = password
         self.down_after_ms = down_after_ms
-        self.data_ports = [free_port() for _ in range(1 + replicas)]
-        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        # Picked all at once, so the system cannot hand one port out twice.
+        ports = free_ports(1 + replicas + sentinels)
+        self.data_ports = ports[: 1 + replicas]
+        self.sentinel_ports = ports[1 + replicas :]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -52,6 +56,17 @@ class SentinelDeployment:
 
     def _server(self, port: int, *extra: str) -> None:
         self.procs[port] = start_replicated_server(port, self.dir, self.password, *extra)
+        self._check_own(port, self.password)
+
+    def _check_own(self, port: int, password: str | None) -> None:
+        """Fail at once if what answers on ``port`` is not the process started for it (the
+        port was taken between picking and binding; seen as a 30 s "do not agree")."""
+        with redis.Redis(
+            port=port, password=password, socket_timeout=2000 * MS, retry=Retry(NoBackoff(), 0)
+        ) as client:
+            pid = client.info("server").get("process_id")
+        if pid != self.procs[port].pid:
+            raise RuntimeError(f"port {port} is taken by another process (pid {pid})")
 
     def _sentinel(self, port: int, master_port: int) -> None:
         conf = self.dir / f"sentinel-{port}.conf"
@@ -75,27 +90,39 @@ class SentinelDeployment:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_port(port, 10.0)
+        wait_port(port, 10_000 * MS)
+        self._check_own(port, None)
 
     def start(self) -> SentinelDeployment:
+        """Start every process; one that fails to start leaves none of them running."""
         master, *replicas = self.data_ports
-        self._server(master)
-        for port in replicas:
-            self._server(port, "--replicaof", "127.0.0.1", str(master))
-        self.wait_replicated(len(replicas))
-        for port in self.sentinel_ports:
-            self._sentinel(port, master)
-        self.wait_sentinels_agree(master)
+        try:
+            self._server(master)
+            for port in replicas:
+                self._server(port, "--replicaof", "127.0.0.1", str(master))
+            self.wait_replicated(len(replicas))
+            for port in self.sentinel_ports:
+                self._sentinel(port, master)
+            self.wait_sentinels_agree(master)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, password=self.password, socket_timeout=2000 * MS)
 
     def master_port(self) -> int:
-        """The master's port as the first answering sentinel reports it."""
+        """The master's port as the first answering sentinel reports it.
+
+        Each sentinel is asked once: redis-py's default retries would spend seconds on a
+        killed one (10 attempts with backoff) before the next is tried.
+        """
         for port in self.sentinel_ports:
             try:
-                with redis.Redis(port=port, socket_timeout=1000 * MS) as sentinel:
+                with redis.Redis(
+                    port=port, socket_timeout=1000 * MS, retry=Retry(NoBackoff(), 0)
+                ) as sentinel:
                     _, master = sentinel.execute_command(
                         "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE
                     )
