@@ -424,11 +424,16 @@ class ShardedSubscriber:
                 except Exception:  # a bug here must not stop the following for good
                     self.log.exception("engine.topology_failed")
             self._settled.set()
-            if moved == 0 and all(r.live for r in self._readers.values()):
+            if not all(r.live for r in self._readers.values()):
+                delay = retry.failed() or timings.backoff_cap  # a master is down
+            elif moved != 0:
+                # Channels moved (look once more) or could not be placed: the nodes that
+                # answer CLUSTER SLOTS learn of a slot's move one after the other.
+                retry.succeeded()
+                delay = timings.backoff_base
+            else:
                 retry.succeeded()
                 delay = 0.0
-            else:  # look again soon: a master is down, or a slot is on its way
-                delay = retry.failed() or timings.backoff_cap
 
     async def _rehome(self) -> int | None:
         """Subscribe each wanted channel on the master of its slot; once every move is
