@@ -36,6 +36,8 @@ async def test_chaos_every_accepted_event_is_held_in_order_or_the_client_was_tol
         assert verdict.silent == 0, report + "\n" + "\n".join(verdict.examples)
         assert (verdict.out_of_order, verdict.twice, verdict.terminal) == (0, 0, 0), report
     # The hot lane outran its history: the unprovable-gap paths ran and were judged.
+    # Whether a live gap (4509) or only a resume gap (recovered: false) happens depends on
+    # where the faults fall: 6 and 0 4509 closes with this seed, quiet vs loaded machine.
+    # tests/test_gap.py proves the 4509 path deterministically; here it is reported.
     assert outcome.hot.recovered_false > 0 and outcome.hot.told > 0, report
-    assert outcome.hot.feed_gaps > 0, report
     assert sum(outcome.faults.values()) >= SECONDS / 15, report  # the faults did happen
