@@ -26,7 +26,7 @@ from relay.engines.redis._sharded import (
     canary_channel,
 )
 from relay.engines.redis._subscriber import _SUBSCRIBE, _UNSUBSCRIBE, Timings, _Session
-from relay.errors import EngineError
+from relay.errors import EngineError, EngineUnavailable
 from relay.redis_pool import async_cluster
 from relay.wire import KeySpace
 from tests.conftest import MS
@@ -280,3 +280,32 @@ async def test_shard_reader_settles_every_command_of_a_moved_slot() -> None:
     assert isinstance(waiter.exception(), EngineError)  # subscribe() looks again
     assert owner._changed.is_set()
     await cluster.aclose()
+
+
+async def test_engine_reports_a_cluster_with_no_master_as_unavailable(
+    own_cluster: RedisCluster,
+) -> None:
+    """Every master killed: redis-py's cluster client raises its own errors (not
+    RedisError), which the engine must turn into EngineUnavailable like a lost single
+    server, so the node's heartbeat loop goes on (and is not reaped once Redis is back)
+    and its drain closes the engine without a traceback."""
+    engine = RedisEngine(
+        own_cluster.url, EngineOptions(), socket_timeout=500 * MS, command_timeout=2000 * MS
+    )
+    await engine.start("node-alone", RecordingHandler())
+    closed = False
+    try:
+        for port in list(own_cluster.procs):
+            await asyncio.to_thread(own_cluster.kill, port)
+        for _ in range(2):  # once with the old slot map, once after redis-py dropped it
+            try:
+                await engine.heartbeat(0)
+            except EngineUnavailable as exc:
+                assert "redis is unreachable (heartbeat" in str(exc)
+            else:
+                raise AssertionError("a heartbeat with every node dead succeeded")
+        await engine.close()
+        closed = True
+    finally:
+        if not closed:
+            await engine.close()

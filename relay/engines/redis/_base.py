@@ -57,6 +57,11 @@ _UNREACHABLE: Final = (
     redis_errors.TimeoutError,
     TimeoutError,
     OSError,
+    # A Redis Cluster with no master answering, a slot without a master mid-failover,
+    # CLUSTERDOWN: redis-py's cluster client raises these, the first two outside RedisError.
+    redis_errors.RedisClusterUnreachableError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.ClusterDownError,
 )
 
 
@@ -70,7 +75,7 @@ def _translate(what: str, exc: BaseException) -> RelayError | None:
         # redis-py's text names the host and port (never a password) and the OS's reason.
         why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return EngineUnavailable(f"redis is unreachable ({what}: {why})")
-    if isinstance(exc, redis_errors.RedisError):
+    if isinstance(exc, redis_errors.RedisError | redis_errors.RedisClusterException):
         return EngineError(f"redis failed ({what}): {exc}")
     return None
 
