@@ -37,6 +37,7 @@ from relay.bench.procs import (
     start_node,
     start_redis,
 )
+from relay.redis_pool import async_pool
 
 __all__ = ["Bench", "LoadGen", "Options", "Phase", "Progress", "percentiles"]
 
@@ -292,11 +293,11 @@ class Bench:
         await self.stop(*(gen.child for gen in gens))
 
     async def flush_redis(self) -> None:
-        client = redis.asyncio.Redis.from_url(self.redis_url)
+        client = redis.asyncio.Redis(connection_pool=async_pool(self.redis_url))
         try:
             await client.flushall()
         finally:
-            await client.aclose()
+            await client.aclose(close_connection_pool=True)
 
     async def settle(self, seconds: float | None = None) -> None:
         await asyncio.sleep(self.options.settle if seconds is None else seconds)
