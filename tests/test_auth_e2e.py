@@ -28,6 +28,7 @@ from tests.support.node import (
     start_node,
 )
 from tests.support.served import RELAY, ServedNode
+from tests.support.timing import MS
 
 # HMAC keys at least as long as the hash: PyJWT warns below that, and warnings are errors.
 OLD = "relay-e2e-old-secret-0123456789abcdef"
@@ -162,16 +163,16 @@ async def test_auth_bearer_header_token_receives_events(make_node: MakeNode) -> 
         aiohttp.ClientSession() as http,
         http.ws_connect(relay.ws_url("cml"), headers=headers) as ws,
     ):
-        welcome = orjson.loads((await ws.receive(timeout=5)).data)
+        welcome = orjson.loads((await ws.receive(timeout=5_000 * MS)).data)
         assert welcome["type"] == "welcome"
         await relay.publish("cml", "e", {"via": "header"})
-        message = orjson.loads((await ws.receive(timeout=5)).data)
+        message = orjson.loads((await ws.receive(timeout=5_000 * MS)).data)
         assert message["data"] == {"via": "header"}
     async with (
         aiohttp.ClientSession() as http,
         http.ws_connect(relay.ws_url("cml"), headers={"Authorization": "Bearer junk"}) as ws,
     ):
-        closing = await ws.receive(timeout=5)
+        closing = await ws.receive(timeout=5_000 * MS)
         assert (closing.data, closing.extra) == (4001, "invalid token")
 
 
@@ -211,7 +212,7 @@ async def test_auth_session_closed_4500_when_token_expires(
     assert client.welcome["type"] == "welcome"
     await relay.publish("cml", "e", {"n": 1})
     await client.wait_messages(1)
-    assert await client.wait_closed(timeout=5) == 4500
+    assert await client.wait_closed(timeout=5_000 * MS) == 4500
     closed_at = time.time()
     assert client.close_reason == "token expired"
     # The watchdog ticks every second: closed at exp, at most about a tick late.
@@ -268,7 +269,11 @@ def test_serve_refuses_to_start_without_secret_or_anonymous(tmp_path: Path) -> N
     """`relay serve` with neither flag exits non-zero and names the flags to add."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run(
-        [str(RELAY), "serve", "--port", "0"], capture_output=True, text=True, timeout=30, env=env
+        [str(RELAY), "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30_000 * MS,
+        env=env,
     )
     assert done.returncode != 0
     assert "--auth-secret" in done.stderr and "--allow-anonymous" in done.stderr

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.support.procs import alive
+from tests.support.timing import MS
 
 pytestmark = [
     pytest.mark.redis,
@@ -33,7 +34,7 @@ def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str]
         [sys.executable, "-m", "relay.bench", "--settle", "0.2", "--out", str(tmp_path), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120_000 * MS,
         env={**os.environ, "PYTHONWARNINGS": "error"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

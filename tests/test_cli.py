@@ -14,6 +14,7 @@ import jwt
 
 from relay.auth import verify_token
 from tests.support.ports import free_port, wait_port
+from tests.support.timing import MS
 
 RELAY = [sys.executable, "-m", "relay"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def test_serve_stopped_while_starting_exits_0() -> None:
         assert proc.stdout is not None
         with proc.stdout:
             proc.stdout.read()  # drain its log so it never blocks on a full pipe
-        assert proc.wait(20) == 0, line
+        assert proc.wait(20_000 * MS) == 0, line
 
 
 def test_publish_over_http_prints_the_result() -> None:
@@ -72,7 +73,7 @@ def test_publish_over_http_prints_the_result() -> None:
         cwd=ROOT,
     )
     try:
-        wait_port(port, 20)
+        wait_port(port, 20_000 * MS)
         out = subprocess.run(
             [
                 *RELAY,
@@ -88,7 +89,7 @@ def test_publish_over_http_prints_the_result() -> None:
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=30_000 * MS,
             check=True,
         ).stdout
         result = json.loads(out)
@@ -108,12 +109,12 @@ def test_publish_over_http_prints_the_result() -> None:
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=30_000 * MS,
         )
         assert wrong.returncode == 2 and "401" in wrong.stderr
     finally:
         node.send_signal(signal.SIGTERM)
-        assert node.wait(20) == 0
+        assert node.wait(20_000 * MS) == 0
 
 
 def test_token_prints_a_token_the_node_accepts() -> None:
@@ -128,7 +129,7 @@ def test_token_prints_a_token_the_node_accepts() -> None:
         env={**env, "RELAY_AUTH_SECRET": secret},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=30_000 * MS,
         check=True,
     ).stdout
     token = out.strip()
@@ -143,12 +144,17 @@ def test_token_prints_a_token_the_node_accepts() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=30_000 * MS,
         check=True,
     ).stdout.strip()
     verify_token(flag, (secret,), "cml")
     assert jwt.decode(flag, secret, algorithms=["HS256"])["exp"] >= before + 3600 - 1
     missing = subprocess.run(
-        [*RELAY, "token", "cml"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+        [*RELAY, "token", "cml"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30_000 * MS,
     )
     assert missing.returncode == 2 and "--auth-secret" in missing.stderr

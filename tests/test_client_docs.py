@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.timing import MS
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "client.md"
 STUB = ROOT / "tests" / "support" / "WebSocketSharpStub.cs"
@@ -45,6 +47,6 @@ def test_websocketsharp_example_compiles(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120_000 * MS,
     )
     assert result.returncode == 0, result.stdout + result.stderr

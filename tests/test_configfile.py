@@ -18,6 +18,7 @@ from relay.config import add_arguments, resolve_settings
 from relay.configfile import load_config_file
 from relay.errors import ConfigError
 from tests.support.ports import free_port, wait_port
+from tests.support.timing import MS
 
 RELAY = [sys.executable, "-m", "relay"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         env={**clean, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
     )
 
 
@@ -148,12 +149,12 @@ def test_serve_with_config_file_listens_where_the_file_says(tmp_path: Path) -> N
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     node = subprocess.Popen([*RELAY, "serve"], cwd=ROOT, env={**clean, "RELAY_CONFIG": path})
     try:
-        wait_port(port, 20)
+        wait_port(port, 20_000 * MS)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/api/nodes", headers={"Authorization": "Bearer from-file"}
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10_000 * MS) as response:
             assert response.status == 200 and "nodes" in json.loads(response.read())
     finally:
         node.send_signal(signal.SIGTERM)
-        assert node.wait(20) == 0
+        assert node.wait(20_000 * MS) == 0

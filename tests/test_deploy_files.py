@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from relay.config import Settings, settings_from_args
+from tests.support.timing import MS
 
 try:
     import yaml
@@ -324,7 +325,7 @@ def _render_compose_nginx(compose: Mapping[str, Any], out: Path) -> str:
     template = targets[words[-3]]
     assert template == DEPLOY / "nginx/relay.conf.template"
     with out.open("w") as f:
-        subprocess.run([*words[:-3], str(template)], stdout=f, check=True, timeout=10)
+        subprocess.run([*words[:-3], str(template)], stdout=f, check=True, timeout=10_000 * MS)
     return rest.strip()
 
 
@@ -357,7 +358,7 @@ def test_compose_nginx_renders_the_template_for_every_node(tmp_path: Path) -> No
     result = subprocess.run(
         [NGINX, "-q", "-t", "-p", f"{tmp_path}/nginx/", "-c", f"{tmp_path}/nginx/nginx.conf",
          "-e", f"{tmp_path}/logs/error.log"],
-        capture_output=True, text=True, timeout=10,
+        capture_output=True, text=True, timeout=10_000 * MS,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
 
@@ -394,7 +395,7 @@ def test_haproxy_template_renders_and_passes_haproxy_check(tmp_path: Path) -> No
     glob = DEPLOY / "haproxy/haproxy-local.cfg.template"
     result = subprocess.run(
         [HAPROXY, "-c", "-f", str(glob), "-f", str(tmp_path / "relay.cfg")],
-        capture_output=True, text=True, timeout=10,
+        capture_output=True, text=True, timeout=10_000 * MS,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ALERT" not in result.stdout + result.stderr
@@ -450,7 +451,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         (tmp_path / target).write_text(text)
     result = subprocess.run(
         ["systemd-analyze", "verify", *(str(tmp_path / t) for t in names.values())],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30_000 * MS,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

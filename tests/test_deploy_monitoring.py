@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.node import Listener, NodeUnderTest, listen, node_settings
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "relay-dashboard.json"
@@ -139,7 +140,7 @@ def test_monitoring_queries_parse_in_promtool(tmp_path: Path) -> None:
     """promtool accepts the alert rules, and every dashboard query as a recording rule."""
     assert PROMTOOL is not None
     check = [PROMTOOL, "check", "rules", str(ALERTS)]
-    result = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(check, capture_output=True, text=True, timeout=60_000 * MS)
     assert result.returncode == 0, result.stdout + result.stderr
     records = []
     for i, expr in enumerate(dashboard_queries()):
@@ -149,6 +150,9 @@ def test_monitoring_queries_parse_in_promtool(tmp_path: Path) -> None:
     rules = tmp_path / "dashboard-rules.yml"
     rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
     result = subprocess.run(
-        [PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+        [PROMTOOL, "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60_000 * MS,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -22,6 +22,7 @@ from tests.support.frames import client_frame
 from tests.support.node import NodeUnderTest, node_settings
 from tests.support.ports import free_port
 from tests.support.raw import RawClient, upgrade_request
+from tests.support.timing import MS
 
 TAIL = b"\x00\x00\xff\xff"
 WEBSOCKETSHARP = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
@@ -118,10 +119,10 @@ async def test_edge_aiohttp_client_with_deflate_is_served_by_the_edge(
             assert [c.session.client_id for c in node.edge.connections if c.session] == ["zip"]
             for n in range(30):
                 await node.publish("zip", "e", {"n": n, "text": "x" * (n * 40)})
-            received = [(await ws.receive_json(timeout=5))["data"] for _ in range(30)]
+            received = [(await ws.receive_json(timeout=5_000 * MS))["data"] for _ in range(30)]
             assert received == [{"n": n, "text": "x" * (n * 40)} for n in range(30)]
             await ws.send_str('{"type":"ping"}')
-            assert (await ws.receive_json(timeout=5))["type"] == "pong"
+            assert (await ws.receive_json(timeout=5_000 * MS))["type"] == "pong"
         finally:
             await ws.close()
 
@@ -203,11 +204,11 @@ async def test_edge_chromium_negotiates_deflate_and_reads_compressed_events(
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        welcome = await asyncio.wait_for(reports.get(), 30)
+        welcome = await asyncio.wait_for(reports.get(), 30_000 * MS)
         assert welcome == {"welcome": True, "extensions": "permessage-deflate"}
         data = {"label": "ÄÖÜ " * 100, "n": 1}
         await node.publish("browser", "e", data)
-        done = await asyncio.wait_for(reports.get(), 15)
+        done = await asyncio.wait_for(reports.get(), 15_000 * MS)
         assert done == {"events": [data], "extensions": "permessage-deflate"}
         assert node.edge is not None
         (connection,) = [c for c in node.edge.connections if c.session]

@@ -12,6 +12,7 @@ import pytest
 
 import relay
 from relay import client, engine, errors, wire
+from tests.support.timing import MS
 
 MODULES = sorted(
     info.name
@@ -86,7 +87,11 @@ def _loaded_after(statement: str) -> set[str]:
         "if m.split('.')[0] in ('relay', 'aiohttp', 'redis', 'structlog'))))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60_000 * MS,
     ).stdout
     return set(json.loads(out))
 

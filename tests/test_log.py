@@ -11,6 +11,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from structlog.testing import capture_logs
 
 from relay.log import _BadRequests, _ClientFaults, redact
+from tests.support.timing import MS
 
 
 def test_redact_replaces_secret_values() -> None:
@@ -99,5 +100,5 @@ async def test_log_bad_requests_left_out_are_counted_when_the_flood_stops() -> N
     with capture_logs() as logs:
         for _ in range(10):
             limiter.emit("bad request line", {})
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(200 * MS)
     assert sum(1 + e["suppressed"] for e in logs) == 10 and len(logs) == 2

@@ -16,7 +16,7 @@ from relay.client import RelayClient, RelayClosed
 from tests.support.node import API_KEY, NodeUnderTest, node_settings
 from tests.support.redis_server import RedisServer
 from tests.support.tail import Tail
-from tests.support.timing import eventually
+from tests.support.timing import MS, eventually
 
 pytestmark = pytest.mark.redis
 
@@ -52,7 +52,7 @@ async def test_tail_watches_a_connected_client_without_closing_it(
         try:
             await eventually(tail.welcomed)
             ids = [(await a.publish("wpf-1", "label.created", {"n": n})).id for n in range(5)]
-            got = [await asyncio.wait_for(client.__anext__(), 10) for _ in ids]
+            got = [await asyncio.wait_for(client.__anext__(), 10_000 * MS) for _ in ids]
             await eventually(lambda: len(tail.out) == len(ids))
             assert [m.id for m in got] == ids
             assert [line["id"] for line in tail.out] == ids
@@ -78,11 +78,11 @@ async def test_observer_is_not_closed_when_the_client_reconnects(
         async with RelayClient(ws_base(a), "wpf-2", **FAST) as client:
             await client.wait_connected()
             first = (await a.publish("wpf-2", "e", 1)).id
-            assert (await asyncio.wait_for(client.__anext__(), 10)).id == first
+            assert (await asyncio.wait_for(client.__anext__(), 10_000 * MS)).id == first
         async with RelayClient(ws_base(b), "wpf-2", **FAST) as again:
             await again.wait_connected()
             second = (await b.publish("wpf-2", "e", 2)).id
-            assert (await asyncio.wait_for(again.__anext__(), 10)).id == second
+            assert (await asyncio.wait_for(again.__anext__(), 10_000 * MS)).id == second
         await eventually(lambda: len(tail.out) == 2)
         assert [line["id"] for line in tail.out] == [first, second]
         assert not any('"close"' in line for line in tail.err)
@@ -132,7 +132,7 @@ async def test_tail_as_client_replaces_the_client(two_nodes: list[NodeUnderTest]
         try:
             await eventually(tail.welcomed)
             with pytest.raises(RelayClosed) as closed:
-                await asyncio.wait_for(client.wait_closed(), 10)
+                await asyncio.wait_for(client.wait_closed(), 10_000 * MS)
             assert closed.value.code == 4000
         finally:
             await tail.stop()
@@ -145,7 +145,7 @@ async def test_observer_needs_the_api_to_be_on(redis_server: RedisServer) -> Non
         observer = RelayClient(ws_base(node), "wpf-7", observe_key="anything", **FAST)
         async with observer:
             with pytest.raises(RelayClosed) as closed:
-                await asyncio.wait_for(observer.wait_closed(), 10)
+                await asyncio.wait_for(observer.wait_closed(), 10_000 * MS)
         assert closed.value.code == 4001 and "--api-key" in closed.value.reason
     finally:
         await node.stop()

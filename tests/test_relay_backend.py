@@ -26,6 +26,7 @@ import pytest
 
 from tests.support.node import Listener, NodeUnderTest, listen, node_settings
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "packaging" / "relay-backend"
@@ -85,7 +86,9 @@ def backend_venv() -> Path:
     try:
         # Built aside, then renamed into place: a concurrent run finds either nothing or a
         # finished venv. Only bin/python is used, so scripts naming the build path are moot.
-        subprocess.run([sys.executable, "-m", "venv", str(building)], check=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "venv", str(building)], check=True, timeout=120_000 * MS
+        )
         subprocess.run(
             [
                 str(building / "bin" / "python"),
@@ -97,7 +100,7 @@ def backend_venv() -> Path:
                 str(DIST),
             ],
             check=True,
-            timeout=300,
+            timeout=300_000 * MS,
             cwd=tempfile.gettempdir(),  # nothing of the repository on sys.path
         )
         with contextlib.suppress(OSError):  # another run finished first: use its venv
@@ -129,7 +132,7 @@ async def test_relay_backend_publishes_without_the_server_dependencies(
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
         cwd=tempfile.gettempdir(),
         env=env,
     )

@@ -38,7 +38,7 @@ async def _publish_until_accepted(
         except PublishFailed:
             failures += 1
             assert loop.time() < deadline, "no publish accepted after the failover"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(100 * MS)
 
 
 async def test_sentinel_engine_and_publishers_follow_a_failover(

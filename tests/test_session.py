@@ -420,6 +420,6 @@ async def test_session_close_without_writer_skips_flush(make_session: Factory) -
     transport = RecordingTransport()
     session = make_session(transport, SessionLimits(close_linger=10.0))
     session.send(b"never sent")
-    async with asyncio.timeout(1.0):
+    async with asyncio.timeout(1000 * MS):
         await session.close(CloseCode.NORMAL)
     assert transport.closes == [1000] and transport.frames == [] and session.queued == 0

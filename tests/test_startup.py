@@ -77,7 +77,7 @@ class Served:
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        return self.proc.wait(30_000 * MS)
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def served(tmp_path: Path) -> Iterator[list[Served]]:
     for node in started:
         if node.proc.poll() is None:
             node.proc.kill()
-            node.proc.wait(10)
+            node.proc.wait(10_000 * MS)
 
 
 async def _status(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, object]]:
@@ -110,14 +110,14 @@ async def test_serve_waits_for_redis_unready_then_serves_when_it_comes(
         while "error" not in (body := (await _status(http, f"{node.base}/readyz"))[1]):
             assert body["reason"] == "starting", body  # 503, before the first attempt failed
             assert time.monotonic() < deadline, body
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * MS)
         status, body = await _status(http, f"{node.base}/readyz")
         assert status == 503 and body["reason"] == "starting", body
         assert "redis is unreachable" in str(body["error"]), body
 
         began = time.monotonic()
         async with http.ws_connect(f"ws://127.0.0.1:{node.port}/ws/early") as ws:
-            msg = await ws.receive(timeout=5)
+            msg = await ws.receive(timeout=5_000 * MS)
         plain = time.monotonic() - began
         assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == CloseCode.TRY_AGAIN_LATER
         began = time.monotonic()
@@ -131,15 +131,15 @@ async def test_serve_waits_for_redis_unready_then_serves_when_it_comes(
         try:
             came = time.monotonic()
             while (await _status(http, f"{node.base}/readyz"))[0] != 200:
-                assert time.monotonic() - came < 15, "not ready 15 s after Redis came"
-                await asyncio.sleep(0.05)
+                assert time.monotonic() - came < 15_000 * MS, "not ready 15 s after Redis came"
+                await asyncio.sleep(50 * MS)
             ready_after = time.monotonic() - came
             async with http.ws_connect(f"ws://127.0.0.1:{node.port}/ws/late") as ws:
-                welcome = orjson.loads((await ws.receive(timeout=5)).data)
+                welcome = orjson.loads((await ws.receive(timeout=5_000 * MS)).data)
                 assert welcome["type"] == "welcome"
                 async with AsyncPublisher(redis.url) as publisher:
                     await publisher.publish("late", "hello", {"n": 1})
-                message = orjson.loads((await ws.receive(timeout=5)).data)
+                message = orjson.loads((await ws.receive(timeout=5_000 * MS)).data)
                 assert (message["event"], message["data"]) == ("hello", {"n": 1})
         finally:
             exit_code = await asyncio.to_thread(node.stop)
@@ -160,7 +160,7 @@ def test_serve_start_timeout_exits_2_saying_why(tmp_path: Path, served: list[Ser
     node = Served(tmp_path, free_port(), "--start-timeout", "1")
     served.append(node)
     began = time.monotonic()
-    code = node.proc.wait(20)
+    code = node.proc.wait(20_000 * MS)
     took = time.monotonic() - began
     assert code == 2
     text = node.log_path.read_text()
@@ -177,10 +177,10 @@ def test_serve_stopped_while_waiting_for_redis_exits_0(
     """SIGTERM while the node still waits for Redis: a clean exit 0, not a traceback."""
     node = Served(tmp_path, free_port())
     served.append(node)
-    wait_port(node.port, 20)
+    wait_port(node.port, 20_000 * MS)
     deadline = time.monotonic() + 20_000 * MS
     while not node.events("node.start_failed"):
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(50 * MS)
     assert node.stop() == 0
     assert "Traceback" not in node.log_path.read_text()

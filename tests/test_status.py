@@ -42,7 +42,7 @@ async def test_status_feed_pushes_snapshots_and_ends_with_the_node(
         await node.stop()
         await asyncio.wait_for(resp.content.read(), 5000 * MS)  # to the end of the stream
         assert resp.content.at_eof()
-        assert time.monotonic() - began < 3.0  # not aiohttp's shutdown timeout
+        assert time.monotonic() - began < 3000 * MS  # not aiohttp's shutdown timeout
 
 
 async def test_status_feeds_are_bounded_per_node(started_nodes: list[NodeUnderTest]) -> None:
@@ -61,7 +61,7 @@ async def test_status_feeds_are_bounded_per_node(started_nodes: list[NodeUnderTe
                     await read_event(again)
                     break
             assert time.monotonic() < deadline, "the closed page's place was never freed"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * MS)
 
 
 async def test_status_page_off_with_zero_feeds(started_nodes: list[NodeUnderTest]) -> None:

@@ -65,7 +65,7 @@ async def test_ws_origin_outside_the_allowed_list_is_http_403(
             await http.ws_connect(relay.ws_url("x"), origin="https://evil.example")
         assert refused.value.status == 403
         async with http.ws_connect(relay.ws_url("x"), origin="https://app.example/") as ws:
-            welcome = orjson.loads((await ws.receive(timeout=5)).data)
+            welcome = orjson.loads((await ws.receive(timeout=5_000 * MS)).data)
             assert welcome["type"] == "welcome"
 
 
@@ -89,8 +89,8 @@ async def test_ws_peer_that_never_answers_pings_is_dropped(make_node: MakeNode) 
         aiohttp.ClientSession() as http,
         http.ws_connect(relay.ws_url("mute"), autoping=False) as ws,
     ):
-        assert orjson.loads((await ws.receive(timeout=5)).data)["type"] == "welcome"
-        assert (await ws.receive(timeout=5)).type is aiohttp.WSMsgType.PING
+        assert orjson.loads((await ws.receive(timeout=5_000 * MS)).data)["type"] == "welcome"
+        assert (await ws.receive(timeout=5_000 * MS)).type is aiohttp.WSMsgType.PING
         # Not answered: the server gives up half a heartbeat later.
         closing = await ws.receive(timeout=3000 * MS)
         assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

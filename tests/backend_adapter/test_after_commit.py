@@ -27,6 +27,7 @@ from tests.backend_adapter.conftest import dead_url
 from tests.backend_adapter.sql_support import fresh_engine
 from tests.support.node import Listener
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS
 
 HAS_ASYNC = all(importlib.util.find_spec(m) for m in ("greenlet", "aiosqlite"))
 needs_async = pytest.mark.skipif(
@@ -301,6 +302,10 @@ except ImportError as exc:
     print(exc)
 """
     out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60_000 * MS,
     ).stdout
     assert "pip install 'relay[sql]'" in out

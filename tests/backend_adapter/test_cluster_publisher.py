@@ -21,6 +21,7 @@ from relay import wire
 from relay.errors import PublishFailed
 from relay.wire import KeySpace, PublishResult
 from tests.support.redis_cluster import RedisCluster
+from tests.support.timing import MS
 
 KEYS = KeySpace("relay")
 BIZ_IDS = [f"shop-{n}" for n in range(30)]  # spread over the three masters
@@ -149,7 +150,7 @@ def test_relay_publish_command_reaches_a_cluster(redis_cluster: RedisCluster) ->
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
         check=True,
     ).stdout
     assert json.loads(out)["duplicate"] is False

@@ -53,7 +53,7 @@ async def running_service(redis_url: str, db: Path) -> AsyncIterator[str]:
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), 10)
+        code = await asyncio.wait_for(proc.wait(), 10_000 * MS)
     assert code == 0  # stopped cleanly: dispatcher thread joined, pool closed
 
 

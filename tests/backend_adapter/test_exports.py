@@ -8,6 +8,7 @@ import sys
 
 import backend_adapter
 from relay import errors, wire
+from tests.support.timing import MS
 
 
 def test_exports_all_names_resolve() -> None:
@@ -50,7 +51,11 @@ def test_exports_import_pulls_in_no_aiohttp_and_only_pure_relay_modules() -> Non
         "if m.split('.')[0] in ('relay', 'aiohttp', 'asyncio_redis', 'structlog'))))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60_000 * MS,
     ).stdout
     loaded = set(json.loads(out))
     assert not any(m.split(".")[0] == "aiohttp" for m in loaded), loaded

@@ -255,7 +255,7 @@ async def test_outbox_dispatcher_killed_between_publish_and_mark_delivers_nothin
         assert proc.stdout.readline().split() == ["published", "20"]
     finally:
         proc.kill()
-        proc.wait(10)
+        proc.wait(10_000 * MS)
         if proc.stdout is not None:
             proc.stdout.close()
     assert proc.returncode == -9
@@ -293,7 +293,7 @@ async def test_outbox_dedupe_window_bounds_the_recovery(
             CrashBeforeMark(engine, publisher).run_once()
         with pytest.raises(SystemExit):
             CrashBeforeMark(engine, publisher).run_once()  # inside the window: a duplicate
-        time.sleep(1.1)
+        time.sleep(1100 * MS)  # past dedupe_window (1 s)
         stats = OutboxDispatcher(engine, publisher).run_once()  # after it: a new event
     assert (stats.published, stats.duplicates) == (1, 0)
     messages = await client.wait_messages(2)

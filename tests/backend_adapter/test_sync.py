@@ -137,7 +137,7 @@ def test_sync_publish_with_redis_down_fails_after_bounded_retries(own_redis: Red
         started = time.monotonic()
         with pytest.raises(PublishFailed, match=r"'cml' failed after 4 attempts") as info:
             pub.publish("cml", "e", 1)
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 2000 * MS
         assert isinstance(info.value.__cause__, rex.ConnectionError)
         with pytest.raises(EngineUnavailable):
             pub.is_online("cml")
@@ -154,7 +154,7 @@ def test_sync_publish_with_hung_redis_times_out(own_redis: RedisServer) -> None:
             started = time.monotonic()
             with pytest.raises(PublishFailed, match="Timeout"):
                 pub.publish("cml", "e", 1)
-            assert time.monotonic() - started < 1.5
+            assert time.monotonic() - started < 1500 * MS
         finally:
             own_redis.continue_process()
         assert pub.publish("cml", "e", 2).id

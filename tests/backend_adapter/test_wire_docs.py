@@ -25,6 +25,7 @@ import redis
 
 from tests.support.node import API_KEY, Listener, NodeUnderTest
 from tests.support.redis_server import RedisServer
+from tests.support.timing import MS
 
 ROOT = Path(__file__).resolve().parents[2]
 WIRE_MD = ROOT / "docs" / "wire.md"
@@ -87,7 +88,7 @@ async def test_wire_docs_raw_redis_publish_reaches_client(
         (first["stream_id"].decode(), "label.created", {"id": 7, "text": "hello"}),
         (third[0].decode(), "label.deleted", [7]),
     ]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(50 * MS)
     assert len(client.messages) == 2  # the duplicate was not delivered
 
 
@@ -126,14 +127,14 @@ public class Emit {
         subprocess.run(
             ["javac", "-cp", cp, "-d", str(tmp_path), *tmp_path.glob("*.java")],
             check=True,
-            timeout=120,
+            timeout=120_000 * MS,
         )
         out = subprocess.run(
             ["java", "-cp", cp, "Emit", "label-7"],
             check=True,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=60_000 * MS,
         ).stdout
         return bytes.fromhex(out)
 
@@ -173,7 +174,7 @@ async def test_wire_docs_curl_publish_reaches_client(
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "RELAY_API_KEY": API_KEY},
     )
-    stdout, _ = await asyncio.wait_for(proc.communicate(), 30)
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 30_000 * MS)
     assert proc.returncode == 0, stdout
     answer = orjson.loads(stdout)
     assert {k: answer[k] for k in ("online", "receivers", "duplicate")} == {

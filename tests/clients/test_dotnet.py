@@ -71,7 +71,7 @@ def _mcs(out: Path, target: str, sources: list[Path], refs: list[Path]) -> None:
         *(f"-r:{ref}" for ref in refs),
         *(str(s) for s in sources),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300_000 * MS)
     if result.returncode != 0:
         pytest.fail(f"mcs could not build {out.name}:\n{result.stdout}{result.stderr}")
 
@@ -299,7 +299,7 @@ def test_dotnet_selftest_pure_parts_pass(dotnet_build: Path) -> None:
         ["mono", "--debug", str(dotnet_build / "RelayDriver.exe"), "selftest"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
     )
     failed = [line for line in result.stdout.splitlines() if not line.startswith("ok ")]
     assert result.returncode == 0 and not failed, result.stdout + result.stderr
@@ -354,7 +354,7 @@ def test_dotnet_decodes_frames_exactly_as_python_encodes_them(dotnet_build: Path
         input="\n".join(lines) + "\n",
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
     )
     assert result.returncode == 0, result.stderr
     decoded = [orjson.loads(line) for line in result.stdout.splitlines()]

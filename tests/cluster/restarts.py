@@ -33,6 +33,7 @@ from tests.cluster.support import (
     missing_and_extra,
     wait_delivered,
 )
+from tests.support.timing import MS
 
 SETTINGS = {"heartbeat": 5, "drain_grace": 3, "close_linger": 0.1}
 
@@ -176,7 +177,7 @@ def _without_lb_retry(cluster: LocalCluster) -> None:
     subprocess.run(
         [NGINX_BIN, "-p", prefix, "-c", f"{prefix}nginx.conf", "-s", "reload"], check=True
     )
-    time.sleep(1.0)  # the new worker takes over
+    time.sleep(1000 * MS)  # the new worker takes over
 
 
 async def _main() -> None:

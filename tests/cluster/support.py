@@ -382,7 +382,7 @@ class TrackingClient:
         ws = self._ws
         if ws is not None and not ws.closed:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 2.0)
+                await asyncio.wait_for(ws.close(), 2000 * MS)
 
 
 class Fleet:

@@ -117,7 +117,7 @@ async def test_script_redis_cluster_serves_nodes_end_to_end(tmp_path: Path) -> N
         [str(SCRIPT), "start", "-n", "2", "--redis", "cluster", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120_000 * MS,
         env=node_env(),
     )
     try:

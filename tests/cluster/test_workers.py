@@ -98,7 +98,7 @@ async def _supervised(redis: RedisServer, tmp_path: Path, prefix: str) -> AsyncI
         if parent.poll() is None:
             parent.send_signal(signal.SIGTERM)
             try:
-                parent.wait(20)
+                parent.wait(20_000 * MS)
             except subprocess.TimeoutExpired:
                 parent.kill()
                 parent.wait()

@@ -95,7 +95,7 @@ class Harness:
             return
         assert self.raw is not None
         await self.raw.pexpire(self.keys.log(biz_id), 1)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * MS)
 
 
 def record(h: Harness, client_id: str, session: str, since: str | None = None) -> SessionRecord:

@@ -223,7 +223,7 @@ async def test_browser_stops_for_good_when_replaced(
         deadline = time.monotonic() + 1500 * MS
         while time.monotonic() < deadline:
             assert newer.close_code is None
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * MS)
         assert len(await state(page, "welcomes")) == 1
         assert len(await state(page, "closes")) == 1
     finally:

@@ -41,7 +41,9 @@ async def demo(tmp_path: Path) -> AsyncIterator[Demo]:
 
 def service_labels(demo: Demo) -> list[dict[str, Any]]:
     """The labels as the service's database has them (what the canvas must show)."""
-    with urllib.request.urlopen(f"{demo.service_url}/labels?biz_id=cml", timeout=5) as answer:
+    with urllib.request.urlopen(
+        f"{demo.service_url}/labels?biz_id=cml", timeout=5_000 * MS
+    ) as answer:
         labels: list[dict[str, Any]] = json.load(answer)["labels"]
     return labels
 
@@ -219,7 +221,7 @@ def test_demo_launcher_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     )
     assert proc.stdout is not None
     lines: list[str] = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 60_000 * MS
     while not any("Ctrl-C stops everything" in line for line in lines):
         line = proc.stdout.readline()
         assert line, "".join(lines)
@@ -230,7 +232,7 @@ def test_demo_launcher_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     assert f"http://127.0.0.1:{service_port}/\n" in printed  # the admin page
     assert f"http://127.0.0.1:{service_port}/canvas?client=cml" in printed
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == 0
+    assert proc.wait(30_000 * MS) == 0
     proc.stdout.close()
     for port in (node_port, service_port, redis_port):
         assert port_is_free("127.0.0.1", port)

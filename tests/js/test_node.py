@@ -53,7 +53,7 @@ def ws_dir() -> Path:
             [NPM, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=target,
             check=True,
-            timeout=300,
+            timeout=300_000 * MS,
             stdin=subprocess.DEVNULL,
         )
     return target
@@ -177,7 +177,7 @@ def run_pure(request: dict[str, Any]) -> dict[str, Any]:
         input=json.dumps(request),
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=30_000 * MS,
         check=True,
     ).stdout
     result: dict[str, Any] = json.loads(out)
@@ -490,7 +490,7 @@ def test_package_installs_from_the_repository(tmp_path: Path) -> None:
         cwd=package_dir,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
         check=True,
     )
     files = {f["path"]: f["size"] for f in json.loads(packed.stdout)[0]["files"]}
@@ -502,7 +502,7 @@ def test_package_installs_from_the_repository(tmp_path: Path) -> None:
         [NPM, "install", "--offline", "--no-audit", "--no-fund", str(package_dir)],
         cwd=app,
         capture_output=True,
-        timeout=120,
+        timeout=120_000 * MS,
         check=True,
     )
     script = 'import("@relay/client").then((m) => console.log(typeof m.RelayClient, m.VERSION))'
@@ -511,7 +511,7 @@ def test_package_installs_from_the_repository(tmp_path: Path) -> None:
         cwd=app,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=30_000 * MS,
         check=True,
     ).stdout
     package = json.loads((package_dir / "package.json").read_text())

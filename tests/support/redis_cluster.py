@@ -135,7 +135,9 @@ class RedisCluster:
             str(self.replicas_per_master),
             "--cluster-yes",
         ]
-        done = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            create, capture_output=True, text=True, timeout=60_000 * MS, check=False
+        )
         if done.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}{done.stderr}")
         self.wait_ok()
@@ -231,7 +233,7 @@ class RedisCluster:
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGCONT)  # a stopped process dies at once too
             proc.kill()
-            proc.wait(10)
+            proc.wait(10_000 * MS)
 
     def kill_master_and_wait_failover(
         self, master_port: int, timeout: float = 30_000 * MS
@@ -348,7 +350,9 @@ class RedisCluster:
             str(slots),
             "--cluster-yes",
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=120_000 * MS, check=False
+        )
         if done.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster reshard failed: {done.stdout}{done.stderr}")
         self.wait_ok()

@@ -101,7 +101,7 @@ class RedisServer:
         """SIGKILL: connections drop at once, nothing is flushed."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.wait(10_000 * MS)
         self.proc = None
 
     def stop_process(self) -> None:

@@ -180,7 +180,7 @@ class SentinelDeployment:
         proc = self.procs.pop(port, None)
         if proc is not None and proc.poll() is None:
             proc.kill()
-            proc.wait(10)
+            proc.wait(10_000 * MS)
 
     def cut_replicas(self, master: int) -> None:
         """Replication stops: the replicas are stopped (SIGSTOP) and the master drops their

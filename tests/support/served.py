@@ -81,7 +81,7 @@ class ServedNode:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(10_000 * MS)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
