@@ -142,11 +142,21 @@ PUBLISH_LUA: Final = _lua("publish.lua")
 PUBLISH_RUN_LUA: Final = _lua("publish_run.lua")
 """PUBLISH_LUA for a run of events of one BizId in one call: the per-call cost paid once."""
 
-PUBLISH_CLUSTER_LUA: Final = _lua("publish_cluster.lua")
-"""PUBLISH_LUA for a Redis Cluster: the same script with SPUBLISH (sharded pub/sub), so the
-event goes to the subscribers on its slot's master only and ``receivers`` counts them."""
 
-PUBLISH_RUN_CLUSTER_LUA: Final = _lua("publish_run_cluster.lua")
+def _sharded(script: str) -> str:
+    """``script`` for a Redis Cluster: its one PUBLISH made SPUBLISH (sharded pub/sub), so
+    the event goes to the subscribers on its slot's master only and ``receivers`` counts
+    them. Derived rather than kept as a second file, so the two can never drift apart."""
+    single = "redis.call('PUBLISH', KEYS[2]"
+    if script.count(single) != 1:
+        raise AssertionError("a publish script must PUBLISH to KEYS[2] exactly once")
+    return script.replace(single, "redis.call('SPUBLISH', KEYS[2]")
+
+
+PUBLISH_CLUSTER_LUA: Final = _sharded(PUBLISH_LUA)
+"""PUBLISH_LUA for a Redis Cluster: the same script with SPUBLISH."""
+
+PUBLISH_RUN_CLUSTER_LUA: Final = _sharded(PUBLISH_RUN_LUA)
 """PUBLISH_RUN_LUA for a Redis Cluster (SPUBLISH)."""
 
 HISTORY_LUA: Final = _lua("history.lua")

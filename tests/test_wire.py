@@ -460,12 +460,13 @@ def test_publish_call_matches_lua_arity() -> None:
 
 def test_publish_cluster_scripts_differ_only_by_spublish() -> None:
     """The Redis Cluster scripts are the single-server ones with SPUBLISH for PUBLISH, and
-    nothing else: the two never drift apart."""
+    nothing else (docs/wire.md tells other-language publishers to make that one change)."""
     for single, cluster in (
         (PUBLISH_LUA, PUBLISH_CLUSTER_LUA),
         (PUBLISH_RUN_LUA, PUBLISH_RUN_CLUSTER_LUA),
     ):
         assert single.count("redis.call('PUBLISH', KEYS[2]") == 1
+        assert "SPUBLISH" not in single
         assert cluster == single.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
 
 

@@ -56,8 +56,8 @@ def test_codec_script_digest_and_load_command() -> None:
 
 
 def test_codec_on_a_cluster_sends_the_spublish_scripts() -> None:
-    """A cluster codec's EVALSHA names publish_cluster.lua (SPUBLISH), its run command
-    publish_run_cluster.lua, and its SCRIPT LOADs carry those texts; nothing else differs."""
+    """A cluster codec's EVALSHA names PUBLISH_CLUSTER_LUA (SPUBLISH), its run command
+    PUBLISH_RUN_CLUSTER_LUA, and its SCRIPT LOADs carry those texts; nothing else differs."""
     single, cluster = PublishCodec(), PublishCodec(cluster=True)
     sha = hashlib.sha1(wire.PUBLISH_CLUSTER_LUA.encode()).hexdigest()
     run_sha = hashlib.sha1(wire.PUBLISH_RUN_CLUSTER_LUA.encode()).hexdigest()

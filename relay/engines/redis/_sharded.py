@@ -1,6 +1,6 @@
 """Live delivery on a Redis Cluster: sharded pub/sub, one reader per shard master.
 
-A publish on a cluster ends in ``SPUBLISH`` (relay/lua/publish_cluster.lua), which goes
+A publish on a cluster ends in ``SPUBLISH`` (``wire.PUBLISH_CLUSTER_LUA``), which goes
 only to the subscribers on the master of the channel's slot and counts them, so
 ``receivers`` and ``online`` are right. So the node reads with one connection per master
 (:class:`ShardReader`, the single-server :class:`~relay.engines.redis._subscriber.Subscriber`
