@@ -42,6 +42,8 @@ from relay.wire import (
     PublishResult,
     encode_payload,
     parse_publish_reply,
+    replicas_behind,
+    wait_commands,
 )
 
 __all__ = [
@@ -129,28 +131,27 @@ class Replication:
     in_slot: bool = False  # a Redis Cluster: the barrier is a SET in the batch's slot
 
     def commands(self, slot_barrier: str) -> bytes:
-        """The packed barrier write and ``WAIT``: two replies follow the batch.
+        """The packed barrier write and ``WAIT`` (:func:`relay.wire.wait_commands`): two
+        replies follow the batch.
 
         The barrier is ``PUBLISH <barrier> ""``, or on a cluster (which sends PUBLISH over
         its bus, not to the replicas) ``SET <slot_barrier> "" PX <timeout>`` in the slot of
         the batch, whose master the connection is.
         """
-        ms = b"%d" % max(1, round(self.timeout * 1000))
-        if self.in_slot:
-            barrier: tuple[bytes, ...] = (b"SET", slot_barrier.encode(), b"", b"PX", ms)
-        else:
-            barrier = (b"PUBLISH", self.barrier.encode(), b"")
-        write = b"*%d\r\n" % len(barrier) + b"".join(map(_bulk, barrier))
-        wait = b"*3\r\n" + b"".join(map(_bulk, (b"WAIT", b"%d" % self.min_replicas, ms)))
-        return write + wait
+        barrier = slot_barrier if self.in_slot else self.barrier
+        packed = b""
+        for command in wait_commands(
+            self.min_replicas, self.timeout, barrier, in_slot=self.in_slot
+        ):
+            packed += b"*%d\r\n" % len(command)
+            packed += b"".join(_bulk(str(arg).encode()) for arg in command)
+        return packed
 
     def check(self, acked: Any) -> None:
         """Raise ReplicasBehind unless WAIT's reply ``acked`` is enough."""
-        if not isinstance(acked, int) or acked < self.min_replicas:
-            raise ReplicasBehind(
-                f"{acked} of {self.min_replicas} replica(s) acknowledged the write"
-                f" within {self.timeout} s"
-            )
+        behind = replicas_behind(acked, self.min_replicas, self.timeout)
+        if behind is not None:
+            raise ReplicasBehind(behind)
 
 
 def replication(

@@ -50,10 +50,12 @@ __all__ = [
     "prove_recovery",
     "publish_call",
     "publish_run_call",
+    "replicas_behind",
     "superseded",
     "validate_client_id",
     "validate_event_name",
     "validate_mid",
+    "wait_commands",
 ]
 
 StreamId = tuple[int, int]
@@ -525,6 +527,32 @@ def publish_run_call(
     for payload, mid in events:
         args += (payload, mid or "")
     return [log, keys.channel(biz_id), keys.session(biz_id), *dedupe], args
+
+
+def wait_commands(
+    min_replicas: int, timeout: float, barrier: str, *, in_slot: bool
+) -> tuple[tuple[str | int, ...], tuple[str | int, ...]]:
+    """The barrier write and ``WAIT`` that end a pipeline of publishes with min_replicas.
+
+    ``WAIT`` covers only the connection's own writes; the barrier is a write after every
+    one the master had made, so it also covers the original of a duplicate. It is
+    ``PUBLISH <barrier> ""`` (:meth:`KeySpace.barrier`), or with ``in_slot`` (a Redis
+    Cluster, which sends PUBLISH over its bus, not to the replicas) ``SET <barrier> ""
+    PX <timeout>`` with ``barrier`` a key in the pipeline's slot
+    (:meth:`KeySpace.slot_barrier`), so it lands on that slot's master (docs/wire.md).
+    """
+    ms = max(1, round(timeout * 1000))
+    write: tuple[str | int, ...] = (
+        ("SET", barrier, "", "PX", ms) if in_slot else ("PUBLISH", barrier, "")
+    )
+    return write, ("WAIT", min_replicas, ms)
+
+
+def replicas_behind(acked: Any, min_replicas: int, timeout: float) -> str | None:
+    """Why ``WAIT``'s reply ``acked`` does not vouch for the writes; None if it does."""
+    if isinstance(acked, int) and acked >= min_replicas:
+        return None
+    return f"{acked} of {min_replicas} replica(s) acknowledged the write within {timeout} s"
 
 
 def _text(value: Any) -> str:

@@ -12,6 +12,7 @@ import os
 import signal
 from collections import deque
 
+import pytest
 import redis
 import structlog
 from redis.crc import key_slot
@@ -32,6 +33,7 @@ from relay.wire import KeySpace
 from tests.conftest import MS
 from tests.engines.conftest import RecordingHandler
 from tests.support.redis_cluster import RedisCluster
+from tests.support.timing import eventually
 
 KEYS = KeySpace("relay")
 TIMINGS = Timings(1.0, 1.0, 3.0, 0.05, 2.0, 5.0)
@@ -309,3 +311,112 @@ async def test_engine_reports_a_cluster_with_no_master_as_unavailable(
     finally:
         if not closed:
             await engine.close()
+
+
+async def _publish_each(engine: RedisEngine, bizs: list[str], mid: str) -> list[object]:
+    """One publish per BizId, all in one event-loop turn: results, or the errors raised."""
+    return await asyncio.gather(
+        *(engine.publish(biz, "e", biz, mid=mid) for biz in bizs), return_exceptions=True
+    )
+
+
+async def test_engine_min_replicas_fails_the_publishes_of_a_master_without_replication(
+    own_cluster: RedisCluster,
+) -> None:
+    """--redis-min-replicas 1 on a cluster: with one master's replication stopped, the
+    publishes (single and runs) of its BizIds fail as retryable (EngineUnavailable: "0 of
+    1 replica"), a retry with the same mid too; BizIds on the other masters, published in
+    the same turn, go on. After the replicas resume, the retry is accepted once: the
+    event is in history a single time, under the id the master gave it."""
+    engine = RedisEngine(
+        own_cluster.url,
+        EngineOptions(min_replicas=1, replica_timeout=0.2),
+        socket_timeout=1000 * MS,
+        command_timeout=3000 * MS,
+    )
+    await engine.start("node-minrep", RecordingHandler())
+    try:
+        masters = own_cluster.masters()
+        bizs = [await asyncio.to_thread(_biz_on, own_cluster, port) for port in masters]
+        cut, others = bizs[0], bizs[1:]
+        before = await _publish_each(engine, bizs, "m0")  # one pipeline per master
+        assert all(not isinstance(r, BaseException) for r in before), before
+
+        await asyncio.to_thread(own_cluster.cut_replicas, masters[0])
+        try:
+            during = await _publish_each(engine, bizs, "m1")
+            assert isinstance(during[0], EngineUnavailable), during[0]
+            assert "0 of 1 replica(s) acknowledged" in str(during[0])
+            assert all(not isinstance(r, BaseException) for r in during[1:]), during
+            with pytest.raises(EngineUnavailable, match="replica"):  # a duplicate: not vouched
+                await engine.publish(cut, "e", cut, mid="m1")
+            with pytest.raises(EngineUnavailable, match="replica"):
+                await engine.publish_run(cut, [("e", 2, "m2"), ("e", 3, "m3")])
+            run = await engine.publish_run(others[0], [("e", 2, "m2"), ("e", 3, "m3")])
+            assert [r.duplicate for r in run] == [False, False]
+        finally:
+            await asyncio.to_thread(own_cluster.resume_replicas)
+
+        retried = await engine.publish(cut, "e", cut, mid="m1")
+        assert retried.duplicate  # the first attempt ran on the master: accepted once
+        again = await engine.publish_run(cut, [("e", 2, "m2"), ("e", 3, "m3")])
+        assert [r.duplicate for r in again] == [True, True]
+        history = await engine.history(cut, (0, 0), 10)
+        assert [e.mid for e in history.entries] == ["m0", "m1", "m2", "m3"]
+        assert history.entries[1].id == retried.id
+    finally:
+        await engine.close()
+
+
+async def test_engine_min_replicas_after_a_failover_without_a_spare_replica(
+    own_cluster: RedisCluster,
+) -> None:
+    """3 masters with one replica each: after a master's failover the promoted replica has
+    no replica of its own, so with --redis-min-replicas 1 every publish of its BizIds
+    fails as retryable (the BizIds of the other masters go on) -- why the docs ask for
+    two replicas per master. Once a replica joins it again, they are accepted."""
+    engine = RedisEngine(
+        own_cluster.url,
+        EngineOptions(min_replicas=1, replica_timeout=0.2),
+        socket_timeout=500 * MS,
+        command_timeout=3000 * MS,
+    )
+    await engine.start("node-minrep-failover", RecordingHandler())
+    try:
+        master, other_master = own_cluster.masters()[:2]
+        biz = await asyncio.to_thread(_biz_on, own_cluster, master)
+        other = await asyncio.to_thread(_biz_on, own_cluster, other_master)
+        await engine.publish(biz, "e", 1, mid="before")
+        promoted, _ = await asyncio.to_thread(own_cluster.kill_master_and_wait_failover, master)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20_000 * MS
+        while True:  # until the engine reaches the promoted replica: then WAIT says 0 of 1
+            try:
+                await engine.publish(biz, "e", 2, mid="after")
+            except EngineUnavailable as exc:
+                if "0 of 1 replica(s)" in str(exc):
+                    break
+            else:
+                raise AssertionError("a publish was acknowledged by a master without replicas")
+            assert loop.time() < deadline, "publishes never reached the promoted replica"
+            await asyncio.sleep(100 * MS)
+        assert not (await engine.publish(other, "e", 2, mid="after")).duplicate
+
+        # A replica joins the promoted master (taken from another master, for the test).
+        spare = own_cluster.replicas_of(other_master)[0]
+        promoted_id = next(n.node_id for n in own_cluster.nodes() if n.port == promoted)
+        with own_cluster.client(spare) as client:
+            client.execute_command("CLUSTER", "REPLICATE", promoted_id)
+
+        async def accepted() -> bool:
+            try:
+                return (await engine.publish(biz, "e", 2, mid="after")).duplicate
+            except EngineUnavailable:
+                return False
+
+        await eventually(
+            accepted, 20_000 * MS, poll=100 * MS, what="accepted after a replica joined"
+        )
+    finally:
+        await engine.close()

@@ -62,6 +62,11 @@ _UNREACHABLE: Final = (
     redis_errors.RedisClusterUnreachableError,
     redis_errors.SlotNotCoveredError,
     redis_errors.ClusterDownError,
+    # A slot that kept moving while a publish waited for replicas (ClusterBatcher resends
+    # it a few times): it did not run, and a retry a moment later goes through.
+    redis_errors.MovedError,
+    redis_errors.AskError,
+    redis_errors.TryAgainError,
 )
 
 

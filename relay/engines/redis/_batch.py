@@ -26,6 +26,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.connection import ConnectionPool
 
 from relay.engines.redis._compat import pack_commands
+from relay.wire import replicas_behind, wait_commands
 
 __all__ = ["Batcher", "ReplicasBehind"]
 
@@ -54,10 +55,7 @@ class Batcher:
         self._max_batch = max_batch
         self._min_replicas = min_replicas
         self._replica_timeout = replica_timeout
-        self._barrier: tuple[tuple[Any, ...], ...] = (
-            ("PUBLISH", barrier, ""),
-            ("WAIT", min_replicas, max(1, round(replica_timeout * 1000))),
-        )
+        self._barrier = wait_commands(min_replicas, replica_timeout, barrier, in_slot=False)
         self._queue: list[_Item] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -146,19 +144,14 @@ class Batcher:
                 if waiting:
                     await conn.read_response(timeout=math.inf)  # the barrier's receivers
                     acked = await conn.read_response(timeout=math.inf)
-                    behind = None
-                    if acked < self._min_replicas:
-                        behind = ReplicasBehind(
-                            f"{acked} of {self._min_replicas} replica(s) acknowledged the write"
-                            f" within {self._replica_timeout} s"
-                        )
+                    short = replicas_behind(acked, self._min_replicas, self._replica_timeout)
                     for future, reply in held:
                         if future.done():
                             continue
-                        if behind is None:
+                        if short is None:
                             future.set_result(reply)
                         else:
-                            future.set_exception(behind)
+                            future.set_exception(ReplicasBehind(short))
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else redis_errors.ConnectionError("cancelled")
             if isinstance(exc, TimeoutError):

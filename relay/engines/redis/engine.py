@@ -36,7 +36,7 @@ from relay.engines.redis._subscriber import Subscriber, Timings, as_text, stop_t
 from relay.engines.redis.broker import RedisBroker
 from relay.engines.redis.nodes import RedisNodeRegistry
 from relay.engines.redis.sessions import RedisSessionRegistry
-from relay.errors import ConfigError, EngineError
+from relay.errors import EngineError
 from relay.redis_pool import async_cluster
 from relay.redis_pool import async_pool as redis_pool
 from relay.redis_url import parse_redis_url
@@ -112,8 +112,6 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
         }
         self._cluster = connection_pool is None and parse_redis_url(url).is_cluster
         if self._cluster:
-            if self.options.min_replicas:
-                raise ConfigError("--redis-min-replicas is not supported with redis+cluster://")
             # redis-py's cluster client parses with hiredis by itself when it is installed.
             cluster = async_cluster(url, max_connections=max_connections, **connection)
             target = parse_redis_url(url)
@@ -121,7 +119,13 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
             # The shard readers' connections: like the pool's, to each master in turn.
             self._shard_connection = {**connection, **auth, **hiredis_parser()}
             self._redis = cluster  # type: ignore[assignment]
-            self._batch = ClusterBatcher(cluster, command_timeout)  # type: ignore[assignment]
+            self._batch = ClusterBatcher(  # type: ignore[assignment]
+                cluster,
+                command_timeout,
+                keys=self._keys,
+                min_replicas=self.options.min_replicas,
+                replica_timeout=self.options.replica_timeout,
+            )
         else:
             if connection_pool is None:
                 connection_pool = redis_pool(
