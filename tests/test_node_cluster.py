@@ -1,5 +1,6 @@
 """A node on a real Redis Cluster with a client connected: a master's death and a slot's
-move while events keep coming lose nothing, duplicate nothing and keep the order."""
+move while events keep coming lose nothing, duplicate nothing and keep the order; with
+--redis-min-replicas, the HTTP API refuses (retryable) what a master cannot replicate."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import pytest
 import redis
 
 from backend_adapter import AsyncPublisher
+from relay import wire
 from relay.errors import PublishFailed
 from relay.wire import KeySpace
-from tests.support.node import Listener, NodeUnderTest, listen, start_node
+from tests.support.node import API_KEY, Listener, NodeUnderTest, listen, start_node
 from tests.support.redis_cluster import RedisCluster
+from tests.support.served import ServedNode
 from tests.support.timing import MS
 
 pytestmark = pytest.mark.redis
@@ -146,3 +151,74 @@ async def test_node_on_cluster_slot_moved_client_gets_every_event_in_order(
         await asyncio.to_thread(own_cluster.move_slot, slot, target)
 
     await _live_through(own_cluster, started_nodes, listeners, move)
+
+
+def _mids(cluster: RedisCluster, biz: str) -> list[str | None]:
+    """The ``mid`` of each entry of ``biz``'s history, read from its master."""
+    reader = redis.RedisCluster(host="127.0.0.1", port=cluster.masters()[0])
+    try:
+        entries = reader.xrange(KEYS.log(biz))
+    finally:
+        reader.close()
+    return [wire.decode_payload(sid, f[b"prev"], f[b"p"]).mid for sid, f in entries]
+
+
+async def test_serve_on_cluster_with_min_replicas_answers_503_while_a_master_is_not_replicated(
+    own_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """``relay serve --redis-url redis+cluster://… --redis-min-replicas 1``: with the
+    replication of one master stopped, POST /api/publish for a BizId of that master
+    answers 503 ``unavailable`` (single, and its event in a batch), while a BizId of
+    another master in the same batch is accepted. After the replicas resume, the same
+    requests are accepted, each event once in history."""
+    node = ServedNode(
+        tmp_path,
+        "--redis-url",
+        own_cluster.url,
+        "--redis-min-replicas",
+        "1",
+        "--redis-replica-timeout",
+        "0.2",
+        "--allow-anonymous",
+        "--api-key",
+        API_KEY,
+    )
+    await asyncio.to_thread(node.start)
+    masters = own_cluster.masters()
+    cut = await asyncio.to_thread(_biz_on, own_cluster, masters[0])
+    other = await asyncio.to_thread(_biz_on, own_cluster, masters[1])
+    single = {"biz_id": cut, "event": "e", "data": 1, "mid": "single"}
+    batch = {
+        "events": [
+            {"biz_id": cut, "event": "e", "data": 2, "mid": "batch"},
+            {"biz_id": other, "event": "e", "data": 3, "mid": "batch"},
+        ]
+    }
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        async with aiohttp.ClientSession(base_url=node.base, headers=auth) as http:
+
+            async def post(body: dict[str, object]) -> tuple[int, dict[str, object]]:
+                async with http.post("/api/publish", json=body) as response:
+                    return response.status, await response.json()
+
+            assert (await post({**single, "mid": "first"}))[0] == 200
+            await asyncio.to_thread(own_cluster.cut_replicas, masters[0])
+            try:
+                status, answer = await post(single)
+                assert (status, answer["error"]["code"]) == (503, "unavailable"), answer
+                status, answer = await post(batch)
+                cut_result, other_result = answer["results"]
+                assert status == 200 and cut_result["error"]["code"] == "unavailable"
+                assert other_result["duplicate"] is False
+            finally:
+                await asyncio.to_thread(own_cluster.resume_replicas)
+
+            status, answer = await post(single)  # the client's retry, same mid
+            assert status == 200 and answer["duplicate"] is True
+            status, answer = await post(batch)
+            assert [r["duplicate"] for r in answer["results"]] == [True, True]
+    finally:
+        assert await asyncio.to_thread(node.stop) == 0
+    assert await asyncio.to_thread(_mids, own_cluster, cut) == ["first", "single", "batch"]
+    assert await asyncio.to_thread(_mids, own_cluster, other) == ["batch"]

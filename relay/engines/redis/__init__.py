@@ -6,7 +6,8 @@ failover the engine reconnects to the new master and repairs gaps as after a res
 With ``redis+cluster://`` it names a Redis Cluster: live delivery is sharded pub/sub, one
 pub/sub connection per master (``_sharded``).
 With ``EngineOptions.min_replicas`` a publish returns only once ``WAIT`` says that many
-replicas hold it (:mod:`relay.engines.redis._batch`).
+replicas hold it (:mod:`relay.engines.redis._batch`; on a cluster, that many replicas of the
+master of its BizId's slot: :mod:`relay.engines.redis._cluster`).
 
 Commands (publish, history, registry) go through a connection pool: hiredis, RESP2, and an
 explicit retry of one quick attempt on connection errors only, so an outage surfaces as
