@@ -368,6 +368,29 @@ async def test_engine_min_replicas_fails_the_publishes_of_a_master_without_repli
         await engine.close()
 
 
+async def test_engine_min_replicas_follows_a_moved_slot(own_cluster: RedisCluster) -> None:
+    """--redis-min-replicas 1: after a BizId's slot moved to another master, the next
+    publish (refused with MOVED by the old master, so not run there) is resent to the new
+    one and waits for that master's replica; history holds both events, once each."""
+    engine = RedisEngine(own_cluster.url, EngineOptions(min_replicas=1, replica_timeout=0.5))
+    await engine.start("node-minrep-moved", RecordingHandler())
+    try:
+        biz = "moved-biz"
+        slot = own_cluster.slot_of(KEYS.log(biz))
+        source = own_cluster.master_of_slot(slot)
+        target = next(port for port in own_cluster.masters() if port != source)
+        first = await engine.publish(biz, "e", 1, mid="first")
+        await asyncio.to_thread(own_cluster.move_slot, slot, target)
+        second = await engine.publish(biz, "e", 2, mid="second")
+        assert not second.duplicate
+        history = await engine.history(biz, (0, 0), 10)
+        assert [e.id for e in history.entries] == [first.id, second.id]
+        replica = own_cluster.replicas_of(target)[0]
+        assert await asyncio.to_thread(_replica_has, own_cluster, replica, biz, 2)
+    finally:
+        await engine.close()
+
+
 async def test_engine_min_replicas_after_a_failover_without_a_spare_replica(
     own_cluster: RedisCluster,
 ) -> None:

@@ -185,16 +185,21 @@ class ClusterBatcher:
                         future.set_exception(exc)
                 else:
                     held.append((future, reply))
-            try:
-                await conn.read_response(timeout=math.inf)
-            except redis_errors.ResponseError as exc:
-                # Without its barrier, WAIT does not cover the originals of duplicates.
-                self._stale = self._stale or isinstance(exc, _REDIRECTED)
-                await conn.read_response(timeout=math.inf)
-                _fail((future for future, _ in held), exc)
-                return redirected
-            acked = await conn.read_response(timeout=math.inf)
-            short = replicas_behind(acked, self._min_replicas, self._replica_timeout)
+            # The barrier's reply, then WAIT's. Either refused (the slot moved, the node
+            # was demoted to a replica): the held calls are not vouched for and fail as
+            # retryable; the redirected ones are still resent.
+            refused: redis_errors.ResponseError | None = None
+            replies: list[Any] = []
+            for _ in range(2):
+                try:
+                    replies.append(await conn.read_response(timeout=math.inf))
+                except redis_errors.ResponseError as exc:
+                    refused = refused or exc
+                    self._stale = True
+            if refused is None:
+                short = replicas_behind(replies[1], self._min_replicas, self._replica_timeout)
+            else:
+                short = f"the barrier before WAIT was refused: {refused}"
             for future, reply in held:
                 if future.done():
                     continue
