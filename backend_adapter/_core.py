@@ -30,7 +30,14 @@ import redis.exceptions as rex
 from redis.crc import key_slot
 
 from relay.backoff import Backoff, Retry
-from relay.errors import ConfigError, EngineError, EngineUnavailable, InvalidInput, PublishFailed
+from relay.errors import (
+    ConfigError,
+    EngineError,
+    EngineUnavailable,
+    InvalidEnvelope,
+    InvalidInput,
+    PublishFailed,
+)
 from relay.redis_url import parse_redis_url
 from relay.wire import (
     DEFAULT_MAX_PAYLOAD,
@@ -38,8 +45,10 @@ from relay.wire import (
     PUBLISH_LUA,
     PUBLISH_RUN_CLUSTER_LUA,
     PUBLISH_RUN_LUA,
+    Event,
     KeySpace,
     PublishResult,
+    decode_payload,
     encode_payload,
     parse_publish_reply,
     replicas_behind,
@@ -66,6 +75,7 @@ __all__ = [
     "lookup_failed",
     "publish_failed",
     "replication",
+    "stored_event",
 ]
 
 ClientT = TypeVar("ClientT")
@@ -548,6 +558,21 @@ def raise_first_failure(calls: Iterable[Call]) -> None:
     for call in calls:
         if isinstance(call.outcome, PublishFailed):
             raise call.outcome
+
+
+def stored_event(entries: Any) -> Event | None:
+    """The event of an ``XRANGE <log> <id> <id> COUNT 1`` reply read as raw bytes.
+
+    None when the entry is gone (trimmed, or the history expired) or is not a relay
+    envelope: what a caller cannot compare, it must not guess at.
+    """
+    if not entries:
+        return None
+    sid, fields = entries[0]
+    try:
+        return decode_payload(sid, fields[b"prev"], fields[b"p"])
+    except (InvalidEnvelope, KeyError):
+        return None
 
 
 def results(calls: Iterable[Call]) -> list[PublishResult]:

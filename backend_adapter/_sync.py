@@ -17,6 +17,7 @@ from typing import Any
 import redis
 import redis.exceptions as rex
 from redis.backoff import NoBackoff
+from redis.client import NEVER_DECODE
 from redis.retry import Retry
 
 from backend_adapter._core import (
@@ -31,12 +32,13 @@ from backend_adapter._core import (
     lookup_failed,
     raise_first_failure,
     results,
+    stored_event,
 )
 from relay.backoff import retry_sync
 from relay.errors import EngineError, PublishFailed
 from relay.redis_pool import sync_cluster, sync_pool
 from relay.redis_url import parse_redis_url
-from relay.wire import PublishResult, validate_client_id
+from relay.wire import Event, PublishResult, validate_client_id
 
 __all__ = ["Publisher"]
 
@@ -153,6 +155,33 @@ class Publisher(PublisherBase[redis.Redis]):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def _read_originals(self, duplicates: Sequence[tuple[str, str]]) -> list[Event | None]:
+        """The events that duplicate publishes collided with, read back from history.
+
+        ``duplicates`` holds ``(biz_id, id)`` of results with ``duplicate=True``; each gets
+        the event stored under that id, or None if it is gone (trimmed) or unreadable.
+        One pipeline on this publisher's own pool; on a Redis Cluster redis-py sends each
+        XRANGE to the master of its BizId's slot. Raw bytes whatever the client's
+        ``decode_responses``: the payload is MessagePack. Not retried (the caller retries
+        the round); any Redis error is a PublishFailed.
+
+        Internal to backend_adapter, for the outbox dispatcher's duplicate check, and so
+        not in docs/backend.md: it reads history, which clients get from a node, and the
+        one need for it is the dispatcher's, which takes a sync Publisher only. Made
+        public, it would need an AsyncPublisher twin and a promise about reading history.
+        """
+        pipe: Any = self._client.pipeline(transaction=False)  # untyped in redis-py
+        log = self._codec.keys.log
+        for biz_id, sid in duplicates:
+            xrange = ("XRANGE", log(biz_id), sid, sid, "COUNT", 1)
+            pipe.execute_command(*xrange, **{NEVER_DECODE: True})
+        try:
+            replies = pipe.execute()
+        except (rex.RedisError, rex.RedisClusterException) as exc:
+            count = len(duplicates)
+            raise PublishFailed(f"reading back {count} duplicate(s) failed: {exc}") from exc
+        return [stored_event(entries) for entries in replies]
 
     # -- talking to Redis ----------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Redis Sentinel: engine and publishers follow a failover; min_replicas waits for replicas.
+"""Redis Sentinel: engine and publishers follow a failover; min_replicas waits for replicas;
+the outbox dispatcher reads duplicates back through the master.
 
 A real deployment of redis-server processes (a master, two replicas, three sentinels with
 down-after 1 s) per test; the tests kill and stop its processes.
@@ -7,8 +8,10 @@ down-after 1 s) per test; the tests kill and stop its processes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import structlog
@@ -17,7 +20,8 @@ from backend_adapter import AsyncPublisher, Publisher
 from relay.engine import EngineOptions
 from relay.engines.redis import RedisEngine
 from relay.errors import EngineUnavailable, PublishFailed
-from relay.wire import parse_id
+from relay.wire import KeySpace, decode_payload, parse_id
+from tests.backend_adapter.sql_support import dispatch_after_a_crash
 from tests.engines.conftest import RecordingHandler
 from tests.support.sentinel import PASSWORD, SentinelDeployment
 from tests.support.timing import MS
@@ -132,3 +136,31 @@ async def test_sentinel_min_replicas_holds_the_ack_until_replicas_have_the_event
         await plain.close()
         await waiting.close()
         await engine.close()
+
+
+async def test_sentinel_outbox_reads_back_duplicates_through_the_master(
+    sentinel_deployment: SentinelDeployment, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through Sentinel, the dispatcher reads each duplicate's original back from the
+    master: rows published before a crash are marked, rows whose uid another event holds
+    are published again under a new uid."""
+    deployment = sentinel_deployment
+    bizs = [f"shop-{n}" for n in range(6)]
+    with (
+        Publisher(deployment.url) as publisher,
+        caplog.at_level(logging.WARNING, logger="backend_adapter.outbox"),
+    ):
+        crash = dispatch_after_a_crash
+        first, second = await asyncio.to_thread(crash, tmp_path, publisher, bizs)
+    assert (first.published, first.duplicates, first.collisions) == (4, 2, 2)
+    assert (second.published, second.duplicates, second.collisions) == (2, 0, 0)
+    warned = [r for r in caplog.records if r.getMessage().startswith("outbox.unexpected_")]
+    assert len(warned) == 2
+    master = deployment.client(deployment.master_port())
+    try:
+        for n, biz in enumerate(bizs):
+            entries = master.xrange(KeySpace().log(biz))
+            history = [decode_payload(s, f[b"prev"], f[b"p"]).data for s, f in entries]
+            assert history == ([None, biz] if n % 3 == 2 else [biz]), (biz, history)
+    finally:
+        master.close()

@@ -11,9 +11,7 @@ from types import TracebackType
 from typing import Any, Final
 
 import orjson
-import redis
 import sqlalchemy as sa
-from redis.client import NEVER_DECODE
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
@@ -25,8 +23,8 @@ from backend_adapter.outbox._table import (
     check_table,
 )
 from relay.backoff import Backoff, Jitter, Retry
-from relay.errors import ConfigError, InvalidEnvelope, InvalidInput, PublishFailed, RelayError
-from relay.wire import PublishResult, decode_payload
+from relay.errors import ConfigError, InvalidInput, PublishFailed, RelayError
+from relay.wire import PublishResult
 
 log = logging.getLogger("backend_adapter.outbox")  # one logger for the whole outbox
 
@@ -297,25 +295,12 @@ class OutboxDispatcher:
         """
         by_id = {row.id: row for row in rows}
         dups = [(by_id[row_id], result) for row_id, result in outcome.done if result.duplicate]
-        keys = self.publisher.keys
-        # The publisher's own client and pool: one round trip for the whole batch. Raw
-        # bytes whatever the client's decode_responses: the payload is MessagePack.
-        pipe: Any = self.publisher._client.pipeline(transaction=False)  # untyped in redis-py
-        for row, result in dups:
-            xrange = ("XRANGE", keys.log(row.biz_id), result.id, result.id, "COUNT", 1)
-            pipe.execute_command(*xrange, **{NEVER_DECODE: True})
-        try:
-            replies = pipe.execute()
-        except redis.RedisError as exc:
-            raise PublishFailed(f"reading back {len(dups)} duplicate(s) failed: {exc}") from exc
+        originals = self.publisher._read_originals(
+            [(row.biz_id, result.id) for row, result in dups]
+        )
         collided: set[int] = set()
-        for (row, result), entries in zip(dups, replies, strict=True):
-            if not entries:
-                continue
-            sid, fields = entries[0]
-            try:
-                original = decode_payload(sid, fields[b"prev"], fields[b"p"])
-            except (InvalidEnvelope, KeyError):
+        for (row, result), original in zip(dups, originals, strict=True):
+            if original is None:
                 continue
             if (original.event, original.data) == (row.event, orjson.loads(row.data)):
                 continue

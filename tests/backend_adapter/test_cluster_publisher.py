@@ -1,16 +1,19 @@
 """The publishers on a real Redis Cluster (3 masters, 3 replicas): ``redis+cluster://``.
 
 Each batch is split by hash slot and sent to the master that owns it; a slot that moves
-while events are published (MOVED, ASK) loses none and duplicates none.
+while events are published (MOVED, ASK) loses none and duplicates none. The outbox
+dispatcher reads the originals of duplicates back from each slot's master.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +23,7 @@ from backend_adapter import AsyncPublisher, Publisher
 from relay import wire
 from relay.errors import PublishFailed
 from relay.wire import KeySpace, PublishResult
+from tests.backend_adapter.sql_support import dispatch_after_a_crash
 from tests.support.redis_cluster import RedisCluster
 from tests.support.timing import MS
 
@@ -155,6 +159,29 @@ def test_relay_publish_command_reaches_a_cluster(redis_cluster: RedisCluster) ->
     ).stdout
     assert json.loads(out)["duplicate"] is False
     assert [data for _, data in _history(redis_cluster, "cli-biz")] == [{"n": 1}]
+
+
+def test_cluster_outbox_reads_back_duplicates_on_every_master(
+    redis_cluster: RedisCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows published before a crash, and rows whose uid another event holds, on BizIds of
+    all three masters: the dispatcher reads every original back from its slot's master,
+    marks the first kind quietly and publishes the second again under a new uid."""
+    bizs = BIZ_IDS[:9]
+    with (
+        Publisher(redis_cluster.url) as publisher,
+        caplog.at_level(logging.WARNING, logger="backend_adapter.outbox"),
+    ):
+        first, second = dispatch_after_a_crash(tmp_path, publisher, bizs)
+    owners = {redis_cluster.master_of_slot(redis_cluster.slot_of(KEYS.log(b))) for b in bizs}
+    assert len(owners) == 3
+    assert (first.published, first.duplicates, first.collisions) == (6, 3, 3)
+    assert (second.published, second.duplicates, second.collisions) == (3, 0, 0)
+    warned = [r for r in caplog.records if r.getMessage().startswith("outbox.unexpected_")]
+    assert len(warned) == 3
+    for n, biz in enumerate(bizs):
+        history = [data for _, data in _history(redis_cluster, biz)]
+        assert history == ([None, biz] if n % 3 == 2 else [biz]), (biz, history)
 
 
 async def test_cluster_reshard_under_load_loses_and_doubles_nothing(
