@@ -1,22 +1,31 @@
 """The Redis engine on a Redis Cluster (``redis+cluster://``): commands and scripts.
 
-Commands and scripts go through redis-py's asyncio ``RedisCluster`` (a pool per node,
-``MOVED``/``ASK`` followed, the slot map refreshed after a failover). Each script's keys
-share the BizId's hash tag ``{B}`` (tests/engines/test_cluster_slots.py runs every one on
-a real cluster), so redis-py routes a call to the master of its slot. :class:`ClusterBatcher`
-stands in for the single-server :class:`~relay.engines.redis._batch.Batcher`: redis-py
-sends each call to its slot's master; the epoch and the history read, which live in
-different slots, go concurrently instead of in one pipeline.
+Each script's keys share the BizId's hash tag ``{B}`` (tests/engines/test_cluster_slots.py
+runs every one on a real cluster), so a call belongs to the master of its slot.
+:class:`ClusterBatcher` stands in for the single-server
+:class:`~relay.engines.redis._batch.Batcher`: it queues the calls of one event-loop turn,
+groups them by the master that owns each one's slot in redis-py's slot map, and sends each
+master's share as one pipeline on one of that master's connections, every master at once.
+Going through redis-py's ``RedisCluster.execute_command`` one call at a time (a pool
+checkout, a timer and a write per call) publishes half as fast under concurrency
+(docs/operations.md, "Redis Cluster"). A command whose slot it cannot tell (no key) goes
+through redis-py.
 
-With ``min_replicas`` a publish cannot go through redis-py's routing: ``WAIT`` must run
-on the connection that wrote, to the master of the publish's slot, after a barrier write
-in a slot of that master (a cluster sends ``PUBLISH`` over its bus, not to the replicas).
-So :meth:`ClusterBatcher.call_replicated` queues the publishes of one event-loop turn and
-sends each master's share as one pipeline on one of that master's connections, ending
-with ``SET <prefix>:{B}:barrier "" PX <ms>`` and ``WAIT`` (:func:`relay.wire.wait_commands`,
-what the publishers of backend_adapter send too). A publish refused with ``MOVED``,
-``ASK``, ``TRYAGAIN`` or ``CLUSTERDOWN`` did not run: the slot map is read again and it
-is resent, a few times within the command timeout.
+A call refused with ``MOVED``, ``TRYAGAIN`` or ``CLUSTERDOWN`` did not run: the slot map
+is read again and it is resent, a few times within the command timeout; the other calls
+of its pipeline are answered as they come. One refused with ``ASK`` (its slot is
+migrating) is handed to redis-py, which follows it with ``ASKING``. A connection that
+fails mid-pipeline is dropped and the calls it left unanswered are resent the same way,
+as redis-py's own retries did (a call that ran but whose reply was lost runs again: a
+publish with a mid comes back a duplicate). Any other error reply answers its own call.
+
+With ``min_replicas`` (:meth:`ClusterBatcher.call_replicated`) ``WAIT`` must run on the
+connection that wrote, to the master of the publish's slot, after a barrier write in a slot
+of that master (a cluster sends ``PUBLISH`` over its bus, not to the replicas): a
+master's share that holds such a call ends with ``SET <prefix>:{B}:barrier "" PX <ms>``
+and ``WAIT`` (:func:`relay.wire.wait_commands`, what the publishers of backend_adapter
+send too), and its replicated calls are answered after WAIT's reply. ASK is not followed
+for them: they are resent like MOVED ones.
 
 Live delivery is sharded pub/sub, one reader per master: :mod:`relay.engines.redis._sharded`.
 """
@@ -27,7 +36,7 @@ import asyncio
 import functools
 import math
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
@@ -49,11 +58,11 @@ _REDIRECTED: Final = (
 _ROUNDS: Final = 4  # sends of one replicated call, the first included
 _PAUSE: Final = 0.05  # seconds before a resend, doubled each round
 
-_Item = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
+_Item = tuple[tuple[Any, ...], "asyncio.Future[Any]", bool]  # command, caller, replicated
 
 
 class ClusterBatcher:
-    """The Batcher's interface over a cluster client: each call to its slot's master."""
+    """The Batcher's interface over a cluster: each turn's calls, one pipeline per master."""
 
     def __init__(
         self,
@@ -78,8 +87,10 @@ class ClusterBatcher:
 
     async def call(self, *args: Any) -> Any:
         """Run one command; its reply, or the redis-py exception it raised."""
-        async with asyncio.timeout(self._timeout):
-            return await self._cluster.execute_command(*args)
+        if _slot(args) is None:
+            async with asyncio.timeout(self._timeout):
+                return await self._cluster.execute_command(*args)
+        return await self._call(args, False)
 
     async def call_replicated(self, *args: Any) -> Any:
         """Like :meth:`call`; with ``min_replicas``, answered once that many replicas of the
@@ -90,16 +101,20 @@ class ClusterBatcher:
         """
         if not self._min_replicas:
             return await self.call(*args)
+        return await self._call(args, True)
+
+    async def _call(self, args: tuple[Any, ...], replicated: bool) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((args, future))
+        self._queue.append((args, future, replicated))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
         return await future
 
     async def call_many(self, *commands: tuple[Any, ...]) -> list[Any]:
-        """Run several commands concurrently (they may live on different shards)."""
+        """Run several commands in this turn's pipelines (they may live on different
+        masters); the first error is raised."""
         replies = await asyncio.gather(*(self.call(*args) for args in commands))
         return list(replies)
 
@@ -115,15 +130,15 @@ class ClusterBatcher:
     def _settle(self, batch: list[_Item], task: Any) -> None:
         """Fail what a send left unanswered (it was cancelled by :meth:`close`)."""
         self._tasks.discard(task)
-        for _, future in batch:
+        for _, future, _ in batch:
             if not future.done():
                 future.set_exception(redis_errors.ConnectionError("cancelled"))
 
     async def _send(self, batch: list[_Item]) -> None:
         """Each master's share in one pipeline, all masters at once; resend what was
-        redirected. Every call is answered within ``timeout``."""
+        redirected or lost with its connection. Every call is answered within ``timeout``."""
         todo = batch
-        redirected: Exception | None = None
+        resend: Exception | None = None
         try:
             async with asyncio.timeout(self._timeout):
                 for attempt in range(_ROUNDS):
@@ -134,12 +149,16 @@ class ClusterBatcher:
                         await self._cluster.nodes_manager.initialize()
                     parts: dict[str, tuple[Any, list[_Item]]] = {}
                     for item in todo:
-                        node = self._cluster.nodes_manager.get_node_from_slot(_slot(item[0]))
+                        slot = cast(int, _slot(item[0]))  # call routes the slotless elsewhere
+                        node = self._cluster.nodes_manager.get_node_from_slot(slot)
                         parts.setdefault(node.name, (node, []))[1].append(item)
-                    redirects = await asyncio.gather(
+                    trips = await asyncio.gather(
                         *(self._trip(node, part) for node, part in parts.values())
                     )
-                    redirected = next((exc for exc in redirects if exc is not None), None)
+                    asked = [item for trip in trips for item in trip.asked]
+                    if asked:  # redis-py follows ASK (ASKING, then the call) by itself
+                        await asyncio.gather(*(self._follow(*item) for item in asked))
+                    resend = next((trip.error for trip in trips if trip.error), resend)
                     todo = [item for item in todo if not item[1].done()]
                     if not todo:
                         return
@@ -148,75 +167,104 @@ class ClusterBatcher:
             error = exc
             if isinstance(exc, TimeoutError):
                 error = redis_errors.TimeoutError("redis did not answer in time")
-            _fail((future for _, future in todo), error)
+            _fail((future for _, future, _ in todo), error)
             return
-        # The slot kept moving: retryable, like a master that is failing over.
+        # The slot kept moving, or the master kept failing: retryable, like a failover.
         self._stale = True
-        error = redirected or redis_errors.TryAgainError("slot kept moving")
-        _fail((future for _, future in todo), error)
+        error = resend or redis_errors.TryAgainError("slot kept moving")
+        _fail((future for _, future, _ in todo), error)
 
-    async def _trip(self, node: Any, part: list[_Item]) -> Exception | None:
-        """One pipeline to ``node``: the calls, the barrier, ``WAIT``. Returns the error
-        of a call that was redirected (left unanswered, to be resent), or None.
+    async def _follow(self, args: tuple[Any, ...], future: asyncio.Future[Any], _: bool) -> None:
+        """Answer a call through redis-py's routing."""
+        try:
+            reply = await self._cluster.execute_command(*args)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(reply)
 
-        Any other failure fails every call of the part that has no answer yet."""
+    async def _trip(self, node: Any, part: list[_Item]) -> _Trip:
+        """One pipeline to ``node``: the calls, and if any is replicated the barrier and
+        ``WAIT``. Calls it leaves unanswered are to be sent again (or, :attr:`_Trip.asked`,
+        through redis-py)."""
+        trip = _Trip()
         try:
             conn = node.acquire_connection()
         except redis_errors.RedisError as exc:  # MaxConnectionsError
-            _fail((future for _, future in part), exc)
-            return None
-        redirected: Exception | None = None
+            _fail((future for _, future, _ in part), exc)
+            return trip
+        replicated = [item for item in part if item[2]]
         try:
-            barrier = self._keys.slot_barrier(_hash_tag(part[0][0]))
-            commands = [args for args, _ in part]
-            commands.extend(
-                wait_commands(self._min_replicas, self._replica_timeout, barrier, in_slot=True)
-            )
+            commands = [args for args, _, _ in part]
+            if replicated:
+                barrier = self._keys.slot_barrier(_hash_tag(replicated[0][0]))
+                commands.extend(
+                    wait_commands(self._min_replicas, self._replica_timeout, barrier, in_slot=True)
+                )
             await conn.send_packed_command(pack_commands(conn, commands), check_health=False)
             held: list[tuple[asyncio.Future[Any], Any]] = []
-            for _, future in part:
+            for item in part:
+                _, future, waits = item
                 try:
                     reply = await conn.read_response(timeout=math.inf)
                 except _REDIRECTED as exc:
-                    redirected = exc
-                    self._stale = True
+                    if isinstance(exc, redis_errors.AskError) and not waits:
+                        trip.asked.append(item)
+                    else:
+                        trip.error = exc
+                        self._stale = True
                 except redis_errors.ResponseError as exc:
                     if not future.done():
                         future.set_exception(exc)
                 else:
-                    held.append((future, reply))
-            # The barrier's reply, then WAIT's. Either refused (the slot moved, the node
-            # was demoted to a replica): the held calls are not vouched for and fail as
-            # retryable; the redirected ones are still resent.
-            refused: redis_errors.ResponseError | None = None
-            replies: list[Any] = []
-            for _ in range(2):
-                try:
-                    replies.append(await conn.read_response(timeout=math.inf))
-                except redis_errors.ResponseError as exc:
-                    refused = refused or exc
-                    self._stale = True
-            if refused is None:
-                short = replicas_behind(replies[1], self._min_replicas, self._replica_timeout)
-            else:
-                short = f"the barrier before WAIT was refused: {refused}"
-            for future, reply in held:
-                if future.done():
-                    continue
-                if short is None:
-                    future.set_result(reply)
-                else:
-                    future.set_exception(ReplicasBehind(short))
+                    if waits:
+                        held.append((future, reply))
+                    elif not future.done():
+                        future.set_result(reply)
+            if replicated:
+                self._vouch(held, await self._barrier_replies(conn))
         except Exception as exc:
             await conn.disconnect(nowait=True)
             self._stale = True
-            _fail((future for _, future in part), exc)
+            if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
+                trip.error = exc  # the plain calls without a reply are resent
+                _fail((future for _, future, waits in part if waits), exc)
+            else:
+                _fail((future for _, future, _ in part), exc)
         except BaseException:
             await conn.disconnect(nowait=True)  # cancelled: _send answers the calls
             raise
         finally:
             node.release(conn)
-        return redirected
+        return trip
+
+    async def _barrier_replies(self, conn: Any) -> str | None:
+        """Read the barrier's reply, then WAIT's: why the held calls are not vouched for,
+        or None. Either refused (the slot moved, the node was demoted to a replica): the
+        held calls fail as retryable; the redirected ones are still resent."""
+        refused: redis_errors.ResponseError | None = None
+        replies: list[Any] = []
+        for _ in range(2):
+            try:
+                replies.append(await conn.read_response(timeout=math.inf))
+            except redis_errors.ResponseError as exc:
+                refused = refused or exc
+                self._stale = True
+        if refused is not None:
+            return f"the barrier before WAIT was refused: {refused}"
+        return replicas_behind(replies[1], self._min_replicas, self._replica_timeout)
+
+    @staticmethod
+    def _vouch(held: list[tuple[asyncio.Future[Any], Any]], short: str | None) -> None:
+        for future, reply in held:
+            if future.done():
+                continue
+            if short is None:
+                future.set_result(reply)
+            else:
+                future.set_exception(ReplicasBehind(short))
 
     async def close(self) -> None:
         """Cancel what is in flight (its calls fail); the cluster client is the engine's."""
@@ -225,9 +273,26 @@ class ClusterBatcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _slot(args: tuple[Any, ...]) -> int:
-    """The slot of an ``EVALSHA sha numkeys key …``: its first key's."""
-    key = args[3]
+class _Trip:
+    """What one pipeline left to do: calls redirected with ASK, the error to resend after."""
+
+    __slots__ = ("asked", "error")
+
+    def __init__(self) -> None:
+        self.asked: list[_Item] = []
+        self.error: Exception | None = None
+
+
+def _slot(args: tuple[Any, ...]) -> int | None:
+    """The slot of an ``EVALSHA sha numkeys key …`` (its first key's) or of an
+    ``SPUBLISH channel …``; None for anything else (redis-py routes it)."""
+    name = str(args[0]).upper()
+    if name in ("EVALSHA", "EVAL") and len(args) > 3 and int(args[2]) > 0:
+        key = args[3]
+    elif name == "SPUBLISH" and len(args) > 1:
+        key = args[1]
+    else:
+        return None
     return key_slot(key if isinstance(key, bytes) else str(key).encode())
 
 
