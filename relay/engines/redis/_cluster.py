@@ -11,10 +11,11 @@ checkout, a timer and a write per call) publishes half as fast under concurrency
 (docs/operations.md, "Redis Cluster"). A command whose slot it cannot tell (no key) goes
 through redis-py.
 
-A call refused with ``MOVED``, ``TRYAGAIN`` or ``CLUSTERDOWN`` did not run: the slot map
-is read again and it is resent, a few times within the command timeout; the other calls
-of its pipeline are answered as they come. One refused with ``ASK`` (its slot is
-migrating) is handed to redis-py, which follows it with ``ASKING``. A connection that
+A call refused with ``MOVED``, ``ASK``, ``TRYAGAIN`` or ``CLUSTERDOWN`` did not run: the
+slot map is read again and it is resent, a few times within the command timeout, then
+failed as retryable; the other calls of its pipeline are answered as they come. ``ASK``
+is not followed (redis-py's own following of it ends in "TTL exhausted" for these
+scripts): a slot migrating longer than the resends fails its publishes. A connection that
 fails mid-pipeline is dropped and the calls it left unanswered are resent the same way,
 as redis-py's own retries did (a call that ran but whose reply was lost runs again: a
 publish with a mid comes back a duplicate). Any other error reply answers its own call.
@@ -24,8 +25,7 @@ connection that wrote, to the master of the publish's slot, after a barrier writ
 of that master (a cluster sends ``PUBLISH`` over its bus, not to the replicas): a
 master's share that holds such a call ends with ``SET <prefix>:{B}:barrier "" PX <ms>``
 and ``WAIT`` (:func:`relay.wire.wait_commands`, what the publishers of backend_adapter
-send too), and its replicated calls are answered after WAIT's reply. ASK is not followed
-for them: they are resent like MOVED ones.
+send too), and its replicated calls are answered after WAIT's reply.
 
 Live delivery is sharded pub/sub, one reader per master: :mod:`relay.engines.redis._sharded`.
 """
@@ -152,13 +152,10 @@ class ClusterBatcher:
                         slot = cast(int, _slot(item[0]))  # call routes the slotless elsewhere
                         node = self._cluster.nodes_manager.get_node_from_slot(slot)
                         parts.setdefault(node.name, (node, []))[1].append(item)
-                    trips = await asyncio.gather(
+                    errors = await asyncio.gather(
                         *(self._trip(node, part) for node, part in parts.values())
                     )
-                    asked = [item for trip in trips for item in trip.asked]
-                    if asked:  # redis-py follows ASK (ASKING, then the call) by itself
-                        await asyncio.gather(*(self._follow(*item) for item in asked))
-                    resend = next((trip.error for trip in trips if trip.error), resend)
+                    resend = next((exc for exc in errors if exc is not None), resend)
                     todo = [item for item in todo if not item[1].done()]
                     if not todo:
                         return
@@ -174,27 +171,15 @@ class ClusterBatcher:
         error = resend or redis_errors.TryAgainError("slot kept moving")
         _fail((future for _, future, _ in todo), error)
 
-    async def _follow(self, args: tuple[Any, ...], future: asyncio.Future[Any], _: bool) -> None:
-        """Answer a call through redis-py's routing."""
-        try:
-            reply = await self._cluster.execute_command(*args)
-        except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
-        else:
-            if not future.done():
-                future.set_result(reply)
-
-    async def _trip(self, node: Any, part: list[_Item]) -> _Trip:
+    async def _trip(self, node: Any, part: list[_Item]) -> Exception | None:
         """One pipeline to ``node``: the calls, and if any is replicated the barrier and
-        ``WAIT``. Calls it leaves unanswered are to be sent again (or, :attr:`_Trip.asked`,
-        through redis-py)."""
-        trip = _Trip()
+        ``WAIT``. Returns why it left calls unanswered (to be resent), or None."""
+        resend: Exception | None = None
         try:
             conn = node.acquire_connection()
         except redis_errors.RedisError as exc:  # MaxConnectionsError
             _fail((future for _, future, _ in part), exc)
-            return trip
+            return None
         replicated = [item for item in part if item[2]]
         try:
             commands = [args for args, _, _ in part]
@@ -205,16 +190,12 @@ class ClusterBatcher:
                 )
             await conn.send_packed_command(pack_commands(conn, commands), check_health=False)
             held: list[tuple[asyncio.Future[Any], Any]] = []
-            for item in part:
-                _, future, waits = item
+            for _, future, waits in part:
                 try:
                     reply = await conn.read_response(timeout=math.inf)
                 except _REDIRECTED as exc:
-                    if isinstance(exc, redis_errors.AskError) and not waits:
-                        trip.asked.append(item)
-                    else:
-                        trip.error = exc
-                        self._stale = True
+                    resend = exc
+                    self._stale = True
                 except redis_errors.ResponseError as exc:
                     if not future.done():
                         future.set_exception(exc)
@@ -229,7 +210,7 @@ class ClusterBatcher:
             await conn.disconnect(nowait=True)
             self._stale = True
             if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
-                trip.error = exc  # the plain calls without a reply are resent
+                resend = exc  # the plain calls without a reply are resent
                 _fail((future for _, future, waits in part if waits), exc)
             else:
                 _fail((future for _, future, _ in part), exc)
@@ -238,7 +219,7 @@ class ClusterBatcher:
             raise
         finally:
             node.release(conn)
-        return trip
+        return resend
 
     async def _barrier_replies(self, conn: Any) -> str | None:
         """Read the barrier's reply, then WAIT's: why the held calls are not vouched for,
@@ -271,16 +252,6 @@ class ClusterBatcher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-class _Trip:
-    """What one pipeline left to do: calls redirected with ASK, the error to resend after."""
-
-    __slots__ = ("asked", "error")
-
-    def __init__(self) -> None:
-        self.asked: list[_Item] = []
-        self.error: Exception | None = None
 
 
 def _slot(args: tuple[Any, ...]) -> int | None:
