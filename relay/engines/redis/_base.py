@@ -62,7 +62,7 @@ _UNREACHABLE: Final = (
     redis_errors.RedisClusterUnreachableError,
     redis_errors.SlotNotCoveredError,
     redis_errors.ClusterDownError,
-    # A slot that kept moving while a publish waited for replicas (ClusterBatcher resends
+    # A slot that kept moving under a call of a cluster's pipeline (ClusterBatcher resends
     # it a few times): it did not run, and a retry a moment later goes through.
     redis_errors.MovedError,
     redis_errors.AskError,

@@ -6,10 +6,10 @@ runs every one on a real cluster), so a call belongs to the master of its slot.
 :class:`~relay.engines.redis._batch.Batcher`: it queues the calls of one event-loop turn,
 groups them by the master that owns each one's slot in redis-py's slot map, and sends each
 master's share as one pipeline on one of that master's connections, every master at once.
-Going through redis-py's ``RedisCluster.execute_command`` one call at a time (a pool
-checkout, a timer and a write per call) publishes half as fast under concurrency
-(docs/operations.md, "Redis Cluster"). A command whose slot it cannot tell (no key) goes
-through redis-py.
+Through redis-py's ``RedisCluster.execute_command``, one call at a time (a pool checkout,
+a timer and a write each), 64 concurrent publishes went at less than half the rate
+(docs/operations.md, "Redis Cluster"). A command whose slot it cannot tell (not an
+``EVALSHA`` with keys nor an ``SPUBLISH``) still goes through redis-py.
 
 A call refused with ``MOVED``, ``ASK``, ``TRYAGAIN`` or ``CLUSTERDOWN`` did not run: the
 slot map is read again and it is resent, a few times within the command timeout, then
@@ -55,7 +55,7 @@ _REDIRECTED: Final = (
     redis_errors.TryAgainError,
     redis_errors.ClusterDownError,
 )
-_ROUNDS: Final = 4  # sends of one replicated call, the first included
+_ROUNDS: Final = 4  # sends of one call, the first included
 _PAUSE: Final = 0.05  # seconds before a resend, doubled each round
 
 _Item = tuple[tuple[Any, ...], "asyncio.Future[Any]", bool]  # command, caller, replicated
