@@ -28,7 +28,7 @@ from redis.asyncio.connection import ConnectionPool
 from relay.engines.redis._compat import pack_commands
 from relay.wire import replicas_behind, wait_commands
 
-__all__ = ["Batcher", "ReplicasBehind"]
+__all__ = ["Batcher", "ReplicasBehind", "TurnQueue"]
 
 _Item = tuple[tuple[Any, ...], "asyncio.Future[Any]", bool]  # command, caller, replicated
 
@@ -37,7 +37,84 @@ class ReplicasBehind(redis_errors.TimeoutError):
     """Fewer replicas than asked for acknowledged a write in time; retrying is safe."""
 
 
-class Batcher:
+class TurnQueue:
+    """The calls of one event-loop turn, queued and handed to :meth:`_send` together.
+
+    What :class:`Batcher` and the cluster's ``ClusterBatcher`` share: every call is
+    answered, by ``_send`` or, if that was cancelled before it answered, by
+    :meth:`_settle`; ``max_batch`` calls at most go to one ``_send``.
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        max_batch: int,
+        *,
+        min_replicas: int,
+        replica_timeout: float,
+    ) -> None:
+        self._timeout = timeout
+        self._max_batch = max_batch
+        self._min_replicas = min_replicas
+        self._replica_timeout = replica_timeout
+        self._queue: list[_Item] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _call(self, args: tuple[Any, ...], replicated: bool) -> Any:
+        return await self._enqueue(args, replicated)
+
+    def _enqueue(self, args: tuple[Any, ...], replicated: bool) -> asyncio.Future[Any]:
+        """Queue one call for this turn's send; the future is its answer."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, future, replicated))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        queue, self._queue = self._queue, []
+        for start in range(0, len(queue), self._max_batch):
+            batch = queue[start : start + self._max_batch]
+            task = asyncio.ensure_future(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._settle, batch))
+
+    def _settle(self, batch: list[_Item], task: Any) -> None:
+        """Fail what a send left unanswered: it was cancelled by :meth:`close`, maybe
+        before it began (then nothing of it ran)."""
+        self._tasks.discard(task)
+        for _, future, _ in batch:
+            if not future.done():
+                future.set_exception(redis_errors.ConnectionError("cancelled"))
+
+    async def _send(self, batch: list[_Item]) -> None:
+        """Run the calls of ``batch`` and answer each, within ``timeout``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _vouch(held: list[tuple[asyncio.Future[Any], Any]], short: str | None) -> None:
+        """Answer the replicated calls held for WAIT: their replies, or ReplicasBehind
+        with ``short`` (why the replicas are not known to have them)."""
+        for future, reply in held:
+            if future.done():
+                continue
+            if short is None:
+                future.set_result(reply)
+            else:
+                future.set_exception(ReplicasBehind(short))
+
+    async def close(self) -> None:
+        """Cancel what is in flight (its calls fail); the connections are the engine's."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Batcher(TurnQueue):
     """Queue commands; send each turn's queue as one pipeline on one pooled connection."""
 
     def __init__(
@@ -50,15 +127,11 @@ class Batcher:
         replica_timeout: float = 0.5,
         barrier: str = "relay:barrier",
     ) -> None:
+        super().__init__(
+            timeout, max_batch, min_replicas=min_replicas, replica_timeout=replica_timeout
+        )
         self._pool = pool
-        self._timeout = timeout
-        self._max_batch = max_batch
-        self._min_replicas = min_replicas
-        self._replica_timeout = replica_timeout
         self._barrier = wait_commands(min_replicas, replica_timeout, barrier, in_slot=False)
-        self._queue: list[_Item] = []
-        self._scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def call(self, *args: Any) -> Any:
         """Run one command; its reply, or the redis-py exception it raised."""
@@ -72,26 +145,9 @@ class Batcher:
         """
         return await self._call(args, self._min_replicas > 0)
 
-    async def _call(self, args: tuple[Any, ...], replicated: bool) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((args, future, replicated))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return await future
-
     async def call_many(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Run several commands in the same round trip; the first error is raised."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Any]] = []
-        for args in commands:
-            future: asyncio.Future[Any] = loop.create_future()
-            self._queue.append((args, future, False))
-            futures.append(future)
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        futures = [self._enqueue(args, False) for args in commands]
         replies = []
         error: BaseException | None = None
         for future in futures:
@@ -103,23 +159,7 @@ class Batcher:
             raise error
         return replies
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        queue, self._queue = self._queue, []
-        for start in range(0, len(queue), self._max_batch):
-            batch = queue[start : start + self._max_batch]
-            task = asyncio.ensure_future(self._round_trip(batch))
-            self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._settle, batch))
-
-    def _settle(self, batch: list[_Item], task: Any) -> None:
-        """Fail what a round trip left unanswered: one cancelled before it began runs nothing."""
-        self._tasks.discard(task)
-        for _, future, _ in batch:
-            if not future.done():
-                future.set_exception(redis_errors.ConnectionError("cancelled"))
-
-    async def _round_trip(self, batch: list[_Item]) -> None:
+    async def _send(self, batch: list[_Item]) -> None:
         conn = None
         waiting = any(replicated for _, _, replicated in batch)
         try:
@@ -144,14 +184,9 @@ class Batcher:
                 if waiting:
                     await conn.read_response(timeout=math.inf)  # the barrier's receivers
                     acked = await conn.read_response(timeout=math.inf)
-                    short = replicas_behind(acked, self._min_replicas, self._replica_timeout)
-                    for future, reply in held:
-                        if future.done():
-                            continue
-                        if short is None:
-                            future.set_result(reply)
-                        else:
-                            future.set_exception(ReplicasBehind(short))
+                    self._vouch(
+                        held, replicas_behind(acked, self._min_replicas, self._replica_timeout)
+                    )
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else redis_errors.ConnectionError("cancelled")
             if isinstance(exc, TimeoutError):
@@ -166,8 +201,3 @@ class Batcher:
         finally:
             if conn is not None:
                 await self._pool.release(conn)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

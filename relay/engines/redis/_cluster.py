@@ -3,7 +3,8 @@
 Each script's keys share the BizId's hash tag ``{B}`` (tests/engines/test_cluster_slots.py
 runs every one on a real cluster), so a call belongs to the master of its slot.
 :class:`ClusterBatcher` stands in for the single-server
-:class:`~relay.engines.redis._batch.Batcher`: it queues the calls of one event-loop turn,
+:class:`~relay.engines.redis._batch.Batcher` (both are a
+:class:`~relay.engines.redis._batch.TurnQueue`): it queues the calls of one event-loop turn,
 groups them by the master that owns each one's slot in redis-py's slot map, and sends each
 master's share as one pipeline on one of that master's connections, every master at once.
 Through redis-py's ``RedisCluster.execute_command``, one call at a time (a pool checkout,
@@ -33,7 +34,6 @@ Live delivery is sharded pub/sub, one reader per master: :mod:`relay.engines.red
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from collections.abc import Iterable
 from typing import Any, Final, cast
@@ -42,7 +42,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from relay.engines.redis._batch import ReplicasBehind
+from relay.engines.redis._batch import TurnQueue, _Item
 from relay.engines.redis._compat import pack_commands
 from relay.wire import KeySpace, replicas_behind, wait_commands
 
@@ -58,10 +58,8 @@ _REDIRECTED: Final = (
 _ROUNDS: Final = 4  # sends of one call, the first included
 _PAUSE: Final = 0.05  # seconds before a resend, doubled each round
 
-_Item = tuple[tuple[Any, ...], "asyncio.Future[Any]", bool]  # command, caller, replicated
 
-
-class ClusterBatcher:
+class ClusterBatcher(TurnQueue):
     """The Batcher's interface over a cluster: each turn's calls, one pipeline per master."""
 
     def __init__(
@@ -74,16 +72,12 @@ class ClusterBatcher:
         min_replicas: int = 0,
         replica_timeout: float = 0.5,
     ) -> None:
+        super().__init__(
+            timeout, max_batch, min_replicas=min_replicas, replica_timeout=replica_timeout
+        )
         self._cluster = cluster
-        self._timeout = timeout
-        self._max_batch = max_batch
         self._keys = keys or KeySpace("relay")
-        self._min_replicas = min_replicas
-        self._replica_timeout = replica_timeout
-        self._queue: list[_Item] = []
-        self._scheduled = False
         self._stale = False  # the slot map must be read again before the next send
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def call(self, *args: Any) -> Any:
         """Run one command; its reply, or the redis-py exception it raised."""
@@ -103,36 +97,11 @@ class ClusterBatcher:
             return await self.call(*args)
         return await self._call(args, True)
 
-    async def _call(self, args: tuple[Any, ...], replicated: bool) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((args, future, replicated))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return await future
-
     async def call_many(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Run several commands in this turn's pipelines (they may live on different
         masters); the first error is raised."""
         replies = await asyncio.gather(*(self.call(*args) for args in commands))
         return list(replies)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        queue, self._queue = self._queue, []
-        for start in range(0, len(queue), self._max_batch):
-            batch = queue[start : start + self._max_batch]
-            task = asyncio.ensure_future(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._settle, batch))
-
-    def _settle(self, batch: list[_Item], task: Any) -> None:
-        """Fail what a send left unanswered (it was cancelled by :meth:`close`)."""
-        self._tasks.discard(task)
-        for _, future, _ in batch:
-            if not future.done():
-                future.set_exception(redis_errors.ConnectionError("cancelled"))
 
     async def _send(self, batch: list[_Item]) -> None:
         """Each master's share in one pipeline, all masters at once; resend what was
@@ -236,22 +205,6 @@ class ClusterBatcher:
         if refused is not None:
             return f"the barrier before WAIT was refused: {refused}"
         return replicas_behind(replies[1], self._min_replicas, self._replica_timeout)
-
-    @staticmethod
-    def _vouch(held: list[tuple[asyncio.Future[Any], Any]], short: str | None) -> None:
-        for future, reply in held:
-            if future.done():
-                continue
-            if short is None:
-                future.set_result(reply)
-            else:
-                future.set_exception(ReplicasBehind(short))
-
-    async def close(self) -> None:
-        """Cancel what is in flight (its calls fail); the cluster client is the engine's."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _slot(args: tuple[Any, ...]) -> int | None:
