@@ -21,7 +21,11 @@ from pathlib import Path
 import redis
 
 from tests.support.ports import free_ports
-from tests.support.redis_server import start_replicated_server
+from tests.support.redis_server import (
+    resume_replication,
+    start_replicated_server,
+    stop_replication,
+)
 from tests.support.timing import MS
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -295,24 +299,13 @@ class RedisCluster:
         """Replication of one master stops: its replicas are stopped (SIGSTOP) and it drops
         their links, so what it accepts from now on exists only on it until
         :meth:`resume_replicas` (or its death: the replicas then lack it)."""
-        replicas = self.replicas_of(master_port)
-        # Writes are held while the replicas stop one after the other, so both stop at the
-        # same offset (else a write acknowledged by the second is lost if the first wins).
+        replicas = [self.procs[port] for port in self.replicas_of(master_port)]
         with self.client(master_port) as client:
-            client.execute_command("CLIENT", "PAUSE", int(2_000 * MS) or 1, "WRITE")
-            try:
-                client.execute_command("WAIT", len(replicas), int(1_000 * MS) or 1)
-                for port in replicas:
-                    os.kill(self.procs[port].pid, signal.SIGSTOP)
-                client.execute_command("CLIENT", "KILL", "TYPE", "replica")
-            finally:
-                client.execute_command("CLIENT", "UNPAUSE")
+            stop_replication(client, replicas)
 
     def resume_replicas(self) -> None:
         """SIGCONT every node (those :meth:`cut_replicas` stopped)."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGCONT)
+        resume_replication(self.procs.values())
 
     def move_slot(self, slot: int, target_port: int, batch: int = 100) -> None:
         """Move one slot, its keys included, to the master ``target_port``: the documented

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import redis
@@ -46,6 +47,33 @@ def start_replicated_server(
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, 10_000 * MS)
     return proc
+
+
+def stop_replication(master: redis.Redis, replicas: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Replication of ``master`` stops: ``replicas`` are stopped (SIGSTOP) and it drops
+    their links, so what it accepts from now on exists only on it until
+    :func:`resume_replication` (or its death: the replicas then lack it).
+
+    Writes are held while the replicas stop one after the other, so all stop at the same
+    offset: otherwise a write acknowledged by a later one in between is lost when the first
+    is promoted (the N < replicas caveat of --redis-min-replicas, which the tests that cut
+    replication are not about).
+    """
+    master.execute_command("CLIENT", "PAUSE", int(2_000 * MS) or 1, "WRITE")
+    try:
+        master.execute_command("WAIT", len(replicas), int(1_000 * MS) or 1)
+        for proc in replicas:
+            os.kill(proc.pid, signal.SIGSTOP)
+        master.execute_command("CLIENT", "KILL", "TYPE", "replica")
+    finally:
+        master.execute_command("CLIENT", "UNPAUSE")
+
+
+def resume_replication(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGCONT each of ``procs`` still running (those :func:`stop_replication` stopped)."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
 
 
 class RedisServer:

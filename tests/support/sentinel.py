@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -20,7 +19,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.support.ports import free_ports, wait_port
-from tests.support.redis_server import REDIS_BIN, start_replicated_server
+from tests.support.redis_server import (
+    REDIS_BIN,
+    resume_replication,
+    start_replicated_server,
+    stop_replication,
+)
 from tests.support.timing import MS
 
 SERVICE = "relay-test"
@@ -186,25 +190,13 @@ class SentinelDeployment:
         """Replication stops: the replicas are stopped (SIGSTOP) and the master drops their
         links, so what it accepts from now on exists only on the master until
         :meth:`resume_replicas` (they then resync, if the master is still there)."""
-        # Writes are held while the replicas are stopped one after the other, so both stop
-        # at the same offset: otherwise a write acknowledged by the second one in between
-        # is lost when Sentinel promotes the first (the N < replicas caveat of
-        # --redis-min-replicas, which this scenario is not about).
+        replicas = [self.procs[p] for p in self.data_ports if p != master and p in self.procs]
         with self.client(master) as client:
-            client.execute_command("CLIENT", "PAUSE", int(2_000 * MS) or 1, "WRITE")
-            try:
-                client.execute_command("WAIT", len(self.data_ports) - 1, int(1_000 * MS) or 1)
-                for port in self.data_ports:
-                    if port != master and port in self.procs:
-                        os.kill(self.procs[port].pid, signal.SIGSTOP)
-                client.execute_command("CLIENT", "KILL", "TYPE", "replica")
-            finally:
-                client.execute_command("CLIENT", "UNPAUSE")
+            stop_replication(client, replicas)
 
     def resume_replicas(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGCONT)
+        """SIGCONT every process (the replicas :meth:`cut_replicas` stopped)."""
+        resume_replication(self.procs.values())
 
     def wait_failover(self, old_master: int, timeout: float = 30_000 * MS) -> tuple[int, float]:
         """Wait until a sentinel names a new master that answers as one: its port, and the
