@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from relay.engine import Control, EngineOptions, SessionRecord
 from relay.engines.redis import RedisEngine, decode_control, encode_control
-from relay.engines.redis._compat import hiredis_parser, hiredis_reader, pack_commands
+from relay.engines.redis._compat import hiredis_parser, hiredis_reader, pack_commands, still_open
 from relay.errors import EngineUnavailable, InvalidEnvelope
 from relay.wire import ID_ZERO, Event, encode_live, encode_payload, parse_id, prove_recovery
 from tests.conftest import MS
@@ -375,6 +375,24 @@ async def test_killed_pubsub_connection_resubscribes(start_engine: StartEngine) 
 
 
 @REAL
+async def test_batched_calls_survive_redis_closing_their_idle_connections(
+    start_engine: StartEngine,
+) -> None:
+    """Redis hanging up on the command connections between two calls (a restart, a
+    client timeout, CLIENT KILL) costs the next call nothing: it runs on a new one."""
+    h = await start_engine(**FAST)
+    assert h.raw is not None
+    first = await h.engine.publish("idle-cut", "e", 1)
+    killed = await h.raw.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    await asyncio.sleep(50 * MS)  # the hang-up reaches the engine's event loop
+    history = await h.engine.history("idle-cut", ID_ZERO, 10)
+    assert [e.id for e in history.entries] == [first.id]
+    second = await h.engine.publish("idle-cut", "e", 2)
+    assert parse_id(second.id) > parse_id(first.id)
+
+
+@REAL
 async def test_hung_redis_turns_unready_then_recovers(
     own_redis: RedisServer, start_engine: StartEngine
 ) -> None:
@@ -482,6 +500,26 @@ async def test_compat_hiredis_parser_and_reader_are_found(redis_server: RedisSer
         reader = hiredis_reader(conn)
         assert reader is not None
         assert await conn.read_response() == b"PONG"
+    finally:
+        await pool.release(conn)
+        await pool.disconnect()
+
+
+async def test_compat_still_open_sees_the_connection_state(redis_server: RedisServer) -> None:
+    """The installed redis-py still keeps the StreamReader still_open reads: a live
+    connection is open, one the server closed is not. (Were it moved, the batcher would
+    keep no connection between round trips and connects would cost more, silently.)"""
+    pool = ConnectionPool.from_url(redis_server.url, protocol=2)
+    conn = await pool.get_connection()
+    try:
+        await conn.send_command("CLIENT", "ID")
+        client_id = await conn.read_response()
+        assert still_open(conn)
+        killer = await pool.get_connection()
+        await killer.send_command("CLIENT", "KILL", "ID", client_id)
+        assert await killer.read_response() == 1
+        await pool.release(killer)
+        await eventually(lambda: not still_open(conn))
     finally:
         await pool.release(conn)
         await pool.disconnect()

@@ -8,6 +8,13 @@ replies are handed back in order, each to its own caller.
 Every call is answered within ``timeout`` of its turn, from the pool checkout to the
 last reply: one timer per batch bounds them all, so callers need no timer of their own.
 
+A connection that served a round trip cleanly is kept for the next one for up to
+``KEEP_IDLE`` seconds, instead of going back to redis-py's pool: a checkout there (its
+condition, lock and timeout, and a probe read of the socket) and the release cost about
+as much Python as the round trip itself, and connects arriving one at a time make one
+round trip each (node CPU per connect, tests/bench_connect.py: see docs/benchmarks.md).
+One kept longer goes back through the pool, whose checkout makes sure it is still good.
+
 A call made with :meth:`Batcher.call_replicated` is answered only once ``WAIT`` says
 ``min_replicas`` replicas hold it: the batch then ends with ``PUBLISH <barrier> ""`` and
 ``WAIT``. The barrier is a write of this connection after every write the master had done
@@ -20,17 +27,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from typing import Any
+import time
+from typing import Any, Final
 
 from redis import exceptions as redis_errors
 from redis.asyncio.connection import ConnectionPool
 
-from relay.engines.redis._compat import pack_commands
+from relay.engines.redis._compat import pack_commands, still_open
 from relay.wire import replicas_behind, wait_commands
 
 __all__ = ["Batcher", "ReplicasBehind", "TurnQueue"]
 
 _Item = tuple[tuple[Any, ...], "asyncio.Future[Any]", bool]  # command, caller, replicated
+
+KEEP_IDLE: Final = 1.0  # seconds a connection is kept between round trips, outside the pool
+KEEP_MAX: Final = 4  # connections kept at most
 
 
 class ReplicasBehind(redis_errors.TimeoutError):
@@ -132,6 +143,7 @@ class Batcher(TurnQueue):
         )
         self._pool = pool
         self._barrier = wait_commands(min_replicas, replica_timeout, barrier, in_slot=False)
+        self._kept: list[tuple[float, Any]] = []  # (since, connection), newest last
 
     async def call(self, *args: Any) -> Any:
         """Run one command; its reply, or the redis-py exception it raised."""
@@ -159,12 +171,26 @@ class Batcher(TurnQueue):
             raise error
         return replies
 
+    async def _connection(self) -> Any:
+        """A kept connection if one is fresh, else one from the pool."""
+        kept = self._kept
+        if kept:
+            since, conn = kept.pop()
+            if time.monotonic() - since <= KEEP_IDLE and still_open(conn):
+                return conn
+            kept.append((since, conn))
+            stale, self._kept = kept, []
+            for _, old in stale:
+                await self._pool.release(old)
+        return await self._pool.get_connection()  # type: ignore[no-untyped-call]
+
     async def _send(self, batch: list[_Item]) -> None:
         conn = None
+        clean = False
         waiting = any(replicated for _, _, replicated in batch)
         try:
             async with asyncio.timeout(self._timeout):
-                conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                conn = await self._connection()
                 commands = [args for args, _, _ in batch]
                 if waiting:
                     commands.extend(self._barrier)
@@ -187,6 +213,7 @@ class Batcher(TurnQueue):
                     self._vouch(
                         held, replicas_behind(acked, self._min_replicas, self._replica_timeout)
                     )
+            clean = True
         except BaseException as exc:
             error = exc if isinstance(exc, Exception) else redis_errors.ConnectionError("cancelled")
             if isinstance(exc, TimeoutError):
@@ -200,4 +227,14 @@ class Batcher(TurnQueue):
                 raise
         finally:
             if conn is not None:
-                await self._pool.release(conn)
+                if clean and len(self._kept) < KEEP_MAX and still_open(conn):
+                    self._kept.append((time.monotonic(), conn))
+                else:
+                    await self._pool.release(conn)
+
+    async def close(self) -> None:
+        """Cancel what is in flight; the kept connections go back to the pool."""
+        await super().close()
+        kept, self._kept = self._kept, []
+        for _, conn in kept:
+            await self._pool.release(conn)

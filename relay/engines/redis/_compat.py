@@ -8,11 +8,14 @@ wrapped here, each with a fallback or a test in tests/engines/test_redis_engine.
   parses with hiredis;
 - the hiredis Reader inside a connection's parser (``conn._parser._reader``), so the
   pub/sub reader drains every buffered reply in one go;
-- hiredis' ``pack_command``, which packs in C what redis-py's async packer does in Python.
+- hiredis' ``pack_command``, which packs in C what redis-py's async packer does in Python;
+- the asyncio StreamReader of a connection (``conn._reader``), to tell without a read
+  whether the server hung up on a connection the batcher kept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +27,7 @@ _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None = None
 with contextlib.suppress(ImportError):  # a dependency (redis[hiredis]); redis-py works without
     from hiredis import pack_command as _hiredis_pack
 
-__all__ = ["hiredis_parser", "hiredis_reader", "pack_commands"]
+__all__ = ["hiredis_parser", "hiredis_reader", "pack_commands", "still_open"]
 
 
 def hiredis_parser() -> dict[str, Any]:
@@ -58,3 +61,16 @@ def pack_commands(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> 
         except TypeError:
             pass
     return conn.pack_commands(commands)
+
+
+def still_open(conn: AbstractConnection) -> bool:
+    """Connected, and no hang-up seen on it so far.
+
+    What redis-py's pool checks with a read before handing a connection out, from the
+    state the event loop already has (no read): a connection the server closed while it
+    sat unused reads as not open once the loop has taken in the close.
+    """
+    reader = getattr(conn, "_reader", None)
+    if not conn.is_connected or not isinstance(reader, asyncio.StreamReader):
+        return False
+    return not reader.at_eof() and reader.exception() is None
