@@ -108,20 +108,21 @@ async def _round(
         procs.append(redis)
         await wait_port(redis_port, 10.0)
         port = free_port()
-        node = subprocess.Popen(
-            [str(checkout / ".venv/bin/relay"), "serve", "--host", "127.0.0.1", "--port",
-             str(port), "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--node-id",
-             f"bench-connect-{label}", "--allow-anonymous", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "wb"),
-            start_new_session=True,
-        )  # fmt: skip
+        with (work / "node.log").open("wb") as node_log:
+            node = subprocess.Popen(
+                [str(checkout / ".venv/bin/relay"), "serve", "--host", "127.0.0.1", "--port",
+                 str(port), "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--node-id",
+                 f"bench-connect-{label}", "--allow-anonymous", "--log-level", "warning"],
+                stdout=subprocess.DEVNULL, stderr=node_log, start_new_session=True,
+            )  # fmt: skip
         procs.append(node)
         await wait_port(port, 30.0)
         await asyncio.sleep(0.5)
         spy = None
         if args.strace:
             spy = subprocess.Popen(
-                ["strace", "-c", "-f", "-p", str(node.pid), "-o", f"{args.strace}-{label}-{number}"],
+                ["strace", "-c", "-f", "-p", str(node.pid),
+                 "-o", f"{args.strace}-{label}-{number}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             await asyncio.sleep(1.0)
@@ -130,7 +131,7 @@ async def _round(
             out.parent.mkdir(parents=True, exist_ok=True)
             spy = subprocess.Popen(
                 [shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
-                 "record", "-p", str(node.pid), "-r", "200", "-f", "raw", "-o", str(out),
+                 "record", "-p", str(node.pid), "-r", str(args.rate), "-f", "raw", "-o", str(out),
                  *(["--native"] if args.native else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
@@ -195,9 +196,10 @@ def main() -> None:
     parser.add_argument("--since", action="store_true", help="every client resumes (since=)")
     parser.add_argument("--profile", help="py-spy raw profiles into this folder")
     parser.add_argument("--native", action="store_true")
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--strace", help="strace -c of the node during the connects, to this path")
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         import uvloop

@@ -15,7 +15,13 @@ from structlog.testing import capture_logs
 
 from relay.engine import Control, EngineOptions, SessionRecord
 from relay.engines.redis import RedisEngine, decode_control, encode_control
-from relay.engines.redis._compat import hiredis_parser, hiredis_reader, pack_commands, still_open
+from relay.engines.redis._compat import (
+    hiredis_parser,
+    hiredis_reader,
+    pack_commands,
+    send_packed,
+    still_open,
+)
 from relay.errors import EngineUnavailable, InvalidEnvelope
 from relay.wire import ID_ZERO, Event, encode_live, encode_payload, parse_id, prove_recovery
 from tests.conftest import MS
@@ -520,6 +526,20 @@ async def test_compat_still_open_sees_the_connection_state(redis_server: RedisSe
         assert await killer.read_response() == 1
         await pool.release(killer)
         await eventually(lambda: not still_open(conn))
+    finally:
+        await pool.release(conn)
+        await pool.disconnect()
+
+
+async def test_compat_send_packed_writes_without_a_timer(redis_server: RedisServer) -> None:
+    """The installed redis-py still has the bare write send_packed uses (were it moved,
+    every batch would pay for a wait_for task again, silently), and it writes."""
+    pool = ConnectionPool.from_url(redis_server.url, protocol=2, socket_timeout=5.0)
+    conn = await pool.get_connection()
+    try:
+        assert callable(getattr(conn, "_send_packed_command", None))
+        await send_packed(conn, pack_commands(conn, [("PING",), ("ECHO", "x")]))
+        assert [await conn.read_response(), await conn.read_response()] == [b"PONG", b"x"]
     finally:
         await pool.release(conn)
         await pool.disconnect()

@@ -33,7 +33,7 @@ from typing import Any, Final
 from redis import exceptions as redis_errors
 from redis.asyncio.connection import ConnectionPool
 
-from relay.engines.redis._compat import pack_commands, still_open
+from relay.engines.redis._compat import pack_commands, send_packed, still_open
 from relay.wire import replicas_behind, wait_commands
 
 __all__ = ["Batcher", "ReplicasBehind", "TurnQueue"]
@@ -194,7 +194,7 @@ class Batcher(TurnQueue):
                 commands = [args for args, _, _ in batch]
                 if waiting:
                     commands.extend(self._barrier)
-                await conn.send_packed_command(pack_commands(conn, commands), check_health=False)
+                await send_packed(conn, pack_commands(conn, commands))
                 held: list[tuple[asyncio.Future[Any], Any]] = []
                 for _, future, replicated in batch:
                     try:
