@@ -151,11 +151,13 @@ async def serve(
     node = app[NODE_KEY]
     # keepalive_timeout is aiohttp's only deadline on reading a request head: it runs
     # from accept (or the last response) until a whole head has arrived.
+    # shutdown_timeout: how long HTTP requests still running after the drain may take
+    # (the drain's grace is over by then; a status feed ends at shutdown by itself).
     runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log=None,
-        shutdown_timeout=5.0,
+        shutdown_timeout=1.0,
         keepalive_timeout=settings.handshake_timeout,
     )
     await runner.setup()

@@ -83,6 +83,7 @@ class Node:
         )
         self.accepting = False
         self.draining = False
+        self.stopped = False  # closed: deregistered, engine closed
         self.started_at = 0.0
         self.start_error: str | None = None  # why the last start attempt failed
         self._abandoned: set[str] = set()  # sessions whose connect gave up on the engine
@@ -202,8 +203,22 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self, grace: float | None = None) -> None:
-        """Stop accepting, close every session with 1012 in staggered batches, deregister."""
+        """Stop accepting, close every session with 1012 in staggered batches, deregister.
+
+        ``grace`` (``--drain-grace``) is a deadline, counted from this call: the closes go
+        out over its first 60 % on a fixed timetable, the sockets then have until its last
+        second (its last tenth, for a grace under 10 s) to finish their close handshake,
+        and whatever is still open then is dropped by :meth:`close`. A late batch goes out
+        at once instead of pushing the rest back: timed by sleeps of 1/200 of the spread
+        each, a busy loop stretched a 10 s drain to 13.2 s (10,136 sessions, one core) and
+        18.2 s (12,623 sessions on a loaded machine), past a supervisor's patience.
+        """
         grace = self.settings.drain_grace if grace is None else grace
+        began = time.monotonic()
+        # What is left after the sockets' last moment (stopping the loops, deregistering,
+        # dropping what is still open, the process's exit) took 0.2-1.3 s (1.3 s with
+        # 1,744 sessions still open, two other workers and the load on the same core).
+        deadline = began + max(0.0, grace - min(1.0, grace * 0.1))
         self.accepting = False
         self.draining = True
         sessions = list(self.sessions.values())
@@ -214,14 +229,23 @@ class Node:
             # do not arrive at the other nodes as one herd.
             batches = max(1, min(len(sessions), int(grace / 0.05) or 1))
             size = -(-len(sessions) // batches)
-            pause = max(0.0, grace * 0.6) / batches
-            for start in range(0, len(sessions), size):
+            spread = max(0.0, grace * 0.6)
+            for batch, start in enumerate(range(0, len(sessions), size)):
+                late = time.monotonic() - (began + spread * batch / batches)
+                if late < 0:
+                    await asyncio.sleep(-late)
                 for session in sessions[start : start + size]:
                     self.spawn(session.close(CloseCode.SERVICE_RESTART, "node draining"))
-                await asyncio.sleep(pause)
-            deadline = time.monotonic() + max(1.0, grace * 0.4)
+            issued = time.monotonic() - began
             while self.sessions and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
+            self.log.info(
+                "node.drained",
+                sessions=len(sessions),
+                left=len(self.sessions),
+                closes_sent_s=round(issued, 3),
+                took_s=round(time.monotonic() - began, 3),
+            )
         await self.close()
 
     async def close(self) -> None:
@@ -243,6 +267,7 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.engine.close()
+        self.stopped = True
         self.log.info("node.stopped")
 
     async def _heartbeat_loop(self, rates: RateMeter) -> None:
@@ -510,6 +535,11 @@ class Node:
             session=session.id,
             code=session.close_code,
         )
+        if self.stopped:
+            # A socket dropped after the drain's deadline: the node has deregistered, so
+            # its records are a gone node's, and the engine is closed (each release would
+            # fail: 2,458 warnings and 1 s more before exiting, in a drain that left them).
+            return
         try:
             if self.hub.remove(session.client_id, session):
                 await self.engine.unsubscribe(session.client_id)
