@@ -21,6 +21,7 @@ import errno
 import gc
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 
 import structlog
@@ -37,7 +38,16 @@ from relay.node import Node
 from relay.status import add_status_routes
 from relay.ws import LB_RETRY_HEADER, NODE_KEY
 
-__all__ = ["EDGE_KEY", "LB_RETRY_HEADER", "NODE_KEY", "create_app", "listening_socket", "serve"]
+__all__ = [
+    "EDGE_KEY",
+    "LB_RETRY_HEADER",
+    "NODE_KEY",
+    "accept_queue",
+    "create_app",
+    "listening_socket",
+    "migrates_queued_connections",
+    "serve",
+]
 
 log = structlog.get_logger("relay.app")
 
@@ -123,6 +133,50 @@ def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def accept_queue(sock: socket.socket) -> int | None:
+    """Connections waiting in a listening socket's accept queue (Linux; else None).
+
+    For a listener, TCP_INFO's ``tcpi_unacked`` is the accept queue's length.
+    """
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None or sock.fileno() < 0:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 32)
+    except OSError:
+        return None
+    return int.from_bytes(info[24:28], sys.byteorder) if len(info) >= 28 else None
+
+
+def migrates_queued_connections() -> bool | None:
+    """Whether a closing SO_REUSEPORT listener hands its queued connections to the others
+    (``net.ipv4.tcp_migrate_req``, Linux 5.14+, per network namespace); None: unknown."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as setting:
+            return setting.read().strip() == "1"
+    except OSError:
+        return None
+
+
+def _leave_port(edge: Edge, sock: socket.socket) -> None:
+    """Close a --workers worker's share of the port, saying what the kernel did with the
+    connections that were waiting to be accepted: without ``tcp_migrate_req`` each is
+    reset (docs/operations.md, "Several workers on one port")."""
+    queued = accept_queue(sock)
+    edge.stop_listening()
+    migrated = migrates_queued_connections()
+    if queued and not migrated:
+        log.warning(
+            "listener.closed",
+            queued=queued,
+            reset=queued,
+            message="connections waiting to be accepted were reset by the kernel;"
+            " sysctl net.ipv4.tcp_migrate_req=1 hands them to the other workers",
+        )
+    else:
+        log.info("listener.closed", queued=queued or 0, migrated=migrated)
+
+
 def _tune_gc() -> None:
     """Keep the collector's pauses out of the delivery path.
 
@@ -193,7 +247,7 @@ async def serve(
         # other workers, which answer the health checks too. (Left open, the kernel
         # keeps sending it a share of them, each refused: 26,595 failed handshakes when
         # one of 8 workers drained 13,828 of 100,000 clients, docs/benchmarks.md.)
-        edge.stop_listening()
+        _leave_port(edge, sock)
     # Readiness turns 503 at once; the listener stays open for health checks while
     # sessions are closed in batches, then everything stops.
     await node.drain()

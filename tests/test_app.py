@@ -3,11 +3,13 @@ drains after the last, registered in Redis exactly while it serves."""
 
 from __future__ import annotations
 
+import socket
+
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from relay.app import NODE_KEY
+from relay.app import NODE_KEY, accept_queue, listening_socket
 from relay.engines.memory import MemoryEngine
 from relay.protocol import CloseCode
 from relay.wire import KeySpace
@@ -79,3 +81,17 @@ async def test_app_without_the_edge_serves_api_health_and_websockets(
     finally:
         await relay.stop()
     assert await client.wait_closed() == CloseCode.SERVICE_RESTART
+
+
+def test_accept_queue_counts_the_connections_waiting_to_be_accepted() -> None:
+    """What a --workers worker reports when it leaves the port: the connections the kernel
+    completed for it that it has not accepted (reset on close without tcp_migrate_req)."""
+    with listening_socket("127.0.0.1", 0, reuse_port=True) as sock:
+        assert accept_queue(sock) == 0
+        port = sock.getsockname()[1]
+        waiting = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        assert accept_queue(sock) == 3
+        sock.accept()[0].close()
+        assert accept_queue(sock) == 2
+        for client in waiting:
+            client.close()

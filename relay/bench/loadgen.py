@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import random
 import secrets
@@ -335,6 +336,9 @@ class LoadGen:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self.refused += 1
                 why = f"{type(exc).__name__} {getattr(exc, 'status', '')}".strip()
+                code = getattr(exc, "errno", None)
+                if code:  # OSError says little: ECONNRESET, EADDRNOTAVAIL, EMFILE, …
+                    why += f" {errno.errorcode.get(code, code)}"
                 self.handshake_errors[why] = self.handshake_errors.get(why, 0) + 1
                 raise _Refused(None) from None
             try:

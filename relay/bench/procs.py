@@ -38,6 +38,7 @@ __all__ = [
     "start_floor",
     "start_node",
     "start_redis",
+    "tcp_counters",
     "wait_port",
 ]
 
@@ -124,6 +125,33 @@ def listeners(port: int) -> int:
             if parts[1].endswith(suffix) and parts[3] == "0A":
                 count += 1
     return count
+
+
+TCP_COUNTERS = (
+    "ListenOverflows",  # a completed handshake dropped: the accept queue was full
+    "ListenDrops",
+    "TCPReqQFullDoCookies",  # the SYN queue was full: answered with a SYN cookie
+    "TCPReqQFullDrop",
+    "TCPMigrateReqSuccess",  # a closing listener's queued connection given to another
+    "TCPMigrateReqFailure",
+    "AttemptFails",  # connections reset in SYN_SENT / SYN_RECV
+    "EstabResets",
+    "OutRsts",
+)
+
+
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TCP counters that tell refused connections apart (whole network
+    namespace: other programs' connections count too)."""
+    found: dict[str, int] = {}
+    for path in ("/proc/net/netstat", "/proc/net/snmp"):
+        with contextlib.suppress(OSError), open(path) as f:
+            lines = f.read().splitlines()
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            for name, value in zip(names.split()[1:], values.split()[1:], strict=False):
+                if name in TCP_COUNTERS:
+                    found[name] = int(value)
+    return found
 
 
 def loadavg() -> list[float]:

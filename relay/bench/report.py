@@ -136,6 +136,9 @@ def _rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
              f"{_n(f.get('drain_refused'))} ("
              + (", ".join(f"{k} x{v}" for k, v in sorted(f["drain_handshake_errors"].items()))
                 or "-") + ")"),
+            ("… kernel TCP counters meanwhile (whole machine)",
+             ", ".join(f"{k} {_n(v)}" for k, v in sorted(f.get("drain_tcp_counters", {}).items()))
+             or "-"),
         ]  # fmt: skip
     elif name == "storm":
         resume = f["resume_s"]

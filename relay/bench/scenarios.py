@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from relay.bench.harness import Bench, LoadGen, percentiles
-from relay.bench.procs import Child, CpuSnapshot, alive, proc_rss_kb
+from relay.bench.procs import Child, CpuSnapshot, alive, proc_rss_kb, tcp_counters
 
 __all__ = ["PLOTTED_SCENARIOS", "SCENARIOS", "ScenarioResult"]
 
@@ -322,6 +322,7 @@ async def _drain_one_worker(
     clients and exit, and until every one of them is connected again (to the others)."""
     await asyncio.sleep(after)
     worker = next(pid for pid in node.pids() if pid != node.pid)
+    counters = tcp_counters()
     t0 = time.monotonic()
     os.kill(worker, signal.SIGTERM)
     while alive(worker) and time.monotonic() - t0 < STORM_RESUME_TIMEOUT_S:
@@ -343,6 +344,11 @@ async def _drain_one_worker(
         "drain_clients": int(st["dropped"]),
         "drain_clients_resumed": int(st["resumed"]),
         "drain_all_resumed_s": round(time.monotonic() - t0, 3),
+        "drain_tcp_counters": {
+            name: count - counters.get(name, 0)
+            for name, count in tcp_counters().items()
+            if count != counters.get(name, 0)
+        },
     }
 
 
