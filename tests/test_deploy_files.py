@@ -34,8 +34,8 @@ DEFAULTS = {f.name: f.default for f in fields(Settings)}
 SECRET_FLAGS = {
     "--" + f.name.replace("_", "-") for f in fields(Settings) if f.metadata.get("secret")
 }
-# What a drain takes beyond --drain-grace (the 1001 close of what is left, aiohttp's
-# cleanup: up to ~6 s) plus margin: every supervisor waits at least grace + this.
+# What a drain may take beyond --drain-grace (nothing on a machine with time to spare, a
+# second or two on a starved one) plus margin: every supervisor waits at least grace + this.
 STOP_MARGIN = 15.0
 # RELAY_* names in deploy/ that are not node settings, and why.
 NOT_SETTINGS = {
