@@ -12,7 +12,8 @@ edge's real handshake over transports that only record what is written, and hand
 Redis engine's pub/sub reader (``Subscriber``) a stream of RESP ``message`` replies as
 Redis would send them: ``--per-read`` replies per socket read (flat out a read holds
 about 15), to random BizIds, each event naming the previous one of its BizId. The
-reader drains each read through hiredis and dispatches every reply as in production:
+reader's protocol takes each read as in production (parsed by hiredis, each reply
+dispatched):
 channel lookup, ``decode_live``, the hub's order check, the frame encoded once, the
 session's order check and flow control, metrics, the frame written. The floor server's
 loop (``relay.bench.floor.Feed``) runs on the same bytes for comparison.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import gc
 import os
 import random
@@ -41,7 +43,7 @@ from relay.bench.floor import Feed
 from relay.config import Settings
 from relay.edge import Edge, EdgeConnection
 from relay.engines.memory import MemoryEngine
-from relay.engines.redis._subscriber import Subscriber, Timings, _Session
+from relay.engines.redis._subscriber import Subscriber, Timings, _Feed, _Session
 from relay.metrics import Metrics
 from relay.node import Node
 from relay.wire import KeySpace, encode_live, encode_payload
@@ -135,29 +137,18 @@ async def _connect(edge: Edge, biz_ids: list[str]) -> dict[str, list[bytes]]:
     return sinks
 
 
-def _subscriber(node: Node, feeds: Feeds) -> tuple[Subscriber, _Session]:
-    """The Redis engine's reader, its channels known as if Redis had confirmed them."""
+def _reader(node: Node, feeds: Feeds) -> Callable[[bytes], None]:
+    """The Redis engine's pub/sub reader, its channels known as if Redis had confirmed
+    them: what it does with each socket read."""
     timings = Timings(1.0, 1.0, 3.0, 0.05, 1.0, 1.0)
     log = structlog.get_logger("relay.bench.livepath")
     reader = Subscriber(None, None, node, "bench:ctl", "bench", timings, log)  # type: ignore[arg-type]
     for biz, channel in feeds.channels.items():
         reader._channels[channel] = biz
-    return reader, _Session(None)  # type: ignore[arg-type]
-
-
-def _drain_like_the_reader(reader: Subscriber, session: _Session) -> Callable[[bytes], None]:
-    """What ``Subscriber._read`` does with each socket read once hiredis has it."""
-    import hiredis
-
-    parser = hiredis.Reader()
-    dispatch = reader._dispatch
-
-    def read(data: bytes) -> None:
-        parser.feed(data)
-        while isinstance(reply := parser.gets(), list):
-            dispatch(session, reply)
-
-    return read
+    feed = _Feed.of(functools.partial(reader._dispatch, _Session(None)))  # type: ignore[arg-type]
+    if feed is None:
+        raise SystemExit("livepath: hiredis is not installed")
+    return feed.data_received
 
 
 def _timed(consume: Callable[[bytes], None], chunks: list[bytes]) -> float:
@@ -178,8 +169,7 @@ async def run(args: Any) -> dict[str, list[float]]:
         sinks = await _connect(edge, biz_ids)
         feeds = Feeds(biz_ids, args.per_read, args.seed)
         floor_feeds = Feeds(biz_ids, args.per_read, args.seed)  # the floor checks no order
-        reader, session = _subscriber(node, feeds)
-        relay_read = _drain_like_the_reader(reader, session)
+        relay_read = _reader(node, feeds)
         floor = Feed({feeds.channels[biz]: SinkTransport(sinks[biz]) for biz in biz_ids})  # type: ignore[misc]
         results: dict[str, list[float]] = {"relay": [], "floor": []}
         for _ in range(args.passes):

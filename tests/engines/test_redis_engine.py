@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection, ConnectionPool
-from redis.exceptions import DataError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.utils import HIREDIS_AVAILABLE
 from structlog.testing import capture_logs
 
@@ -17,11 +18,12 @@ from relay.engine import Control, EngineOptions, SessionRecord
 from relay.engines.redis import RedisEngine, decode_control, encode_control
 from relay.engines.redis._compat import (
     hiredis_parser,
-    hiredis_reader,
     pack_commands,
     send_packed,
     still_open,
+    transport_of,
 )
+from relay.engines.redis._subscriber import _Feed
 from relay.errors import EngineUnavailable, InvalidEnvelope
 from relay.wire import ID_ZERO, Event, encode_live, encode_payload, parse_id, prove_recovery
 from tests.conftest import MS
@@ -495,20 +497,32 @@ def test_pack_commands_matches_redis_py() -> None:
 
 @pytest.mark.redis
 @pytest.mark.skipif(not HIREDIS_AVAILABLE, reason="redis-py without hiredis: nothing to find")
-async def test_compat_hiredis_parser_and_reader_are_found(redis_server: RedisServer) -> None:
-    """With hiredis, the installed redis-py still has the parser and Reader _compat uses.
+async def test_compat_hiredis_parser_and_transport_are_found(redis_server: RedisServer) -> None:
+    """With hiredis, the installed redis-py still has the parser class and the transport
+    _compat uses: the pub/sub reader's feed, put under that transport, gets the replies
+    (error replies as redis-py's exception classes), and redis-py still closes the
+    connection.
 
     Fails when an upgrade moves them (the engine would fall back silently and slower)."""
+    assert hiredis_parser()
     pool = ConnectionPool.from_url(redis_server.url, protocol=2, **hiredis_parser())
     conn = await pool.get_connection()
-    try:
-        await conn.send_command("PING")
-        reader = hiredis_reader(conn)
-        assert reader is not None
-        assert await conn.read_response() == b"PONG"
-    finally:
-        await pool.release(conn)
-        await pool.disconnect()
+    replies: list[Any] = []
+    feed = _Feed.of(replies.append)
+    transport = transport_of(conn)
+    assert feed is not None and transport is not None
+    feed.attach(transport)
+    commands: list[tuple[Any, ...]] = [("PING",), ("GET", "k", "x"), ("EVALSHA", "0" * 40, 0)]
+    await conn.send_packed_command(pack_commands(conn, commands))
+    await eventually(lambda: len(replies) == 3)
+    pong, error, unknown_script = replies
+    assert pong == b"PONG"
+    assert isinstance(error, ResponseError) and "wrong number of arguments" in str(error)
+    assert isinstance(unknown_script, NoScriptError)  # redis-py's class, as MOVED's would be
+    async with asyncio.timeout(5000 * MS):
+        await pool.disconnect()  # waits for the StreamWriter to hear of the close
+    with pytest.raises(RedisConnectionError):
+        await feed.ended
 
 
 async def test_compat_still_open_sees_the_connection_state(redis_server: RedisServer) -> None:

@@ -5,9 +5,10 @@ wrapped here, each with a fallback or a test in tests/engines/test_redis_engine.
 (``test_compat_*``) that fails when an upgrade moves it:
 
 - the asyncio hiredis parser class (``redis._parsers._AsyncHiredisParser``), so the pool
-  parses with hiredis;
-- the hiredis Reader inside a connection's parser (``conn._parser._reader``), so the
-  pub/sub reader drains every buffered reply in one go;
+  parses with hiredis, and its ``parse_error``, so the pub/sub reader's own hiredis Reader
+  makes the same exceptions of error replies (MovedError, AskError, ...);
+- the transport under a connected connection (``conn._writer.transport``), which the
+  pub/sub reader reads itself;
 - hiredis' ``pack_command``, which packs in C what redis-py's async packer does in Python;
 - the asyncio StreamReader of a connection (``conn._reader``), to tell without a read
   whether the server hung up on a connection the batcher kept;
@@ -23,13 +24,21 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import InvalidResponse
 from redis.utils import HIREDIS_AVAILABLE
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None = None
 with contextlib.suppress(ImportError):  # a dependency (redis[hiredis]); redis-py works without
     from hiredis import pack_command as _hiredis_pack
 
-__all__ = ["hiredis_parser", "hiredis_reader", "pack_commands", "send_packed", "still_open"]
+__all__ = [
+    "hiredis_parser",
+    "pack_commands",
+    "reply_reader",
+    "send_packed",
+    "still_open",
+    "transport_of",
+]
 
 
 def hiredis_parser() -> dict[str, Any]:
@@ -41,12 +50,31 @@ def hiredis_parser() -> dict[str, Any]:
     return {"parser_class": _AsyncHiredisParser}
 
 
-def hiredis_reader(conn: AbstractConnection) -> Any:
-    """The hiredis Reader under ``conn``'s parser, or None (no hiredis: redis-py's own
-    parser, read one reply at a time). ``gets()`` returns the next buffered reply, or a
-    sentinel when none is."""
-    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
-    return reader if HIREDIS_AVAILABLE and callable(getattr(reader, "gets", None)) else None
+def reply_reader(nothing: object) -> Any:
+    """A hiredis Reader that parses as redis-py's asyncio hiredis parser does, or None
+    without hiredis.
+
+    Replies are bytes; an error reply is an instance of the exception redis-py would
+    raise for it (``parse_error``: MovedError, AskError, ... or ResponseError); a
+    protocol error raises InvalidResponse; ``gets()`` returns ``nothing`` when no whole
+    reply is buffered.
+    """
+    if not HIREDIS_AVAILABLE:
+        return None
+    import hiredis
+    from redis._parsers import _AsyncHiredisParser
+
+    return hiredis.Reader(
+        protocolError=InvalidResponse,
+        replyError=_AsyncHiredisParser.parse_error,
+        notEnoughData=nothing,
+    )
+
+
+def transport_of(conn: AbstractConnection) -> asyncio.Transport | None:
+    """The transport of a connected ``conn`` (redis-py's StreamWriter's), or None."""
+    transport = getattr(getattr(conn, "_writer", None), "transport", None)
+    return transport if callable(getattr(transport, "set_protocol", None)) else None
 
 
 def pack_commands(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[bytes]:
