@@ -160,7 +160,10 @@ def encode_message(event: Event, fmt: Format) -> bytes:
     }
     try:
         if fmt is Format.JSON:
-            return orjson.dumps(frame, default=_json_fallback, option=orjson.OPT_NON_STR_KEYS)
+            # No OPT_NON_STR_KEYS: every Event's data comes out of MessagePack decoded with
+            # strict_map_key (str and bytes keys only, and orjson refuses bytes keys with
+            # or without it), and the option costs ~0.1 µs a frame (0.31 vs 0.21 µs).
+            return orjson.dumps(frame, default=_json_fallback)
         packed: bytes = _packb(frame)
         return packed
     except (TypeError, ValueError, OverflowError) as exc:
