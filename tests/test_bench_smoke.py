@@ -105,3 +105,19 @@ def test_bench_floor_delivers_everything_on_the_floor_and_on_relay(tmp_path: Pat
     assert "relay_over_floor" in result
     assert "relay µs per msg ÷ floor's" in proc.stdout
     assert [pid for pid in doc["pids_started"] if alive(pid)] == []
+
+
+def test_bench_livepath_delivers_every_event_once_through_the_node_and_the_floor() -> None:
+    """``python -m relay.bench.livepath`` with tiny numbers: the node's live path and the
+    floor's loop each deliver every event to its client exactly once (the module checks
+    each pass and exits non-zero otherwise), and both figures are reported."""
+    args = ["--sessions", "20", "--events", "300", "--passes", "2", "--per-read", "7"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay.bench.livepath", *args],
+        capture_output=True,
+        text=True,
+        timeout=60_000 * MS,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "relay  µs/msg" in proc.stdout and "floor  µs/msg" in proc.stdout
