@@ -4,7 +4,8 @@ One instance is shared by all threads of a process: the only state is redis-py's
 connection pool, which is thread-safe. A BlockingConnectionPool makes a thread wait for
 a free connection (up to ``timeout``) instead of failing when every connection is busy.
 Each publish is one round trip (EVALSHA of relay.wire's publish script, packed once by
-PublishCodec); ``publish_many`` sends a whole batch as one pipeline.
+PublishCodec); ``publish_many`` sends a whole batch as one pipeline, its BizIds' single
+events sharing script calls as AsyncPublisher's do (PublishCodec.plan).
 """
 
 from __future__ import annotations
@@ -234,11 +235,11 @@ class Publisher(PublisherBase[redis.Redis]):
     def _round_trip(self, conn: Any, calls: list[Call], *, reload: bool) -> None:
         trip = RoundTrip(calls, self._codec, self._replication)
         conn.send_packed_command(trip.commands)
-        for run in trip.runs:
+        for group in trip.groups:
             try:
-                trip.reply(run, conn.read_response())
+                trip.reply(group, conn.read_response())
             except rex.ResponseError as exc:
-                trip.error(run, exc)
+                trip.error(group, exc)
         if trip.replication is not None:
             conn.read_response()  # the barrier's receivers
             trip.replicas(conn.read_response())

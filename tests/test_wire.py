@@ -26,6 +26,8 @@ from relay.wire import (
     DEFAULT_MAX_PAYLOAD,
     HISTORY_LUA,
     ID_ZERO,
+    PUBLISH_BATCH_CLUSTER_LUA,
+    PUBLISH_BATCH_LUA,
     PUBLISH_CLUSTER_LUA,
     PUBLISH_LUA,
     PUBLISH_RUN_CLUSTER_LUA,
@@ -464,8 +466,9 @@ def test_publish_cluster_scripts_differ_only_by_spublish() -> None:
     for single, cluster in (
         (PUBLISH_LUA, PUBLISH_CLUSTER_LUA),
         (PUBLISH_RUN_LUA, PUBLISH_RUN_CLUSTER_LUA),
+        (PUBLISH_BATCH_LUA, PUBLISH_BATCH_CLUSTER_LUA),
     ):
-        assert single.count("redis.call('PUBLISH', KEYS[2]") == 1
+        assert single.count("redis.call('PUBLISH'") == 1
         assert "SPUBLISH" not in single
         assert cluster == single.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
 

@@ -12,6 +12,7 @@ import redis
 import redis.asyncio
 
 from backend_adapter import AsyncPublisher, Publisher
+from relay import wire
 from tests.backend_adapter.sql_support import postgres_database, sqlite_url
 from tests.conftest import MS
 from tests.support.node import Listener, NodeUnderTest, node_settings
@@ -60,6 +61,22 @@ class LiveSubscriber:
         """The next message's data, or None if nothing arrives within ``timeout``."""
         message = await self.pubsub.get_message(timeout=timeout)
         return None if message is None else bytes(message["data"])
+
+
+def history(reader: redis.Redis | redis.RedisCluster, biz_id: str) -> list[wire.Event]:
+    """The events stored for ``biz_id`` (prefix ``relay``), oldest first."""
+    return [
+        wire.decode_payload(sid, fields[b"prev"], fields[b"p"])
+        for sid, fields in reader.xrange(wire.KeySpace("relay").log(biz_id))
+    ]
+
+
+def assert_chained(events: list[wire.Event]) -> None:
+    """Each event names the one before it as its predecessor, the first none."""
+    prev = wire.ID_ZERO
+    for event in events:
+        assert event.prev == prev, f"{event.id} names {event.prev}"
+        prev = event.key
 
 
 @pytest.fixture

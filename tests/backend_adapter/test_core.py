@@ -9,6 +9,7 @@ import redis.exceptions as rex
 from redis.connection import Connection
 
 from backend_adapter._core import (
+    PUBLISH_BATCH_SHA,
     PUBLISH_SHA,
     SCRIPT_LOAD,
     PublishCodec,
@@ -56,8 +57,9 @@ def test_codec_script_digest_and_load_command() -> None:
 
 
 def test_codec_on_a_cluster_sends_the_spublish_scripts() -> None:
-    """A cluster codec's EVALSHA names PUBLISH_CLUSTER_LUA (SPUBLISH), its run command
-    PUBLISH_RUN_CLUSTER_LUA, and its SCRIPT LOADs carry those texts; nothing else differs."""
+    """A cluster codec's EVALSHA names PUBLISH_CLUSTER_LUA (SPUBLISH), its run and batch
+    commands PUBLISH_RUN_CLUSTER_LUA and PUBLISH_BATCH_CLUSTER_LUA, and its SCRIPT LOADs
+    carry those texts; nothing else differs."""
     single, cluster = PublishCodec(), PublishCodec(cluster=True)
     sha = hashlib.sha1(wire.PUBLISH_CLUSTER_LUA.encode()).hexdigest()
     run_sha = hashlib.sha1(wire.PUBLISH_RUN_CLUSTER_LUA.encode()).hexdigest()
@@ -66,11 +68,66 @@ def test_codec_on_a_cluster_sends_the_spublish_scripts() -> None:
     assert single.command("cml", "e", 1).startswith(head % PUBLISH_SHA.encode())
     run = cluster.run_command(cluster.calls([("cml", "e", 1), ("cml", "e", 2)]))
     assert run_sha.encode() in run
+    batch_sha = hashlib.sha1(wire.PUBLISH_BATCH_CLUSTER_LUA.encode()).hexdigest()
+    assert batch_sha.encode() in cluster.batch_command(
+        cluster.calls([("a", "e", 1), ("b", "e", 1)])
+    )
     assert cluster.script_loads == [
         redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_CLUSTER_LUA),
         redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_RUN_CLUSTER_LUA),
+        redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_BATCH_CLUSTER_LUA),
     ]
-    assert single.script_loads[0] == SCRIPT_LOAD
+    assert single.script_loads == [
+        SCRIPT_LOAD,
+        redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_RUN_LUA),
+        redis_py_packing("SCRIPT", "LOAD", wire.PUBLISH_BATCH_LUA),
+    ]
+
+
+def unbulk(bulk: bytes) -> bytes:
+    return bulk[bulk.index(b"\r\n") + 2 : -2]
+
+
+@pytest.mark.parametrize("mids", [(None, None, None), ("m1", None, "ünï")])
+def test_codec_batch_command_matches_wire_publish_batch_call(mids: tuple[str | None, ...]) -> None:
+    """The hand-packed EVALSHA of publish_batch.lua is what redis-py sends for
+    publish_batch_call."""
+    codec = PublishCodec(key_prefix="app", history_size=50, history_ttl=120, dedupe_window=30)
+    items = [
+        (biz, "e", {"n": n}, mid) for n, (biz, mid) in enumerate(zip("abc", mids, strict=True))
+    ]
+    calls = codec.calls(items)
+    command = codec.commands(calls)
+    keys, argv = wire.publish_batch_call(
+        wire.KeySpace("app"),
+        [(c.biz_id, unbulk(c.payload), mid) for c, mid in zip(calls, mids, strict=True)],
+        history_size=50,
+        history_ttl=120,
+        dedupe_window=30,
+    )
+    assert command == redis_py_packing("EVALSHA", PUBLISH_BATCH_SHA, len(keys), *keys, *argv)
+
+
+def test_codec_plan_one_call_per_biz_id_and_singles_together() -> None:
+    """Each BizId's events in one call in their order, the single events together, no call
+    above max_per_call; on a cluster only the single events of one slot share a call."""
+    items = [("a", "e", 1), ("b", "e", 1), ("a", "e", 2), ("c", "e", 1), ("d", "e", 1)]
+    items += [("a", "e", 3), ("e", "e", 1)]
+    assert PublishCodec().plan([]) == []
+
+    def biz_ids(codec: PublishCodec) -> list[list[str]]:
+        calls = codec.calls(items)
+        groups = codec.plan(calls)
+        assert sorted(c for group in groups for c in map(calls.index, group)) == list(range(7))
+        for group in groups:  # in the order given within each group
+            assert [calls.index(c) for c in group] == sorted(calls.index(c) for c in group)
+        return [[c.biz_id for c in group] for group in groups]
+
+    assert biz_ids(PublishCodec()) == [["b", "c", "d", "e"], ["a", "a", "a"]]
+    assert biz_ids(PublishCodec(max_per_call=2)) == [["b", "c"], ["d", "e"], ["a", "a"], ["a"]]
+    assert biz_ids(PublishCodec(cluster=True)) == [["b"], ["c"], ["d"], ["e"], ["a", "a", "a"]]
+    with pytest.raises(ConfigError):
+        PublishCodec(max_per_call=0)
 
 
 def test_codec_calls_validate_every_item_first() -> None:
