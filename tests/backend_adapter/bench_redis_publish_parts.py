@@ -13,8 +13,11 @@ variant and round, rounds):
    and 5 arguments), the three versions of publish.lua (tests/fixtures/publish_v1.lua,
    publish_v2.lua, relay/lua/publish.lua), and the floor: a script that only XADDs and
    PUBLISHes (no ``prev``, TTL or dedupe). Each script also as a Redis Function (FUNCTION
-   LOAD, FCALL). Redis measures each: the ``INFO cpu`` delta per call (which also counts
-   reading and parsing the request) and ``usec_per_call`` from ``INFO commandstats``.
+   LOAD, FCALL). Then several events per call: relay/lua/publish_batch.lua (publish.lua
+   for each event, any BizIds) with 1, 10 and 100 events a call, and publish_run.lua (one
+   BizId's run) with 10. Redis measures each: the ``INFO cpu`` delta per event (which
+   also counts reading and parsing the request) and ``usec_per_call`` from ``INFO
+   commandstats`` divided by the events a call.
 
 redis-benchmark draws each ``__rand_int__`` on its own, so one call's keys belong to
 different BizIds; every key exists after the warm-up round, so each script takes the same
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import redis
 
-from relay.wire import PUBLISH_LUA, encode_payload
+from relay.wire import PUBLISH_BATCH_LUA, PUBLISH_LUA, PUBLISH_RUN_LUA, encode_payload
 from tests.support.redis_server import RedisServer
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -112,20 +115,37 @@ def whole_calls(client: redis.Redis, port: int, n: int, rounds: int) -> None:
     b = "relay:{b__rand_int__}"
     keys = [f"{b}:log", f"{b}:ch", f"{b}:session", f"{b}:log"]
     args = ["4", *keys, "x" * 78, "100", "3600", "", "600"]
-    variants: dict[str, tuple[list[str], str]] = {
-        "PUBLISH (plain, the peer)": (["PUBLISH", f"{b}:ch", "x" * 78], "publish"),
-        "EVALSHA empty, no keys or args": (["EVALSHA", client.script_load(EMPTY), "0"], "evalsha"),
-        "FCALL empty, no keys or args": (["FCALL", names["empty script"], "0"], "fcall"),
+    # (command, the command INFO commandstats counts, events per call)
+    variants: dict[str, tuple[list[str], str, int]] = {
+        "PUBLISH (plain, the peer)": (["PUBLISH", f"{b}:ch", "x" * 78], "publish", 1),
+        "EVALSHA empty, no keys or args": (
+            ["EVALSHA", client.script_load(EMPTY), "0"],
+            "evalsha",
+            1,
+        ),
+        "FCALL empty, no keys or args": (["FCALL", names["empty script"], "0"], "fcall", 1),
     }
     for name, lua in SCRIPTS.items():
-        variants[f"EVALSHA {name}"] = (["EVALSHA", client.script_load(lua), *args], "evalsha")
-        variants[f"FCALL {name}"] = (["FCALL", names[name], *args], "fcall")
+        variants[f"EVALSHA {name}"] = (["EVALSHA", client.script_load(lua), *args], "evalsha", 1)
+        variants[f"FCALL {name}"] = (["FCALL", names[name], *args], "fcall", 1)
+    batch_sha = client.script_load(PUBLISH_BATCH_LUA)
+    for per in (1, 10, 100):
+        keys_, argv = [], []
+        for _ in range(per):
+            keys_ += keys
+            argv += ["x" * 78, ""]
+        batch = ["EVALSHA", batch_sha, str(4 * per), *keys_, "100", "3600", "600", *argv]
+        variants[f"EVALSHA publish_batch.lua, {per} events/call"] = (batch, "evalsha", per)
+    run = [f"{b}:log", f"{b}:ch", f"{b}:session"] + [f"{b}:log"] * 10
+    argv = ["x" * 78, ""] * 10
+    run_call = ["EVALSHA", client.script_load(PUBLISH_RUN_LUA), "13", *run, "100", "3600", "600"]
+    variants["EVALSHA publish_run.lua, 10 events/call"] = ([*run_call, *argv], "evalsha", 10)
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for round_ in range(rounds + 1):  # round 0 warms up: every key exists afterwards
-        for name, (command, outer) in variants.items():
+        for name, (command, outer, per) in variants.items():
             client.config_resetstat()
             started = cpu(client)
-            calls = n if round_ else n // 10
+            calls = (n if round_ else n // 10) // per
             subprocess.run(
                 [
                     bench,
@@ -148,9 +168,10 @@ def whole_calls(client: redis.Redis, port: int, n: int, rounds: int) -> None:
             spent = cpu(client) - started
             stats = client.info("commandstats")[f"cmdstat_{outer}"]
             if round_:
-                rows[name].append((spent / calls * 1e6, float(stats["usec_per_call"])))
-    print(f"2. whole calls by redis-benchmark, {n} per variant and round, {rounds} rounds")
-    print(f"   {'':44} {'INFO cpu µs/call':>24} {'usec_per_call':>24}")
+                events = calls * per
+                rows[name].append((spent / events * 1e6, float(stats["usec_per_call"]) / per))
+    print(f"2. whole calls by redis-benchmark, {n} events per variant and round, {rounds} rounds")
+    print(f"   {'':44} {'INFO cpu µs/event':>24} {'usec_per_call/event':>24}")
     for name, values in rows.items():
         cpus, usecs = [v[0] for v in values], [v[1] for v in values]
         print(
