@@ -7,6 +7,8 @@ the welcome's ``recovered`` tells it whether the hole was closed. Never a silent
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,7 +20,7 @@ from structlog.testing import capture_logs
 from relay.client import Message, RelayClient
 from relay.protocol import CloseCode
 from relay.wire import PUBLISH_LUA, KeySpace, encode_payload, publish_call
-from tests.support.node import NodeUnderTest, node_settings
+from tests.support.node import Listener, NodeUnderTest, node_settings
 from tests.support.redis_server import RedisServer
 from tests.support.timing import eventually
 
@@ -233,6 +235,44 @@ async def test_gap_session_connecting_during_a_repair_misses_nothing(
     assert [m.id for m in early.messages] == ids
     assert late.welcomes[0]["last_id"] == ids[11]  # its own history read: up to the head
     assert [m.id for m in late.messages] == ids[12:]
+
+
+async def test_gap_on_a_draining_node_hands_the_sessions_over_instead_of_repairing(
+    own_redis: RedisServer, raw: aioredis.Redis, started_nodes: list[NodeUnderTest]
+) -> None:
+    """The feed of a draining node is replaced: at the BizId's next event its session ends
+    1012 (long before the drain's timetable would close it), and resumes on another node
+    with every event it missed, in order, from history; the leaving node reads none."""
+    leaving = await start_relay(started_nodes, own_redis)
+    staying = await start_relay(started_nodes, own_redis)
+    # Closed in connection order over 60 % of the grace: "mover", last of 20, ~17 s in.
+    listeners = [await Listener(leaving.ws_url(f"filler-{i}")).connect() for i in range(19)]
+    mover = await Listener(leaving.ws_url("mover")).connect()
+    listeners.append(mover)
+    first = (await leaving.publish("mover", "tick", 0)).id
+    await mover.wait_messages(1)
+    drain = asyncio.create_task(leaving.node.drain(30.0))
+    try:
+        await eventually(lambda: leaving.node.draining)
+        missed = await cut_pubsub_and_publish(raw, "mover", range(1, 4), history_size=100)
+        await eventually(lambda: leaving.node.tally["engine.resubscribed"] >= 1)
+        missed.append((await staying.publish("mover", "tick", 4)).id)
+        assert await mover.wait_closed() == CloseCode.SERVICE_RESTART
+        assert [m["id"] for m in mover.messages] == [first], "nothing out of order before"
+        await eventually(lambda: staying.node.ready)  # its feed was cut too
+        resumed = await Listener(staying.ws_url("mover", since=first)).connect()
+        listeners.append(resumed)
+        assert [m["id"] for m in await resumed.wait_messages(4)] == missed
+        assert resumed.welcome["recovered"] is True
+        assert leaving.node.tally["gap.handed_over"] == 1
+        assert leaving.node.tally["gap.repaired"] == 0
+    finally:
+        drain.cancel()  # not the 17 s of timetable left; the node closes what is open
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        await leaving.node.close()
+        for listener in listeners:
+            await listener.close()
 
 
 def count(logs: list[dict[str, Any]], event: str) -> int:

@@ -103,6 +103,7 @@ function push(series, value) {
 const KIND_CLASS = {
   "gap.repaired": "ok",
   "gap.unrecoverable": "bad",
+  "gap.handed_over": "ok",
   "session.closed_4509": "warn",
   "engine.resubscribed": "warn",
   "engine.health_changed": "warn",
