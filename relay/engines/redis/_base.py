@@ -106,16 +106,19 @@ class Guard:
     generator-based manager and a timer per command showed as ~10% of a node's CPU.
     """
 
-    __slots__ = ("_cancels", "_task", "_timeout", "_what")
+    __slots__ = ("_cancels", "_loop", "_task", "_timeout", "_what")
 
-    def __init__(self, what: str, timeout: float | None) -> None:
+    def __init__(
+        self, what: str, timeout: float | None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self._what = what
+        self._loop = loop  # given, current_task() needs no get_running_loop() (a getpid())
         self._timeout = None if timeout is None else asyncio.timeout(timeout)
         self._task: asyncio.Task[Any] | None = None
         self._cancels = 0
 
     async def __aenter__(self) -> None:
-        task = self._task = asyncio.current_task()
+        task = self._task = asyncio.current_task(self._loop)
         self._cancels = task.cancelling() if task is not None else 0
         if self._timeout is not None:
             await self._timeout.__aenter__()
@@ -176,6 +179,7 @@ class RedisBase:
     _handler: EngineHandler | None
     _started_at: float
     _sub: Subscriber | ShardedSubscriber | None
+    _loop: asyncio.AbstractEventLoop | None  # the started engine's
     _registered: bool
     _closed: bool
 
@@ -199,7 +203,7 @@ class RedisBase:
         """Refuse after close; bound the time (``batched``: the batcher does), translate errors."""
         if self._closed:
             raise EngineError("engine is closed")
-        return Guard(what, None if batched else self._command_timeout)
+        return Guard(what, None if batched else self._command_timeout, self._loop)
 
     def _subscriber(self) -> Subscriber | ShardedSubscriber:
         if self._closed:

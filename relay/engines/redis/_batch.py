@@ -70,6 +70,9 @@ class TurnQueue:
         self._replica_timeout = replica_timeout
         self._queue: list[_Item] = []
         self._scheduled = False
+        # Kept from the first call: on Python 3.11 each get_running_loop() (and each
+        # ensure_future) is a getpid() system call, and every connect makes 3 calls here.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _call(self, args: tuple[Any, ...], replicated: bool) -> Any:
@@ -77,7 +80,9 @@ class TurnQueue:
 
     def _enqueue(self, args: tuple[Any, ...], replicated: bool) -> asyncio.Future[Any]:
         """Queue one call for this turn's send; the future is its answer."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((args, future, replicated))
         if not self._scheduled:
@@ -90,7 +95,7 @@ class TurnQueue:
         queue, self._queue = self._queue, []
         for start in range(0, len(queue), self._max_batch):
             batch = queue[start : start + self._max_batch]
-            task = asyncio.ensure_future(self._send(batch))
+            task = asyncio.ensure_future(self._send(batch), loop=self._loop)
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._settle, batch))
 

@@ -232,6 +232,9 @@ class Subscriber:
         self._bad_suppressed = 0
         self._first_live: asyncio.Future[None] | None = None
         self._ever_live = False
+        # Kept from the first subscribe: on Python 3.11 each get_running_loop() (and each
+        # ensure_future) is a getpid() system call, and every connect subscribes.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Connect and subscribe the control channel, or raise EngineUnavailable."""
@@ -265,7 +268,9 @@ class Subscriber:
     async def subscribe(self, channel: bytes, biz_id: str) -> None:
         if channel in self._channels and self._is_live(channel):
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         waiters = self._waiters.get(channel)
         if waiters is None:
             waiters = self._waiters[channel] = []
@@ -301,7 +306,7 @@ class Subscriber:
             expiries.popleft()
         expiries.append((deadline, waiter))
         if self._expiry_timer is None:
-            loop = asyncio.get_running_loop()
+            loop = self._loop or asyncio.get_running_loop()
             self._expiry_timer = loop.call_at(deadline, self._expire, deadline)
 
     def _expire(self, due: float) -> None:
@@ -449,7 +454,7 @@ class Subscriber:
         # (a reconnect storm subscribes thousands of channels at once).
         session.outbox.append((command, channel))
         if len(session.outbox) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_outbox, session)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_outbox, session)
 
     def _flush_outbox(self, session: _Session) -> None:
         pending, session.outbox = session.outbox, []
@@ -463,7 +468,7 @@ class Subscriber:
         commands = [
             command for kind, channels in runs for command in self._commands(kind, channels)
         ]
-        task = asyncio.ensure_future(self._write(session, commands))
+        task = asyncio.ensure_future(self._write(session, commands), loop=self._loop)
         session.writes.add(task)
         task.add_done_callback(session.writes.discard)
 

@@ -168,6 +168,7 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
         self._handler: EngineHandler | None = None
         self._started_at = 0.0
         self._sub: Subscriber | ShardedSubscriber | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._registered = False
         self._closed = False
 
@@ -185,6 +186,7 @@ class RedisEngine(RedisBroker, RedisSessionRegistry, RedisNodeRegistry):
             raise EngineError("a RedisEngine starts once")
         self._node_id = node_id
         self._handler = handler
+        self._loop = asyncio.get_running_loop()
         self._started_at = time.time()
         self._log = structlog.get_logger(__name__, node=node_id)
         client_name = _CLIENT_NAME_UNSAFE.sub("_", f"relay-sub:{node_id}")
