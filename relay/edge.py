@@ -78,6 +78,7 @@ log = structlog.get_logger("relay.edge")
 WS_PREFIX: Final = b"GET /ws/"
 MAX_LINE: Final = 8190  # aiohttp's limits for a request line and for one header line
 MAX_HEADERS: Final = 100
+OPENING_HOLD: Final = 64 * 1024  # bytes held with the 101 while a session opens, at most
 
 _HEAD, _CONNECTING, _OPEN, _CLOSED = range(4)
 
@@ -253,7 +254,8 @@ class EdgeConnection(asyncio.Protocol):
     def __init__(self, edge: Edge) -> None:
         self._edge = edge
         self._transport: asyncio.Transport | None = None
-        self._upgrade_reply = b""  # the 101 response, held until the first frame (_upgrade)
+        # The 101 response, and the frames written while the session opens (_upgrade).
+        self._upgrade_reply: bytearray | None = None
         self._state = _HEAD
         self._buffer = b""
         self._deadline: asyncio.TimerHandle | None = None
@@ -281,8 +283,7 @@ class EdgeConnection(asyncio.Protocol):
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but quacks like one.
         self._transport = transport = cast(asyncio.Transport, transport)
         self._edge.connections.add(self)
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(
+        self._deadline = self._edge.node.loop.call_later(
             self._edge.node.settings.handshake_timeout, transport.abort
         )
 
@@ -335,7 +336,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def held(self) -> int:
         """Bytes this connection holds for what its client sent (or did not read)."""
-        held = len(self._buffer) + len(self._upgrade_reply) + self._pending_size
+        held = len(self._buffer) + len(self._upgrade_reply or b"") + self._pending_size
         held += len(self._pong_owed or b"")
         if self._parser is not None:
             held += self._parser.held
@@ -471,11 +472,12 @@ class EdgeConnection(asyncio.Protocol):
                     if deflate.client_context_takeover
                     else self._edge.inflater
                 )
-        # Held, and written with the first frame (the welcome, or a close): one system call
-        # for both instead of two. A loopback write costs the node ~6-7 µs (it also runs the
-        # client's TCP receive) and the client a wake-up; a client may not send before it
-        # reads the 101, so holding it changes nothing it can observe but the timing.
-        self._upgrade_reply = (response + "\r\n").encode("latin-1")
+        # Held, and written with what follows it while the session opens (the welcome, its
+        # replay, or a close): one system call for all instead of one each. A loopback
+        # write costs the node ~6-7 µs (it also runs the client's TCP receive) and the
+        # client a wake-up; a client may not send before it reads the 101, so holding it
+        # changes nothing it can observe but the timing.
+        self._upgrade_reply = bytearray(response + "\r\n", "latin-1")
         self._state = _CONNECTING
         self._parser = FrameParser(settings.max_message_size, settings.max_fragments, inflater)
         self._frame_budget = RateLimiter(settings.client_frame_rate, settings.client_frame_burst)
@@ -493,9 +495,7 @@ class EdgeConnection(asyncio.Protocol):
         except AuthError as exc:
             self._close_soon(exc.close_code, str(exc))
             return
-        self._opener = asyncio.get_running_loop().create_task(
-            self._open(admission, expires_at, started_at)
-        )
+        self._opener = node.loop.create_task(self._open(admission, expires_at, started_at))
 
     async def _open(self, admission: Admission, expires_at: float | None, started: float) -> None:
         node = self._edge.node
@@ -511,6 +511,8 @@ class EdgeConnection(asyncio.Protocol):
             return
         self.session = opened
         self._state = _OPEN
+        if self._upgrade_reply is not None:
+            self._write(b"")  # the 101 with the welcome and replay held after it (write_now)
         pending, self._pending = self._pending, None
         self._pending_size = 0
         for payload in pending or ():
@@ -622,12 +624,14 @@ class EdgeConnection(asyncio.Protocol):
             self._put(transport, data)
 
     def _put(self, transport: asyncio.Transport, data: bytes) -> None:
-        """Write ``data``, after the 101 response if that is still held."""
+        """Write ``data``, after the 101 response (and what joined it) if that is still held."""
         reply = self._upgrade_reply
-        if reply:
-            self._upgrade_reply = b""
-            data = reply + data
-        transport.write(data)
+        if reply is not None:
+            self._upgrade_reply = None
+            reply += data
+            transport.write(reply)
+        else:
+            transport.write(data)
 
     # -- the session's Transport ---------------------------------------------------------
 
@@ -643,8 +647,12 @@ class EdgeConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        if self._upgrade_reply:  # the welcome: after the held 101, in the same write
-            self._put(transport, self._framed(frame))
+        reply = self._upgrade_reply
+        if reply is not None:
+            # Opening: the welcome and its replay join the held 101; _open writes them.
+            reply += self._framed(frame)
+            if len(reply) > OPENING_HOLD:
+                self._put(transport, b"")
         elif self._deflate is None:
             transport.write(frame_header(self._opcode, len(frame)) + frame)
         else:

@@ -52,6 +52,28 @@ async def test_upgrade_answer_and_frames_sent_with_the_head(
     client.close()
 
 
+async def test_edge_resume_replay_beyond_the_held_bytes_arrives_whole_and_in_order(
+    started_nodes: list[NodeUnderTest],
+) -> None:
+    """A resume whose replay is larger than what is held with the 101 (64 KiB): the 101,
+    the welcome, then every missed event once, in order, then live events."""
+    node = await start(started_nodes)
+    first = await node.publish("big", "e", {"n": -1})
+    for n in range(90):  # ~90 KB of replay; the history keeps 100 events
+        await node.publish("big", "e", {"n": n, "pad": "x" * 1000})
+    client = await RawClient.open(node)
+    head, _ = upgrade_request(f"/ws/big?since={first.id}")
+    client.writer.write(head)
+    assert (await client.response_head()).startswith(b"HTTP/1.1 101 ")
+    welcome = orjson.loads((await client.frame())[1])
+    assert welcome["type"] == "welcome" and welcome["replayed"] == 90 and welcome["recovered"]
+    replayed = [orjson.loads((await client.frame())[1])["data"]["n"] for _ in range(90)]
+    assert replayed == list(range(90))
+    await node.publish("big", "e", {"n": 90})
+    assert orjson.loads((await client.frame())[1])["data"]["n"] == 90
+    client.close()
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status", "message"),
     [
