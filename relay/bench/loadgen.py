@@ -42,6 +42,7 @@ import orjson
 from aiohttp import WSMsgType
 
 from relay.backoff import Backoff
+from relay.client import Action, plan_reconnect, reconnect_delay
 from relay.wire import StreamId, format_id, parse_id
 
 __all__ = ["main"]
@@ -304,19 +305,27 @@ class LoadGen:
                 return
             key = str(code)
             self.codes[key] = self.codes.get(key, 0) + 1
-            if 4000 <= code <= 4499:
+            plan = plan_reconnect(code, can_renew=False)
+            if plan.action is Action.STOP:
                 self.stopped += 1
                 return
             if code == 1012 or code == 1006 or 4500 <= code <= 4999:
-                # The node went away (1006: killed, no close frame): at once, jittered,
-                # to the next address, as the load balancer would route us.
+                # The node went away (1006: killed, no close frame): the load balancer
+                # sends the reconnect to the next address.
                 client.url_index += 1
-                await asyncio.sleep(self.rng.uniform(0.0, self.jitter))
-            else:
-                await asyncio.sleep(self._backoff(1))
+            await asyncio.sleep(self._reconnect_delay(plan.action))
 
     def _backoff(self, attempt: int) -> float:
         return Backoff(BACKOFF_BASE, BACKOFF_CAP).delay(attempt, self.rng)
+
+    def _reconnect_delay(self, action: Action) -> float:
+        """The SDK's wait after a welcomed session ended (``relay.client.reconnect_delay``):
+        "at once" (1012, 4500-4999) within ``jitter`` (the SDK's 0.25 s by default), and
+        full-jitter backoff from 0.5 s after anything else. A killed node's clients see
+        1006, no close frame, and so back off: up to 0.5 s, not 0.25."""
+        if action is Action.AT_ONCE:
+            return self.rng.uniform(0.0, self.jitter)
+        return reconnect_delay(action, 0, BACKOFF_BASE, BACKOFF_CAP, self.rng)
 
     async def _open(self, client: Client) -> aiohttp.ClientWebSocketResponse:
         """Handshake and welcome, or _Refused."""
