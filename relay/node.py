@@ -27,7 +27,7 @@ from relay.backoff import Backoff, Jitter, Retry
 from relay.config import Settings
 from relay.engine import Control, Engine, NodeFigures, SessionRecord, is_stale_claim
 from relay.errors import EngineError, EngineUnavailable, InvalidEnvelope, RelayError
-from relay.hub import Hub, Subscription, Verdict
+from relay.hub import DELIVER, GAP, STALE, Hub, Subscription
 from relay.metrics import Metrics, RateMeter
 from relay.protocol import CloseCode, Format, encode_message, encode_welcome
 from relay.session import Session, SessionLimits, Transport
@@ -644,11 +644,11 @@ class Node:
             return
         self.metrics.events_in += 1
         verdict = sub.offer(event)
-        if verdict is Verdict.DELIVER:
+        if verdict is DELIVER:
             self._fan_out(sub, event)
-        elif self.draining and verdict is not Verdict.STALE:
+        elif self.draining and verdict is not STALE:
             self._hand_over(sub)
-        elif verdict is Verdict.GAP:
+        elif verdict is GAP:
             self.spawn(self._repair(sub))
 
     def _hand_over(self, sub: Subscription[Session]) -> None:
