@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import functools
 import gc
 import os
 import random
@@ -43,7 +42,7 @@ from relay.bench.floor import Feed
 from relay.config import Settings
 from relay.edge import Edge, EdgeConnection
 from relay.engines.memory import MemoryEngine
-from relay.engines.redis._subscriber import Subscriber, Timings, _Feed, _Session
+from relay.engines.redis._subscriber import Subscriber, Timings, _Session
 from relay.metrics import Metrics
 from relay.node import Node
 from relay.wire import KeySpace, encode_live, encode_payload
@@ -145,7 +144,7 @@ def _reader(node: Node, feeds: Feeds) -> Callable[[bytes], None]:
     reader = Subscriber(None, None, node, "bench:ctl", "bench", timings, log)  # type: ignore[arg-type]
     for biz, channel in feeds.channels.items():
         reader._channels[channel] = biz
-    feed = _Feed.of(functools.partial(reader._dispatch, _Session(None)))  # type: ignore[arg-type]
+    feed = reader._feed(_Session(None))  # type: ignore[arg-type]
     if feed is None:
         raise SystemExit("livepath: hiredis is not installed")
     return feed.data_received

@@ -53,6 +53,7 @@ _UNSUBSCRIBE: Final = b"unsubscribe"
 _MESSAGE: Final = b"message"
 _BATCH: Final = 1000  # channels per SUBSCRIBE command when resubscribing
 _NOTHING: Final = object()  # hiredis: no whole reply buffered
+_Messages = tuple[bytes, Callable[[bytes, bytes], None]]  # a reply kind and its handler
 
 
 # -- control messages ---------------------------------------------------------------------
@@ -122,21 +123,30 @@ class _Feed(asyncio.Protocol):
     rounds: 2.4-2.8 µs per message that way, 1.5-1.8 this way). Writes still go through
     redis-py's StreamWriter; its protocol still hears of write pauses and of the end.
 
+    ``messages``, if given, is a reply kind and its handler: each ``[kind, channel, data]``
+    reply goes straight to ``handler(channel, data)``, as in the floor's loop, and every
+    other reply to ``dispatch`` (a Python call less per message, ~0.1 µs).
+
     ``ended`` fails with what ended the feed: a lost connection, a protocol error, or
     whatever the dispatch raised (an error reply, for one).
     """
 
-    def __init__(self, dispatch: Callable[[Any], None], reader: Any) -> None:
+    def __init__(
+        self, dispatch: Callable[[Any], None], reader: Any, messages: _Messages | None = None
+    ) -> None:
         self._dispatch = dispatch
         self._reader = reader
+        self._kind: bytes | None
+        self._on_message: Callable[[bytes, bytes], None]
+        self._kind, self._on_message = messages or (None, _unused)
         self._streams: asyncio.BaseProtocol | None = None
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
-    def of(cls, dispatch: Callable[[Any], None]) -> _Feed | None:
-        """A feed for ``dispatch``, or None without hiredis."""
+    def of(cls, dispatch: Callable[[Any], None], messages: _Messages | None = None) -> _Feed | None:
+        """A feed for ``dispatch`` (and ``messages``), or None without hiredis."""
         reader = reply_reader(_NOTHING)
-        return None if reader is None else cls(dispatch, reader)
+        return None if reader is None else cls(dispatch, reader, messages)
 
     def attach(self, transport: asyncio.Transport) -> None:
         self._streams = transport.get_protocol()
@@ -153,10 +163,14 @@ class _Feed(asyncio.Protocol):
         if self.ended.done():
             return
         reader, dispatch = self._reader, self._dispatch
+        kind, on_message = self._kind, self._on_message
         try:
             reader.feed(data)
             while (reply := reader.gets()) is not _NOTHING:
-                dispatch(reply)
+                if type(reply) is list and len(reply) == 3 and reply[0] == kind:
+                    on_message(reply[1], reply[2])
+                else:
+                    dispatch(reply)
         except Exception as exc:
             self._end(exc)
 
@@ -402,7 +416,7 @@ class Subscriber:
         for channel in initial:
             session.ops[channel] = deque([_SUBSCRIBE])
         transport = transport_of(conn)
-        feed = _Feed.of(functools.partial(self._dispatch, session))
+        feed = self._feed(session)
         if feed is not None and transport is not None:
             feed.attach(transport)  # before SUBSCRIBE: every reply to it comes to the feed
         else:
@@ -422,6 +436,12 @@ class Subscriber:
         finally:
             if feed is not None:
                 feed.stop()
+
+    def _feed(self, session: _Session) -> _Feed | None:
+        """What reads ``session``'s socket with hiredis (None without it): messages to
+        :meth:`_on_message`, the other replies to :meth:`_dispatch`."""
+        dispatch = functools.partial(self._dispatch, session)
+        return _Feed.of(dispatch, (self._MESSAGE_KIND, self._on_message))
 
     def _commands(self, kind: bytes, channels: list[bytes]) -> list[list[bytes]]:
         """(UN)SUBSCRIBE commands for ``channels`` (``kind`` is the reply kind it asks for)."""
@@ -656,6 +676,10 @@ class Subscriber:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _unused(channel: bytes, data: bytes) -> None:
+    """A feed's message handler when it has none (no reply kind matches ``None``)."""
 
 
 def _wake(waiters: Iterable[asyncio.Future[None]]) -> None:
