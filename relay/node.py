@@ -685,6 +685,9 @@ class Node:
                 session.push(event, frames[fmt])
         metrics = self.metrics
         metrics.messages_out += len(sessions)
+        # The clock is read per event (~0.06 µs), not once per pub/sub read: a read can
+        # hold a backlog of hundreds of messages that take milliseconds to fan out, and the
+        # histogram's first bucket is 0.5 ms.
         metrics.latency.observe(time.time() - event.ts)
 
     def _encode(self, event: Event, fmt: Format) -> bytes | None:
