@@ -34,7 +34,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 import structlog
 from aiohttp import web
@@ -81,6 +81,7 @@ MAX_HEADERS: Final = 100
 OPENING_HOLD: Final = 64 * 1024  # bytes held with the 101 while a session opens, at most
 
 _HEAD, _CONNECTING, _OPEN, _CLOSED = range(4)
+_SPACE: Final = " \t\n\r\x0b\x0c"  # what bytes.strip() strips (str.strip() strips more)
 
 
 _REASONS = {
@@ -111,33 +112,37 @@ def _tokens(value: str) -> set[str]:
 def parse_head(head: bytes) -> tuple[str, dict[str, str], dict[str, str]]:
     """Client id, query (first value of each name) and lower-case headers of a
     ``GET /ws/<client_id>`` request head; raises Refused."""
-    lines = head.split(b"\r\n")
-    if any(len(line) > MAX_LINE for line in lines):
+    # Decoded once (latin-1: one byte, one character), not twice per header, and the
+    # query split by hand as parse_qsl(keep_blank_values=True) does: an aiohttp client's
+    # head (8 headers, 2 query fields) 13.4 -> 6.6 µs, a `ws` client's 7.8 -> 3.9 µs.
+    lines = head.decode("latin-1").split("\r\n")
+    if max(map(len, lines)) > MAX_LINE:
         raise Refused(400, "bad_request", "request line or header too long")
     if len(lines) - 1 > MAX_HEADERS:
         raise Refused(400, "bad_request", "too many headers")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1":
         raise Refused(400, "bad_request", "bad request line")
-    try:
-        target = parts[1].decode("ascii")
-    except UnicodeDecodeError:
-        raise Refused(400, "bad_request", "bad request target") from None
+    target = parts[1]
+    if not target.isascii():
+        raise Refused(400, "bad_request", "bad request target")
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip(_SPACE) or " " in name or "\t" in name:
             raise Refused(400, "bad_request", "bad header line")
-        key = name.decode("latin-1").lower()
-        text = value.strip(b" \t").decode("latin-1")
+        key = name.lower()
+        text = value.strip(" \t")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     path, _, query_string = target.partition("?")
     segment = path[len("/ws/") :]
     if not segment or "/" in segment:
         raise Refused(404, "not_found", "not found")
     query: dict[str, str] = {}
-    for field, content in parse_qsl(query_string, keep_blank_values=True):
-        query.setdefault(field, content)
+    for field in query_string.split("&"):  # what parse_qsl(keep_blank_values=True) does
+        if field:
+            name, _, content = field.partition("=")
+            query.setdefault(unquote(name.replace("+", " ")), unquote(content.replace("+", " ")))
     return unquote(segment), query, headers
 
 
