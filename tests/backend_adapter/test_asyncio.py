@@ -241,6 +241,18 @@ async def test_publish_concurrent_keeps_call_order_of_one_task(
     assert tail == list(range(200 - len(tail), 200))
 
 
+async def test_publish_after_redis_dropped_the_idle_connection_lands_once(
+    publisher: AsyncPublisher, raw: redis.Redis
+) -> None:
+    """Redis closing the connection a publish left (CLIENT KILL) between two publishes:
+    the next one still lands, exactly once."""
+    await publisher.publish("cml", "e", 1)
+    assert raw.client_kill_filter(_type="normal", skipme=True) >= 1
+    result = await publisher.publish("cml", "e", 2)
+    assert result.id and not result.duplicate
+    assert [e.data for e in stream_events(raw, "cml")] == [1, 2]
+
+
 async def test_publish_after_script_flush_reloads_the_script(
     publisher: AsyncPublisher, raw: redis.Redis
 ) -> None:
