@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storm-seconds", type=float, default=d.storm_seconds, help="publish time")
     p.add_argument("--storm-kill-after", type=float, default=d.storm_kill_after)
     p.add_argument(
-        "--storm-jitter", type=float, default=d.storm_jitter, help="max reconnect delay, s"
+        "--storm-jitter",
+        type=float,
+        default=d.storm_jitter,
+        help="most seconds an 'at once' reconnect (1012, 4500-4999) waits; a killed node's"
+        " 1006 backs off as the SDKs do (0-0.5 s)",
     )
     p.add_argument(
         "--storm-concurrency",
