@@ -20,10 +20,12 @@ from backend_adapter import AsyncPublisher, Publisher
 from relay.engine import EngineOptions
 from relay.engines.redis import RedisEngine
 from relay.errors import EngineUnavailable, PublishFailed
+from relay.redis_pool import async_pool
 from relay.wire import KeySpace, decode_payload, parse_id
 from tests.backend_adapter.sql_support import dispatch_after_a_crash
 from tests.engines.conftest import RecordingHandler
-from tests.support.sentinel import PASSWORD, SentinelDeployment
+from tests.support.ports import free_ports
+from tests.support.sentinel import PASSWORD, SERVICE, SentinelDeployment
 from tests.support.timing import MS
 
 pytestmark = pytest.mark.redis
@@ -164,3 +166,25 @@ async def test_sentinel_outbox_reads_back_duplicates_through_the_master(
             assert history == ([None, biz] if n % 3 == 2 else [biz]), (biz, history)
     finally:
         master.close()
+
+
+async def test_sentinel_pool_closes_every_sentinel_after_overlapping_discoveries(
+    sentinel_deployment: SentinelDeployment,
+) -> None:
+    """Overlapping master discoveries (each connection opened in a failover makes one), a
+    sentinel down: the pool keeps asking every sentinel, so closing it closes them all."""
+    (down,) = free_ports(1)
+    auth, hosts = sentinel_deployment.url.removeprefix("redis+sentinel://").split("@")
+    order = hosts.split("/")[0].split(",")
+    for trial in range(20):
+        addresses = [f"127.0.0.1:{down}", *order]
+        addresses.insert(trial % 4, addresses.pop(0))  # the dead one at every place in turn
+        url = f"redis+sentinel://{auth}@{','.join(addresses)}/{SERVICE}/0"
+        pool = async_pool(url, socket_connect_timeout=1000 * MS)
+        manager = pool.sentinel_manager  # type: ignore[attr-defined]
+        clients = set(manager.sentinels)
+        try:
+            await asyncio.gather(*(manager.discover_master(SERVICE) for _ in range(50)))
+            assert set(manager.sentinels) == clients, f"trial {trial}: a sentinel was dropped"
+        finally:
+            await pool.aclose()

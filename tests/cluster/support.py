@@ -476,8 +476,10 @@ class TickPublisher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-        await self.publisher.close()
+        try:
+            await self.stop()
+        finally:
+            await self.publisher.close()
 
     async def stop(self) -> None:
         """Finish the tick in progress (all of it accepted), then stop."""

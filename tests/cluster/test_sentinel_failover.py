@@ -14,10 +14,8 @@ RELAY_SENTINEL_RATE (events/s) set the full figures (200 clients, 500/s).
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import time
-import warnings
 
 import msgpack
 import pytest
@@ -32,20 +30,6 @@ CLIENTS = int(os.environ.get("RELAY_SENTINEL_CLIENTS", "100"))
 RATE = float(os.environ.get("RELAY_SENTINEL_RATE", "200"))
 TICK = CLIENTS / RATE  # one event per client per tick
 SETTINGS = {"heartbeat": 5, "drain_grace": 1, "close_linger": 0.05}
-
-
-def _collect_sentinel_leftovers() -> None:
-    """Collect garbage right after the publisher closed, with ResourceWarning ignored.
-
-    Known and open (see the issue-12 note): after a failover under this load, redis-py's
-    Sentinel clients occasionally leave a connection made during master discovery outside
-    their pool, so closing the publisher does not close it and it warns when collected,
-    sometimes only at the end of the whole session. Collecting here keeps that one leak
-    from failing unrelated tests; anything leaked later still fails the suite.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 def _missing_from_history(deployment: SentinelDeployment, accepted: dict[str, list[int]]) -> int:
@@ -100,7 +84,6 @@ async def _kill_master_under_load(
                 "all delivering",
             )
             await publisher.wait_ticks(5)
-        _collect_sentinel_leftovers()
         delivery = await wait_delivered(fleet, publisher.accepted, 30_000 * MS)
         missing, wrong, examples = missing_and_extra(fleet, publisher.accepted)
         told = {
