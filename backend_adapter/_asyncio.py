@@ -229,16 +229,27 @@ class AsyncPublisher(PublisherBase[redis.asyncio.Redis]):
             raise lookup_failed(f"is_online({client_id!r})", retry.failures, exc) from exc
 
     async def close(self) -> None:
-        """Finish the publishes already queued, then close the pool if we made it."""
+        """Finish the publishes already queued, then close the pool if we made it.
+
+        Cancelled meanwhile, it stops the senders (their publishes fail with
+        PublishFailed: they may or may not have been published) and closes the pool all
+        the same, so no connection is left open.
+        """
         self._closed = True
-        while self._tasks:  # a queued publish always has a sender coming for it
-            await asyncio.wait(set(self._tasks))
-        kept, self._kept = self._kept, None
-        if kept is not None:
-            await self._pool.release(kept[1])
-        if self._owns_client:
-            self._owns_client = False
-            await self._client.aclose()
+        try:
+            while self._tasks:  # a queued publish always has a sender coming for it
+                await asyncio.wait(set(self._tasks))
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:  # a sender still using the pool would reconnect it
+                await asyncio.wait(set(self._tasks))
+            kept, self._kept = self._kept, None
+            if kept is not None:
+                await self._pool.release(kept[1])
+            if self._owns_client:
+                self._owns_client = False
+                await self._client.aclose()
 
     async def __aenter__(self) -> AsyncPublisher:
         return self

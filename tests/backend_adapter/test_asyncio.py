@@ -384,6 +384,34 @@ async def test_publisher_close_finishes_queued_publishes(redis_server: RedisServ
     await pub.close()  # idempotent
 
 
+async def test_publisher_close_cancelled_fails_what_hangs_and_closes_its_connections(
+    own_redis: RedisServer,
+) -> None:
+    """close() cancelled while a publish hangs (Redis stopped): that publish fails at once
+    with PublishFailed, and none of the publisher's connections stays open."""
+    pub = AsyncPublisher(own_redis.url, timeout=30.0, retries=0)
+    await asyncio.gather(*(pub.publish("cml", "e", i) for i in range(50)))  # several open
+    own_redis.stop_process()
+    try:
+        hanging = asyncio.ensure_future(pub.publish("cml", "e", 50))
+        await asyncio.sleep(100 * MS)
+        closing = asyncio.ensure_future(pub.close())
+        await asyncio.sleep(100 * MS)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        with pytest.raises(PublishFailed, match="interrupted"):
+            async with asyncio.timeout(2000 * MS):
+                await hanging
+    finally:
+        own_redis.continue_process()
+    with redis.Redis.from_url(own_redis.url) as raw:
+        deadline = time.monotonic() + 5000 * MS
+        while len(raw.client_list(_type="normal")) > 1:  # itself
+            assert time.monotonic() < deadline, raw.client_list(_type="normal")
+            await asyncio.sleep(20 * MS)
+
+
 async def test_publisher_cancelled_publish_does_not_break_others(publisher: AsyncPublisher) -> None:
     """Cancelling a waiting publish leaves the rest of its batch unharmed."""
     tasks = [asyncio.ensure_future(publisher.publish("cml", "e", i)) for i in range(10)]
