@@ -246,9 +246,17 @@ class Subscriber:
         self._bad_suppressed = 0
         self._first_live: asyncio.Future[None] | None = None
         self._ever_live = False
-        # Kept from the first subscribe: on Python 3.11 each get_running_loop() (and each
-        # ensure_future) is a getpid() system call, and every connect subscribes.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # see the loop property
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop, kept from its first use: on Python 3.11 each
+        get_running_loop() (and each ensure_future) is a getpid() system call, and every
+        connect subscribes."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def start(self) -> None:
         """Connect and subscribe the control channel, or raise EngineUnavailable."""
@@ -282,9 +290,7 @@ class Subscriber:
     async def subscribe(self, channel: bytes, biz_id: str) -> None:
         if channel in self._channels and self._is_live(channel):
             return
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self.loop
         waiters = self._waiters.get(channel)
         if waiters is None:
             waiters = self._waiters[channel] = []
@@ -320,7 +326,7 @@ class Subscriber:
             expiries.popleft()
         expiries.append((deadline, waiter))
         if self._expiry_timer is None:
-            loop = self._loop or asyncio.get_running_loop()
+            loop = self.loop
             self._expiry_timer = loop.call_at(deadline, self._expire, deadline)
 
     def _expire(self, due: float) -> None:
@@ -474,7 +480,7 @@ class Subscriber:
         # (a reconnect storm subscribes thousands of channels at once).
         session.outbox.append((command, channel))
         if len(session.outbox) == 1:
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_outbox, session)
+            self.loop.call_soon(self._flush_outbox, session)
 
     def _flush_outbox(self, session: _Session) -> None:
         pending, session.outbox = session.outbox, []
@@ -488,7 +494,7 @@ class Subscriber:
         commands = [
             command for kind, channels in runs for command in self._commands(kind, channels)
         ]
-        task = asyncio.ensure_future(self._write(session, commands), loop=self._loop)
+        task = self.loop.create_task(self._write(session, commands))
         session.writes.add(task)
         task.add_done_callback(session.writes.discard)
 
