@@ -163,6 +163,8 @@ def _rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
             ("close codes seen", ", ".join(f"{k} x{v}" for k, v in sorted(f["close_codes"].items()))
              or "-"),
             ("resumed with recovered=false", _n(f["not_recovered"])),
+            ("CPU µs per resume, kill to last welcome: node B / load generators",
+             f"{_n(f.get('server_us_per_resume'))} / {_n(f.get('loadgen_us_per_resume'))}"),
             ("latency ms p50 / p90 / p99 / max", _lat(f)),
             ("node B alive at the end", _n(f["server_alive"])),
         ]  # fmt: skip

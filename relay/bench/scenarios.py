@@ -230,14 +230,17 @@ async def storm(bench: Bench) -> ScenarioResult:
 
         async def kill_a() -> dict[str, Any]:
             await asyncio.sleep(o.storm_kill_after)
+            # From the kill until every client resumed: node B's and the clients' CPU.
+            roles = {"server": node_b.pids(), "loadgen": [gen.child.pid for gen in gens]}
             t_kill = time.time()
             node_a.kill_group(signal.SIGKILL)
+            cpu0 = CpuSnapshot.take(roles)
             while time.time() - t_kill < STORM_RESUME_TIMEOUT_S:
                 st = await bench.stats(gens)
                 if st["dropped"] >= n and st["resumed"] >= st["dropped"]:
                     break
                 await asyncio.sleep(0.05)
-            return {"t_kill": t_kill}
+            return {"t_kill": t_kill, "resume_cpu_s": CpuSnapshot.take(roles).delta(cpu0)}
 
         count = int(o.storm_rate * max(o.storm_seconds, o.storm_kill_after + 1))
         phase = await bench.publish_phase(
@@ -253,6 +256,7 @@ async def storm(bench: Bench) -> ScenarioResult:
     finally:
         await _cleanup(bench, gens, node_a, node_b)
     t_kill = float(phase.side["t_kill"])
+    resume_cpu = phase.side["resume_cpu_s"]
     resumed_at = [t for r in resumes for t in r["resumed_at"]]
     dropped = sum(int(r["dropped"]) for r in resumes)
     codes: dict[str, int] = {}
@@ -286,6 +290,13 @@ async def storm(bench: Bench) -> ScenarioResult:
         "all_resumed_after_s": round(max(after_kill), 3) if everyone and after_kill else None,
         "resume_s": percentiles(after_kill),
         "not_recovered": sum(int(r["not_recovered"]) for r in resumes),
+        "resume_cpu_s": {k: round(v, 3) for k, v in resume_cpu.items()},
+        "server_us_per_resume": (
+            round(1e6 * resume_cpu["server"] / len(resumed_at), 1) if resumed_at else None
+        ),
+        "loadgen_us_per_resume": (
+            round(1e6 * resume_cpu["loadgen"] / len(resumed_at), 1) if resumed_at else None
+        ),
         "reconnect_attempts": sum(int(r["attempts"]) for r in resumes),
         "close_codes": codes,
         "refused": sum(int(r["refused"]) for r in resumes),
