@@ -61,6 +61,30 @@ def test_bench_throughput_delivers_everything_and_stops_its_processes(tmp_path: 
     assert [pid for pid in doc["pids_started"] if alive(pid)] == []
 
 
+def test_bench_storm_resumes_every_client_of_the_killed_node(tmp_path: Path) -> None:
+    """The reconnect storm's small form: 200 clients in two load generators lose node A
+    (SIGKILL) while events flow; every one resumes on node B with recovered=true, and
+    nothing is lost or delivered twice."""
+    _, doc = _bench(
+        tmp_path,
+        "--scenarios", "storm",
+        "--storm-clients", "200",
+        "--storm-rate", "200",
+        "--storm-seconds", "3",
+        "--storm-kill-after", "1",
+        "--loadgen-procs", "2",
+        "--no-plot",
+    )  # fmt: skip
+    (result,) = doc["results"]
+    assert result["scenario"] == "storm"
+    assert (result["connected"], result["dropped"], result["resumed"]) == (200, 200, 200)
+    assert result["all_resumed"] is True
+    assert (result["not_recovered"], result["refused"], result["welcome_timeouts"]) == (0, 0, 0)
+    assert (result["sent"], result["lost"], result["dup"], result["misrouted"]) == (600, 0, 0, 0)
+    assert result["close_codes"] == {"1006": 200}
+    assert [pid for pid in doc["pids_started"] if alive(pid)] == []
+
+
 def test_bench_scale_drains_a_worker_and_loses_nothing(tmp_path: Path) -> None:
     """The 100,000-client scenario's small form: 300 clients from two loopback source
     addresses on two workers; one worker drained mid-trickle; nothing lost, all back."""

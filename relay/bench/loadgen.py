@@ -35,11 +35,10 @@ import socket
 import sys
 import time
 from array import array
-from typing import Any, Final
+from typing import Any, Final, cast
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
-from aiohttp import WSMsgType
 
 from relay.backoff import Backoff
 from relay.client import Action, plan_reconnect, reconnect_delay
@@ -126,11 +125,15 @@ class _Refused(Exception):
         self.code = code
 
 
+class _NoUpgrade(Exception):
+    """The handshake failed before the upgrade; the message says why (for the report)."""
+
+
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2+
 
 
-def _port_at_connect(addr_info: Any) -> socket.socket:
-    """A client socket whose bind to (source, 0) leaves the port to connect().
+def _client_socket(source: str | None) -> socket.socket:
+    """A non-blocking client socket; bound to ``(source, 0)`` with the port left to connect().
 
     Without IP_BIND_ADDRESS_NO_PORT, bind() picks a port no other socket of that address
     holds, a search that grows with every socket bound: at ~15,000 clients per address
@@ -138,21 +141,182 @@ def _port_at_connect(addr_info: Any) -> socket.socket:
     to ~200/s, and reconnects after a drain timed out). connect() needs the port to be
     unique only per destination.
     """
-    family, type_, proto, _, _ = addr_info
-    sock = socket.socket(family=family, type=type_, proto=proto)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    if source:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        try:
+            sock.bind((source, 0))
+        except OSError:
+            sock.close()
+            raise
     return sock
+
+
+# The rest of every upgrade request. The key is the same for every client: only the node
+# reads it, and the load generator does not check the accept header it answers with.
+_REQUEST_TAIL: Final = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+_MAX_HEAD: Final = 16384  # an upgrade response longer than this is not one
+# A client's frames must be masked (RFC 6455 §5.3); a zero key leaves the payload as it
+# is, and the only frames these clients send are a pong and a close reply.
+_ZERO_MASK: Final = b"\x00\x00\x00\x00"
+
+
+class _Connection(asyncio.Protocol):
+    """One client's WebSocket connection, as little of one as the benchmark needs.
+
+    The load generator's clients must cost less CPU than the node they measure. Through
+    aiohttp's client a handshake cost a load generator 360-450 µs of CPU, twice the
+    node's, so a reconnect storm on a busy machine measured the clients (see
+    docs/benchmarks.md, 2026-12-06). Here the upgrade request is one pre-built write, the
+    101 response is only checked for its status, and each server frame is handled where
+    it arrives: a Relay node sends whole frames (never fragmented), unmasked, text for
+    JSON. The welcome updates the client and resolves ``welcome``; messages go to the
+    tally as :meth:`LoadGen.deliver` says; pings are answered; a close frame is answered
+    and its code resolves ``closed`` once the socket ends (1006 when it ends without one).
+    """
+
+    def __init__(self, gen: LoadGen, client: Client, request: bytes) -> None:
+        loop = gen.loop
+        self.gen = gen
+        self.client = client
+        self.request = request
+        self.welcome: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[int] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.upgraded = False
+        self.close_code: int | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: uvloop's TCPTransport is no asyncio.Transport subclass
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        code = 1006 if self.close_code is None else self.close_code
+        if not self.welcome.done():
+            if self.upgraded:
+                self.welcome.set_exception(_Refused(code))
+            else:
+                why = "closed before the upgrade" if exc is None else _why(exc)
+                self.welcome.set_exception(_NoUpgrade(why))
+        if not self.closed.done():
+            self.closed.set_result(code)
+
+    def data_received(self, data: bytes) -> None:
+        if self.close_code is not None:
+            return  # closing: the node ends the socket
+        buf = self.buffer + data if self.buffer else data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD:
+                    self._no_upgrade("response head too long")
+                else:
+                    self.buffer = buf
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self._no_upgrade("HTTP " + buf[9:12].decode("latin-1"))
+                return
+            self.upgraded = True
+            buf = buf[end + 4 :]
+        pos, available = 0, len(buf)
+        while available - pos >= 2:
+            first, size = buf[pos], buf[pos + 1]
+            if first & 0xF0 != 0x80 or size & 0x80:  # a fragment, RSV bits, or masked
+                self._protocol_error()
+                return
+            head = 2
+            if size >= 126:
+                head = 4 if size == 126 else 10
+                if available - pos < head:
+                    break
+                size = int.from_bytes(buf[pos + 2 : pos + head])
+            end = pos + head + size
+            if end > available:
+                break
+            payload = buf[pos + head : end]
+            pos = end
+            opcode = first & 0x0F
+            if opcode == 0x1:  # text
+                if self.welcome.done():
+                    self.gen.deliver(self.client, payload)
+                else:
+                    self._welcomed(payload)
+            elif opcode == 0x9:  # ping: the pong carries its payload
+                self._send(0x8A, payload)
+            elif opcode == 0x8:  # close: answered with its code; the node ends the socket
+                self.close_code = int.from_bytes(payload[:2]) if size >= 2 else 1005
+                self._send(0x88, payload[:2])
+                self.buffer = b""
+                return
+            elif opcode != 0x2 and opcode != 0xA:  # binary and pong are ignored
+                self._protocol_error()
+                return
+        self.buffer = buf[pos:]
+
+    def _send(self, first: int, payload: bytes) -> None:
+        """A control frame (payload ≤ 125 bytes), masked as a client's must be."""
+        assert self.transport is not None
+        self.transport.write(bytes((first, 0x80 | len(payload))) + _ZERO_MASK + payload)
+
+    def _welcomed(self, payload: bytes) -> None:
+        frame = orjson.loads(payload)
+        if frame.get("type") != "welcome":
+            self.welcome.set_exception(_Refused(None))
+            self.abort()
+            return
+        client = self.client
+        if client.last is None:
+            # Resume from the head of history even if nothing was delivered yet.
+            client.last = parse_id(frame["last_id"])
+        now = time.time()
+        if client.dropped_at:
+            client.resumed_at = now
+            client.recovered = frame.get("recovered")
+        else:
+            client.ready = True
+        self.gen.last_ready_at = now
+        self.welcome.set_result(None)
+
+    def _no_upgrade(self, why: str) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(_NoUpgrade(why))
+        self.abort()
+
+    def _protocol_error(self) -> None:
+        self.gen.errors += 1
+        self.close_code = 1002
+        self.abort()
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as the report counts handshake errors: its type and errno name."""
+    why = type(exc).__name__
+    code = getattr(exc, "errno", None)
+    if code:  # OSError says little: ECONNRESET, EADDRNOTAVAIL, EMFILE, …
+        why += f" {errno.errorcode.get(code, code)}"
+    return why
 
 
 class LoadGen:
     def __init__(self) -> None:
-        self.http: aiohttp.ClientSession | None = None
+        self.loop = asyncio.get_running_loop()
         self.clients: list[Client] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.tally = Tally(0)
         self.rng = random.Random(7)
-        self.urls: list[str] = []
+        self.urls: list[tuple[str, int, str]] = []  # host, port, request head after line 1
+        self.source: str | None = None
         self.reconnect = False
         self.jitter = 0.25
         self.gate = asyncio.Semaphore(200)  # handshakes in flight on the first connect
@@ -193,18 +357,12 @@ class LoadGen:
         return {"error": f"unknown command {name!r}"}
 
     async def connect(self, cmd: dict[str, Any]) -> None:
-        if self.http is None:
-            source = cmd.get("source")
-            self.http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=0,
-                    force_close=False,
-                    local_addr=(source, 0) if source else None,
-                    socket_factory=_port_at_connect if source else None,
-                ),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            )
-        self.urls = [u.rstrip("/") for u in cmd["urls"]]
+        self.source = cmd.get("source") or None
+        self.urls = []
+        for url in cmd["urls"]:
+            parts = urlsplit(url)
+            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            self.urls.append((host, port, f"Host: {parts.netloc}\r\n{_REQUEST_TAIL}"))
         self.instance = secrets.token_urlsafe(6)
         self.reconnect = bool(cmd.get("reconnect", False))
         self.jitter = float(cmd.get("jitter", 0.25))
@@ -261,18 +419,20 @@ class LoadGen:
             task.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=10)
-        if self.http is not None:
-            await self.http.close()
 
     # -- one client --------------------------------------------------------------------------
 
-    def _url(self, client: Client) -> str:
-        # Like the SDK: `attempt` counts this client's handshakes, so a stale one it gave
-        # up on never replaces the newer one.
+    def _request(self, client: Client) -> tuple[str, int, bytes]:
+        """The address of the client's node and its upgrade request.
+
+        Like the SDK: ``attempt`` counts this client's handshakes, so a stale one it gave
+        up on never replaces the newer one."""
         client.handshakes += 1
-        url = f"{self.urls[client.url_index % len(self.urls)]}/ws/{client.id}"
-        url += f"?attempt={self.instance}.{client.handshakes}"
-        return url if client.last is None else f"{url}&since={format_id(client.last)}"
+        host, port, tail = self.urls[client.url_index % len(self.urls)]
+        query = f"attempt={self.instance}.{client.handshakes}"
+        if client.last is not None:
+            query += f"&since={format_id(client.last)}"
+        return host, port, f"GET /ws/{client.id}?{query} HTTP/1.1\r\n{tail}".encode()
 
     async def run_client(self, client: Client) -> None:
         failures = 0
@@ -280,7 +440,7 @@ class LoadGen:
             if client.dropped_at:
                 client.attempts += 1
             try:
-                ws = await self._open(client)
+                conn = await self._open(client)
             except _Refused as exc:
                 failures += 1
                 key = str(exc.code) if exc.code is not None else "no welcome"
@@ -298,7 +458,10 @@ class LoadGen:
                 await asyncio.sleep(self._backoff(failures))
                 continue
             failures = 0
-            code = await self._read(client, ws)
+            try:
+                code = await conn.closed
+            finally:
+                conn.abort()  # cancelled (the close command), or the node closed first
             client.dropped_at = client.dropped_at or time.time()
             if not self.reconnect:
                 self.closed_after_ready += 1
@@ -327,93 +490,59 @@ class LoadGen:
             return self.rng.uniform(0.0, self.jitter)
         return reconnect_delay(action, 0, BACKOFF_BASE, BACKOFF_CAP, self.rng)
 
-    async def _open(self, client: Client) -> aiohttp.ClientWebSocketResponse:
+    async def _open(self, client: Client) -> _Connection:
         """Handshake and welcome, or _Refused."""
-        assert self.http is not None
         async with self.regate if client.dropped_at else self.gate:
-            deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT
+            host, port, request = self._request(client)
+            conn = _Connection(self, client, request)
             try:
-                async with asyncio.timeout_at(deadline):
-                    ws = await self.http.ws_connect(
-                        self._url(client),
-                        autoclose=True,
-                        autoping=True,
-                        compress=0,
-                        max_msg_size=0,
-                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
-                    )
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await self._dial(host, port, conn)
+                    await conn.welcome
+            except (OSError, TimeoutError, _NoUpgrade) as exc:
+                conn.welcome.cancel()  # nobody waits for it now
+                conn.abort()
+                if conn.upgraded:  # upgraded, but no welcome in time
+                    self.timeouts += 1
+                    raise _Refused(None) from None
                 self.refused += 1
-                why = f"{type(exc).__name__} {getattr(exc, 'status', '')}".strip()
-                code = getattr(exc, "errno", None)
-                if code:  # OSError says little: ECONNRESET, EADDRNOTAVAIL, EMFILE, …
-                    why += f" {errno.errorcode.get(code, code)}"
+                why = str(exc) if isinstance(exc, _NoUpgrade) else _why(exc)
                 self.handshake_errors[why] = self.handshake_errors.get(why, 0) + 1
                 raise _Refused(None) from None
-            try:
-                async with asyncio.timeout_at(deadline):
-                    msg = await ws.receive()
-            except TimeoutError:
-                self.timeouts += 1
-                await ws.close()
-                raise _Refused(None) from None
-            if msg.type is not WSMsgType.TEXT:
-                code = ws.close_code
-                await ws.close()
-                raise _Refused(code if code is not None else 1006)
-            frame = orjson.loads(msg.data)
-            if frame.get("type") != "welcome":
-                await ws.close()
-                raise _Refused(None)
-        if client.last is None:
-            # Resume from the head of history even if nothing was delivered yet.
-            client.last = parse_id(frame["last_id"])
-        now = time.time()
-        if client.dropped_at:
-            client.resumed_at = now
-            client.recovered = frame.get("recovered")
-        else:
-            client.ready = True
-        self.last_ready_at = now
-        return ws
+            except BaseException:  # _Refused, or cancelled by the close command
+                conn.welcome.cancel()
+                conn.abort()
+                raise
+        return conn
 
-    async def _read(self, client: Client, ws: aiohttp.ClientWebSocketResponse) -> int:
-        """Deliver messages until the connection ends; returns the close code (1006: none)."""
-        receive = ws.receive
-        loads = orjson.loads
-        clock = time.time
-        client_id = client.id
+    async def _dial(self, host: str, port: int, conn: _Connection) -> None:
+        sock = _client_socket(self.source)
         try:
-            while True:
-                try:
-                    msg = await receive()
-                except (aiohttp.ClientError, OSError):  # the auto-pong met a closing socket
-                    break
-                if msg.type is WSMsgType.TEXT:
-                    frame = loads(msg.data)
-                    if frame.get("type") != "message":
-                        if frame.get("type") == "error":
-                            self.errors += 1
-                        else:
-                            self.other_frames += 1
-                        continue
-                    sid = parse_id(frame["id"])
-                    last = client.last
-                    if last is not None and sid <= last:
-                        self.stale_dropped += 1
-                        continue
-                    client.last = sid
-                    self.tally.deliver(
-                        client_id, frame.get("biz_id"), frame.get("data"), clock() * 1000.0
-                    )
-                elif msg.type is not WSMsgType.BINARY:  # CLOSE, CLOSING, CLOSED, ERROR
-                    break
-        finally:
-            if not ws.closed:
-                with contextlib.suppress(Exception):
-                    await ws.close()
-        code = ws.close_code
-        return 1006 if code is None else int(code)
+            await self.loop.sock_connect(sock, (host, port))
+            await self.loop.create_connection(lambda: conn, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def deliver(self, client: Client, payload: bytes) -> None:
+        """A text frame after the welcome: a message is delivered once, unless not newer
+        than the client's last id (a replay overlapping what it already had)."""
+        frame = orjson.loads(payload)
+        kind = frame.get("type")
+        if kind != "message":
+            if kind == "error":
+                self.errors += 1
+            else:
+                self.other_frames += 1
+            return
+        sid = parse_id(frame["id"])
+        last = client.last
+        if last is not None and sid <= last:
+            self.stale_dropped += 1
+            return
+        client.last = sid
+        now_ms = time.time() * 1000.0
+        self.tally.deliver(client.id, frame.get("biz_id"), frame.get("data"), now_ms)
 
 
 async def _serve() -> None:
@@ -442,9 +571,9 @@ async def _serve() -> None:
 
 # Collections of the cyclic garbage collector: the young generation every 100,000 net
 # allocations instead of 700, and the whole heap (every client's objects) about never.
-# With the defaults, full collections that walk 5,000-10,000 aiohttp connections were
-# 48-66 % of a load generator's CPU in a reconnect storm (py-spy --native), and delayed
-# the herd by seconds: the storm measured the clients' collector, not the node.
+# With the defaults, full collections that walk 5,000-10,000 clients (of aiohttp's client,
+# before _Connection) were 48-66 % of a load generator's CPU in a reconnect storm (py-spy
+# --native), and delayed the herd by seconds: the storm measured the clients' collector.
 GC_THRESHOLDS: Final = (100_000, 20, 100)
 
 
