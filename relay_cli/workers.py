@@ -2,9 +2,10 @@
 
 The supervisor starts N ``relay serve --workers 1`` children (``SO_REUSEPORT``; each its
 own node id, ``<node-id>-w<i>``), forwards SIGTERM/SIGINT to them, and restarts a worker
-that exits on its own, after a delay that doubles with each crash in a row (a worker that
-ran ``worker_restart_delay_max`` seconds starts afresh), so a worker that cannot start
-does not spin.
+that exits on its own. After a crash the delay doubles with each crash in a row (a worker
+that ran ``worker_restart_delay_max`` seconds starts afresh), so a worker that cannot
+start does not spin; a worker that exits 0 drained on request and starts again at once
+(:func:`_restart_delay`).
 
 Orphans: each worker asks the kernel for SIGTERM when its parent dies
 (``prctl(PR_SET_PDEATHSIG)``, Linux only), so a SIGKILLed supervisor takes its workers
@@ -63,6 +64,24 @@ class _Worker:
     restart_at: float | None = None  # due restart (monotonic), while waiting out the delay
 
 
+def _restart_delay(worker: _Worker, code: int, ran: float, restart_delay_max: float) -> float:
+    """Seconds before ``worker``, which exited with ``code`` after ``ran`` s, starts again.
+
+    Exit 0 is not a crash. A worker exits 0 only after draining on SIGTERM/SIGINT, and
+    while the supervisor is not stopping that signal came to the worker alone: an operator
+    recycling it (docs/operations.md). It is started again at once, as gunicorn's arbiter
+    and uvicorn's supervisor do, and it breaks a row of crashes; the supervisor logs it at
+    info, not error, since nothing failed. Any other code (a traceback, an OOM kill) is a
+    crash: the delay doubles with each one in a row.
+    """
+    if code == 0:
+        worker.retry.succeeded()
+        return 0.0
+    if ran >= restart_delay_max:
+        worker.retry.succeeded()  # it ran a good while: not a crash loop
+    return worker.retry.failed() or 0.0
+
+
 def supervise(
     argv_for: Callable[[int], list[str]],
     count: int,
@@ -109,10 +128,10 @@ def supervise(
                 continue
             if worker.restart_at is not None:
                 if stopping:
-                    codes[worker.index] = 0  # it had crashed; nothing left to stop
+                    codes[worker.index] = 0  # it had exited; nothing left to stop
                 elif now >= worker.restart_at:
                     start(worker)
-                    log.warning(
+                    (log.warning if worker.retry.failures else log.info)(
                         "worker.restarted",
                         worker=worker.index,
                         pid=worker.proc.pid if worker.proc else None,
@@ -127,11 +146,9 @@ def supervise(
                 codes[worker.index] = 128 - code if code < 0 else code
                 continue
             ran = now - worker.started
-            if ran >= restart_delay_max:
-                worker.retry.succeeded()  # it ran a good while: not a crash loop
-            delay = worker.retry.failed() or 0.0
+            delay = _restart_delay(worker, code, ran, restart_delay_max)
             worker.restart_at = now + delay
-            log.error(
+            (log.info if code == 0 else log.error)(
                 "worker.exited",
                 worker=worker.index,
                 pid=worker.proc.pid,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +61,22 @@ class Supervised:
     def log_tail(self) -> str:
         return self.log_path.read_text()[-3000:]
 
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log records of ``event``, read one object at a time: the processes
+        share the file, and two workers' records can run into one line."""
+        text, decoder, found = self.log_path.read_text(), json.JSONDecoder(), []
+        start = text.find("{")
+        while start != -1:
+            try:
+                record, end = decoder.raw_decode(text, start)
+            except json.JSONDecodeError:
+                end = start + 1
+            else:
+                if record.get("event") == event:
+                    found.append(record)
+            start = text.find("{", end)
+        return found
+
 
 @contextlib.asynccontextmanager
 async def _supervised(redis: RedisServer, tmp_path: Path, prefix: str) -> AsyncIterator[Supervised]:
@@ -68,7 +85,9 @@ async def _supervised(redis: RedisServer, tmp_path: Path, prefix: str) -> AsyncI
     log_path = tmp_path / "workers.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     # heartbeat 5 s: node TTL 3 s, so the node hash (and its load) is refreshed every second.
-    env.update(RELAY_DRAIN_GRACE="1", RELAY_API_KEY=API_KEY, RELAY_HEARTBEAT="5")
+    env.update(
+        RELAY_DRAIN_GRACE="1", RELAY_API_KEY=API_KEY, RELAY_HEARTBEAT="5", RELAY_LOG_FORMAT="json"
+    )
     with log_path.open("ab") as log:
         parent = subprocess.Popen(
             [str(RELAY), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
@@ -171,9 +190,34 @@ async def test_a_killed_worker_is_restarted_and_its_clients_lose_nothing(
             async with Fleet({c: f"ws://127.0.0.1:{run.port}/ws/{c}" for c in fresh}) as probe:
                 await probe.wait_connected()
                 nodes |= set(probe.by_node())
-        text = run.log_path.read_text()
-        assert "worker.exited" in text and "worker.restarted" in text, text[-3000:]
+        (exited,) = run.log_events("worker.exited")
+        assert (exited["level"], exited["code"]) == ("error", -signal.SIGKILL), exited
+        (restarted,) = run.log_events("worker.restarted")
+        assert (restarted["level"], restarted["crashes_in_a_row"]) == ("warning", 1), restarted
         assert alive(after[0])
+
+
+async def test_a_worker_recycled_with_sigterm_is_back_at_once_and_not_a_crash(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGTERM to one worker: it drains, exits 0 and is started again at once, logged at
+    info; a recycle is no crash, so it does not count in the crashes in a row."""
+    async with _supervised(own_redis, tmp_path, "r") as run:
+        target = run.workers[0]
+        os.kill(target, signal.SIGTERM)
+        deadline = time.monotonic() + 20_000 * MS
+        while not (restarted := run.log_events("worker.restarted")):
+            assert run.parent.poll() is None, run.log_tail()
+            assert time.monotonic() < deadline, "the recycled worker never came back"
+            await asyncio.sleep(50 * MS)
+        new = [p for p in _children(run.parent.pid) if p not in run.workers]
+        assert not alive(target) and len(new) == 1
+        exited = run.log_events("worker.exited")
+        exits = [(e["level"], e["code"], e["restart_in_s"]) for e in exited]
+        assert exits == [("info", 0, 0.0)], exits
+        restarts = [(e["level"], e["crashes_in_a_row"]) for e in restarted]
+        assert restarts == [("info", 0)], restarts
+        assert alive(new[0]) and run.parent.poll() is None
 
 
 async def test_a_sigkilled_supervisor_leaves_no_worker_behind(
