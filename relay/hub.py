@@ -80,6 +80,22 @@ class Subscription(Generic[S]):
         if self.last is None or since < self.last:
             self.last = since
 
+    def hold(self) -> None:
+        """Hold every live event past the position, with no repair to end the hold.
+
+        For a draining node whose live feed was replaced: what follows the replacement
+        may not continue the position, and a draining node does not repair. :meth:`offer`
+        now returns HELD for any event not yet delivered (a repeat stays STALE), and the
+        node answers HELD by handing the BizId's sessions over (1012) to resume elsewhere,
+        where history fills the hole; they leave, and no repair is started to end the hold.
+        A subscription without a position yet (its sessions all still connecting) takes
+        0-0 as its position, so their history reads set none either and any event after
+        them hands them over too.
+        """
+        self.repairing = True
+        if self.last is None:
+            self.last = ID_ZERO
+
     def advance(self, key: StreamId) -> None:
         """Move the position forward (never back) after a replay or repair."""
         if self.last is None or key > self.last:

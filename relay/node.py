@@ -797,9 +797,8 @@ class Node:
         for sub in subs:
             if not sub.sessions:
                 continue
-            if self.draining:
-                # Held, not repaired: the BizId's next event hands its sessions over.
-                sub.begin_repair(sub.last if sub.last is not None else ID_ZERO)
+            if self.draining:  # held, not repaired: its next event hands its sessions over
+                sub.hold()
                 continue
             if sub.repairing:
                 self._repair_again.add(sub.biz_id)

@@ -146,6 +146,21 @@ def test_subscription_begin_repair_sets_position() -> None:
     assert sub.last == (3, 0)
 
 
+def test_subscription_hold_holds_even_the_event_that_follows() -> None:
+    """hold (a draining node's replaced feed): even an event that follows the position is
+    HELD, a repeat still STALE; with no position, 0-0 becomes it."""
+    sub: Subscription[str] = Subscription("cml")
+    sub.advance((5, 0))
+    sub.hold()
+    assert sub.offer(event((6, 0), (5, 0))) is Verdict.HELD
+    assert sub.offer(event((5, 0), (4, 0))) is Verdict.STALE
+    assert sub.repairing and sub.last == (5, 0)
+    connecting: Subscription[str] = Subscription("cml")
+    connecting.hold()
+    assert connecting.last == ID_ZERO
+    assert connecting.offer(event((1, 0), ID_ZERO)) is Verdict.HELD
+
+
 def test_subscription_advance_never_moves_back() -> None:
     """advance only moves the position forward."""
     sub: Subscription[str] = Subscription("cml")
