@@ -68,8 +68,18 @@ class RedisTarget:
         return kwargs
 
     def sentinel_kwargs(self, timeout: float | None) -> dict[str, Any]:
-        """Connection arguments of the sentinels themselves."""
-        kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        """Connection arguments of the sentinels themselves.
+
+        RESP2, as the data connections: with redis-py's default (RESP3) each new sentinel
+        connection first sends HELLO 3 and then CLIENT MAINT_NOTIFICATIONS, which a
+        sentinel refuses (an error reply, logged by redis-py at debug). Sentinel answers
+        the same few commands either way; RESP2 saves those two round trips.
+        """
+        kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "protocol": 2,
+        }
         if self.sentinel_username is not None:
             kwargs["username"] = self.sentinel_username
         if self.sentinel_password is not None:

@@ -25,7 +25,11 @@ def test_redis_url_sentinel_names_hosts_service_db_and_password() -> None:
     assert target.sentinels == (("10.0.0.1", 26380), ("h2", SENTINEL_PORT), ("::1", 5000))
     assert (target.service, target.db) == ("main", 3)
     assert target.master_kwargs() == {"db": 3, "password": "s@cret"}
-    assert target.sentinel_kwargs(1.0) == {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+    assert target.sentinel_kwargs(1.0) == {
+        "socket_timeout": 1.0,
+        "socket_connect_timeout": 1.0,
+        "protocol": 2,
+    }
 
 
 def test_redis_url_sentinel_user_and_sentinel_password() -> None:

@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import redis
 import structlog
 
 from backend_adapter import AsyncPublisher, Publisher
@@ -47,11 +48,24 @@ async def _publish_until_accepted(
             await asyncio.sleep(100 * MS)
 
 
+def _clients_of(ports: list[int]) -> list[dict[str, str]]:
+    """CLIENT LIST of these sentinels, but for their links to each other and this probe."""
+    found = []
+    for port in ports:
+        with redis.Redis(port=port, protocol=2, decode_responses=True) as sentinel:
+            for line in sentinel.execute_command("CLIENT", "LIST").splitlines():
+                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                if not fields["name"].startswith("sentinel-") and fields["cmd"] != "client|list":
+                    found.append(fields)
+    return found
+
+
 async def test_sentinel_engine_and_publishers_follow_a_failover(
     sentinel_deployment: SentinelDeployment,
 ) -> None:
     """Kill -9 the master and the URL's first sentinel: publishes reach the new master, the
-    node resubscribes and receives them live, and the password never reaches a log line."""
+    node resubscribes and receives them live, the sentinels are asked in RESP2, and the
+    password never reaches a log line."""
     deployment = sentinel_deployment
     handler = RecordingHandler()
     engine = RedisEngine(deployment.url, EngineOptions(), socket_timeout=1.0)
@@ -86,6 +100,12 @@ async def test_sentinel_engine_and_publishers_follow_a_failover(
                 assert [e.data["seq"] for e in gap.entries] == [1, 2]
             with Publisher(deployment.url, timeout=1.0) as sync_publisher:
                 result = await asyncio.to_thread(sync_publisher.publish, "b1", "tick", {"seq": 3})
+                # The sentinels are asked in RESP2, as the data nodes: in RESP3 each new
+                # sentinel connection also sent HELLO 3 and a CLIENT MAINT_NOTIFICATIONS
+                # that the sentinel refuses (an error reply).
+                alive = deployment.sentinel_ports[1:]
+                ours = await asyncio.to_thread(_clients_of, alive)
+                assert ours and {c["resp"] for c in ours} == {"2"}, [c["resp"] for c in ours]
             await handler.wait_until(lambda: len(handler.events_for("b1")) >= 3, 5_000)
             history = await engine.history("b1", None, 10)
             assert history.last is not None and result.id.startswith(str(history.last[0]))
