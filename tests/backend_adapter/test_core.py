@@ -9,6 +9,7 @@ import redis.exceptions as rex
 from redis.connection import Connection
 
 from backend_adapter._core import (
+    _NAMES_KEPT,
     PUBLISH_BATCH_SHA,
     PUBLISH_SHA,
     SCRIPT_LOAD,
@@ -24,6 +25,11 @@ from relay.errors import ConfigError, PublishFailed
 def redis_py_packing(*args: object) -> bytes:
     """What redis-py itself would send for ``args``."""
     return b"".join(Connection().pack_command(*args))
+
+
+def bulks(*args: object) -> bytes:
+    """The bulk strings redis-py sends for ``args`` within a command."""
+    return redis_py_packing("X", *args).split(b"\r\nX\r\n", 1)[1]
 
 
 @pytest.mark.parametrize("prefix", ["relay", "app:prod"])
@@ -48,6 +54,24 @@ def test_codec_command_matches_wire_publish_call(prefix: str, mid: str | None) -
         dedupe_window=30,
     )
     assert command == redis_py_packing("EVALSHA", PUBLISH_SHA, len(keys), *keys, *argv)
+
+
+def test_codec_keys_of_a_bizid_seen_before_are_its_own() -> None:
+    """A BizId's key bulks kept from its earlier events, with or without a mid, and after
+    more BizIds than are kept came by, are what wire.publish_call names."""
+    codec, keys = PublishCodec(key_prefix="app"), wire.KeySpace("app")
+    seen = [f"b{i}" for i in range(_NAMES_KEPT + 10)]
+    for biz_id in [*seen, "b0", "b7", seen[-1], "b7"]:
+        for mid in (None, f"m-{biz_id}", None):
+            names, dedupe, _, mid_arg = codec.encode(biz_id, "e", 1, mid)
+            expected, argv = wire.publish_call(
+                keys, biz_id, b"", mid=mid, history_size=1, history_ttl=1, dedupe_window=1
+            )
+            assert (names, dedupe, mid_arg) == (
+                bulks(*expected),
+                bulks(expected[3]),
+                bulks(argv[3]),
+            )
 
 
 def test_codec_script_digest_and_load_command() -> None:
