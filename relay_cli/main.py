@@ -65,6 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
     die_with_supervisor()
     _install_uvloop()
     log.info("node.configured", settings=settings.redacted())
+    if settings.sched_slice_ms:
+        _request_sched_slice(settings.sched_slice_ms, log)
     try:
         asyncio.run(
             serve(
@@ -76,6 +78,24 @@ def _serve(args: argparse.Namespace) -> int:
     except EngineError as exc:
         raise _redis_failed(settings.redis_url, exc) from None
     return 0
+
+
+def _request_sched_slice(ms: float, log: Any) -> None:
+    """--sched-slice-ms, before the event loop and its threads exist (they inherit it).
+    Logged once; a refusal is a warning: the node runs on with the kernel's slice."""
+    from relay_cli.sched import SliceRefused, request_slice
+
+    try:
+        granted = request_slice(ms)
+    except SliceRefused as exc:
+        log.warning(
+            "node.sched_slice_refused",
+            requested_ms=ms,
+            reason=str(exc),
+            message="--sched-slice-ms has no effect; the node runs with the kernel's slice",
+        )
+    else:
+        log.info("node.sched_slice", slice_ms=granted / 1e6)
 
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:

@@ -96,3 +96,23 @@ def test_configuration_docs_match_settings() -> None:
     """docs/configuration.md is exactly what the Settings table generates."""
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text() == configuration_markdown()
+
+
+def test_settings_sched_slice_is_milliseconds_within_linux_bounds() -> None:
+    """--sched-slice-ms takes 0 or 0.1-100 (ms) from a flag, env or the file; beyond, a
+    ConfigError names the flag, the env var and the range instead of Linux's silent clamp."""
+    assert settings_from_args(_parse()).sched_slice_ms == 0.0
+    assert settings_from_args(_parse("--sched-slice-ms", "0.3")).sched_slice_ms == 0.3
+    assert settings_from_args(_parse(), {"RELAY_SCHED_SLICE_MS": "100"}).sched_slice_ms == 100
+    assert settings_from_args(_parse(), file={"sched_slice_ms": 0.1}).sched_slice_ms == 0.1
+    for bad in ("0.05", "150", "nan"):
+        with pytest.raises(ConfigError) as info:
+            settings_from_args(_parse("--sched-slice-ms", bad))
+        assert str(info.value) == (
+            f"--sched-slice-ms (or RELAY_SCHED_SLICE_MS) must be 0 (the kernel's default)"
+            f" or 0.1-100 (ms), not {float(bad)!r}"
+        )
+    with pytest.raises(ConfigError, match=r"RELAY_SCHED_SLICE_MS.*must not be negative"):
+        settings_from_args(_parse(), {"RELAY_SCHED_SLICE_MS": "-1"})
+    with pytest.raises(ConfigError, match=r"--sched-slice-ms .*'fast' is not a valid float"):
+        settings_from_args(_parse(), {"RELAY_SCHED_SLICE_MS": "fast"})
