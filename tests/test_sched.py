@@ -37,14 +37,19 @@ def _serve(*flags: str, idle_policy: bool = False) -> subprocess.Popen[str]:
 
 
 def _events_until_started(proc: subprocess.Popen[str], nodes: int) -> list[dict[str, Any]]:
-    """The log's events up to the ``nodes``-th node.started."""
+    """The log's events up to the ``nodes``-th node.started. Workers share the pipe: two
+    of their events may come out on one line (seen: ``{...}{...}``)."""
     assert proc.stdout is not None
+    decoder = json.JSONDecoder()
     events: list[dict[str, Any]] = []
     for line in proc.stdout:
-        if line.startswith("{"):
-            events.append(json.loads(line))
-            if sum(e["event"] == "node.started" for e in events) == nodes:
-                return events
+        text = line.strip()
+        while text.startswith("{"):
+            event, end = decoder.raw_decode(text)
+            events.append(event)
+            text = text[end:].lstrip()
+        if sum(e["event"] == "node.started" for e in events) == nodes:
+            return events
     raise AssertionError(f"relay serve exited {proc.wait()}: {events}")
 
 
