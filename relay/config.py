@@ -272,7 +272,7 @@ class Settings:
         default=10.0,
         metadata={
             "help": "seconds from SIGTERM to exit: sessions closed 1012 over the first 60 %,"
-            " what is still open in the last second dropped"
+            " what is still open in the last second left to the kernel as the process exits"
         },
     )
     close_flush_timeout: float = field(
