@@ -134,7 +134,9 @@ def configure_logging(
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per record (a print is two: the record, then its newline), so processes
+        # sharing stderr (`--workers`) never put two records on one line.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     _bad_requests.interval = 1.0 / bad_request_rate if bad_request_rate > 0 else 0.0

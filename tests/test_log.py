@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
 import sys
+from collections import Counter
 
+import orjson
 import structlog
 from aiohttp.http_exceptions import BadHttpMessage
 from structlog.testing import capture_logs
@@ -102,3 +106,42 @@ async def test_log_bad_requests_left_out_are_counted_when_the_flood_stops() -> N
             limiter.emit("bad request line", {})
         await asyncio.sleep(200 * MS)
     assert sum(1 + e["suppressed"] for e in logs) == 10 and len(logs) == 2
+
+
+_LOG_RECORDS = """
+import sys
+from relay.log import configure_logging
+import structlog
+configure_logging("json", "info")
+log = structlog.get_logger()
+for i in range(int(sys.argv[1])):
+    log.info("session.opened", worker=sys.argv[2], n=i, client_id="c" * 40)
+"""
+
+
+def test_json_records_of_processes_sharing_stderr_stay_one_per_line() -> None:
+    """`relay serve --workers N`: the supervisor and its workers write to one stderr. Each
+    JSON record leaves in one write, so a log shipper reading lines gets whole records
+    (printed, a record and its newline were two writes, and two workers' records could
+    share a line: `{...}{...}`)."""
+    records = 20_000
+    read_end, write_end = os.pipe()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOG_RECORDS, str(records), str(worker)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+        )
+        for worker in range(2)
+    ]
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        lines = pipe.read().splitlines()
+    for proc in procs:
+        assert proc.wait(30) == 0
+    seen = Counter()
+    for line in lines:
+        record = orjson.loads(line)  # raises on two records in one line
+        seen[record["worker"]] += 1
+    assert seen == {"0": records, "1": records}
