@@ -553,6 +553,15 @@ Notes:
   plus ~40 bytes (id, `prev`, field names). With 200-byte payloads and the default 100
   entries that is ~25-50 KB per active BizId, released `history_ttl` after its last
   publish. A `mid` costs one small key for `dedupe_window` seconds.
+- `--sched-slice-ms` (Linux 6.12 or later): each node process, and each `--workers`
+  worker, asks the kernel's scheduler for this time slice at start (`sched_setattr`, no
+  privilege needed) and logs `node.sched_slice` with the slice it got. Where the kernel
+  refuses or ignores it (older than 6.12, a real-time or idle policy, a seccomp filter),
+  one `node.sched_slice_refused` warning says why and the node runs on with the default
+  slice (1.4 ms on 2 CPUs, 2.1 ms on 4). A shorter slice lets a woken process preempt a
+  running one sooner. It is off by default: on a shared 2-CPU machine (2026-12-06,
+  docs/benchmarks.md) 0.1 and 0.3 ms did not change the latency tail measurably; a
+  node is mostly asleep, and a process waking from sleep already preempts.
 - `--compress`: the same listener serves compressed and plain connections; a client that
   offers permessage-deflate gets it, others are not affected. By default every frame is
   compressed on its own (no context kept between frames), so one shared compressor
