@@ -37,8 +37,8 @@ def _serve(*flags: str, idle_policy: bool = False) -> subprocess.Popen[str]:
 
 
 def _events_until_started(proc: subprocess.Popen[str], nodes: int) -> list[dict[str, Any]]:
-    """The log's events up to the ``nodes``-th node.started. Workers share the pipe: two
-    of their events may come out on one line (seen: ``{...}{...}``)."""
+    """The log's events up to the ``nodes``-th node.started. Workers share the pipe: before
+    logs wrote each record in one write, two of their events could share a line."""
     assert proc.stdout is not None
     decoder = json.JSONDecoder()
     events: list[dict[str, Any]] = []
