@@ -702,7 +702,13 @@ class Node:
             # The usual case, one session per BizId: no table of frames by format (its
             # dict and Format's hashing in Python are ~0.3 µs of the ~15 µs a message costs).
             session = sessions[0]
-            session.push(event, self._encode(event, session.format))
+            # _encode() inlined: a Python call less per delivered message.
+            try:
+                frame: bytes | None = encode_message(event, session.format)
+            except InvalidEnvelope as exc:
+                self._unsendable(event, exc)
+                frame = None
+            session.push(event, frame)
         else:
             frames: dict[Format, bytes | None] = {}
             for session in sessions:
@@ -721,8 +727,11 @@ class Node:
         try:
             return encode_message(event, fmt)
         except InvalidEnvelope as exc:
-            self.log.warning("event.unsendable", biz_id=event.biz_id, id=event.id, error=str(exc))
+            self._unsendable(event, exc)
             return None
+
+    def _unsendable(self, event: Event, exc: InvalidEnvelope) -> None:
+        self.log.warning("event.unsendable", biz_id=event.biz_id, id=event.id, error=str(exc))
 
     async def _repair(self, sub: Subscription[Session]) -> None:
         """Fill a live-feed gap from history, then release what was held meanwhile.

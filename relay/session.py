@@ -170,24 +170,38 @@ class Session:
             self.gap()
             return
         self.last = key
-        if frame is not None:
-            self.send(frame)  # dropped once the session is closing
-
-    def send(self, frame: bytes) -> None:
-        """Queue a frame for the writer; past the limits the session is closed 4508."""
-        if self.closing:
+        if frame is None:
             return
-        queue = self._queue
-        # Fast path: live, nothing queued, no write in flight and room in the socket's
-        # buffer, so the frame goes out now without a writer task.
-        if (
+        # send() inlined: called for every delivered message, and a Python call is
+        # ~0.05 µs of the ~6 µs of Python a message costs the node. The same test as send's.
+        if not (
             self._live
-            and not queue
+            and not self._queue
             and self._writer is None
+            and not self.closing
             and self._write_now is not None
             and self._write_now(frame)
         ):
-            return
+            self._enqueue(frame)
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame for the writer; past the limits the session is closed 4508."""
+        # Fast path: live, nothing queued, no write in flight and room in the socket's
+        # buffer, so the frame goes out now without a writer task (push() has a copy).
+        if not (
+            self._live
+            and not self._queue
+            and self._writer is None
+            and not self.closing
+            and self._write_now is not None
+            and self._write_now(frame)
+        ):
+            self._enqueue(frame)
+
+    def _enqueue(self, frame: bytes) -> None:
+        if self.closing:
+            return  # dropped once the session is closing
+        queue = self._queue
         if (len(queue) if queue else 0) >= self.limits.max_frames or (
             self._queued_bytes + len(frame) > self.limits.max_bytes
         ):

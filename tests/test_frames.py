@@ -18,6 +18,8 @@ from relay.frames import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    SHORT_FRAME,
+    SHORT_HEADERS,
     FrameError,
     FrameParser,
     accept_key,
@@ -279,3 +281,13 @@ def test_compression_violations_fail_with_their_close_code(
     parser = FrameParser(65536, inflater=Inflater(context_takeover=True) if negotiated else None)
     assert parser.feed(frames + client_frame(OP_TEXT, b"after")) == []
     assert parser.failure is not None and parser.failure.close_code == code
+
+
+def test_short_headers_are_frame_header_for_every_short_size() -> None:
+    """The table of short frames' headers says what frame_header() says, size by size."""
+    for op in (OP_TEXT, OP_BINARY):
+        assert [SHORT_HEADERS[op][size] for size in range(SHORT_FRAME)] == [
+            frame_header(op, size) for size in range(SHORT_FRAME)
+        ]
+    assert frame_header(OP_TEXT, 125) == bytes((0x81, 125))
+    assert frame_header(OP_TEXT, 126) == b"\x81\x7e\x00\x7e"

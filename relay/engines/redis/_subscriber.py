@@ -544,14 +544,14 @@ class Subscriber:
         await self._redis.publish(channel, data)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        if channel == self._control_channel:
-            self._on_control(data)
-            return
         biz_id = self._channels.get(channel)
         if not biz_id:
-            if biz_id is not None:  # "": another control channel of the node's (a shard's)
+            # The node's control channel is never a BizId's, so it is looked for only
+            # here, off the per-event path; "" is another control channel of the node's
+            # (a shard's).
+            if biz_id is not None or channel == self._control_channel:
                 self._on_control(data)
-            return  # unsubscribed a moment ago
+            return  # else unsubscribed a moment ago
         try:
             event = decode_live(data)
         except InvalidEnvelope as exc:
