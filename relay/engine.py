@@ -218,7 +218,7 @@ class SessionRegistry(Protocol):
     """Who holds each client_id, fenced by session, and a way to reach its node (kick)."""
 
     async def claim_session(
-        self, record: SessionRecord, *, exclusive: bool = True, kick: Control | None = None
+        self, record: SessionRecord, *, exclusive: bool = True
     ) -> SessionRecord | None:
         """Record ``record`` as the holder of its client_id; return the previous holder.
 
@@ -230,11 +230,6 @@ class SessionRegistry(Protocol):
         of the same client (one it gave up on and reconnected after): the holder is a
         later attempt of the same instance (``attempt``), or, without attempts, began
         later on the same node. Then the record is left alone and the holder returned.
-
-        ``kick`` (with ``exclusive``): when the claim displaces a session held on another
-        node, that node is sent ``kick`` with the displaced session's id (as
-        :meth:`send_control` would), as part of the claim; the caller neither sends nor
-        awaits it. A displaced session of the claiming node is the caller's to close.
         """
 
     async def release_session(self, client_id: str, session: str) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import os
 import socket
 import time
@@ -505,9 +504,8 @@ class Node:
 
         False when a later handshake of the client holds it: this session is being closed.
         """
-        client_id = session.client_id
         record = SessionRecord(
-            client_id,
+            session.client_id,
             self.id,
             session.id,
             format_id(session.since) if session.since else None,
@@ -515,30 +513,42 @@ class Node:
             session.attempt,
         )
         replace = self.settings.duplicates == "replace"
-        # A session displaced on another node is kicked by the engine with the claim (not
-        # awaited: after a node died every client of it would wait for a kick that reaches
-        # no one). Even when this session is abandoned meanwhile: the record says it
-        # replaced the old one.
-        kick = Control("kick", client_id, "", CloseCode.REPLACED, "replaced by a newer session")
-        old = await self.engine.claim_session(
-            record, exclusive=replace, kick=kick if replace else None
-        )
+        old = await self.engine.claim_session(record, exclusive=replace)
         if session.id in self._abandoned:
-            return False  # its client was told 1013 already
+            return False  # its client was told 1013 already: kick no one
         if not replace or old is None or old.session == session.id:
             return True
         if is_stale_claim(old, record):
             # A later handshake of this client already holds it: this one is stale.
             self.spawn(session.close(CloseCode.REPLACED, "a newer session exists"))
             return False
-        self.log.info("session.replaced", client_id=client_id, old=old.session, old_node=old.node)
+        self.log.info(
+            "session.replaced", client_id=session.client_id, old=old.session, old_node=old.node
+        )
+        control = Control(
+            "kick",
+            session.client_id,
+            old.session,
+            CloseCode.REPLACED,
+            "replaced by a newer session",
+        )
         if old.node == self.id:
-            self.on_control(dataclasses.replace(kick, session=old.session))
+            self.on_control(control)
+        else:
+            # Not awaited: the new session does not depend on it, and after a node died
+            # every client of it would wait for a kick that reaches no one.
+            self.spawn(self._kick_remote(old.node, control))
         return True
 
     async def _observe(self) -> bool:
         """An observer's stand-in for the claim: it holds no record, so it always goes live."""
         return True
+
+    async def _kick_remote(self, node_id: str, control: Control) -> None:
+        try:
+            await self.engine.send_control(node_id, control)
+        except EngineError as exc:
+            self.log.warning("session.kick_failed", old_node=node_id, error=str(exc))
 
     async def _attach(self, session: Session) -> Subscription[Session]:
         biz_id = session.client_id

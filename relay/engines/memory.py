@@ -183,9 +183,8 @@ class MemoryEngine:
     # -- registry --------------------------------------------------------------------
 
     async def claim_session(
-        self, record: SessionRecord, *, exclusive: bool = True, kick: Control | None = None
+        self, record: SessionRecord, *, exclusive: bool = True
     ) -> SessionRecord | None:
-        # ``kick`` goes nowhere: no other node shares this engine's registry.
         client_id = record.client_id
         old = self._sessions.get(client_id)
         live = self._live_sessions.setdefault(client_id, {})

@@ -6,18 +6,12 @@
 -- ARGV[1] node  ARGV[2] session  ARGV[3] since  ARGV[4] connected_at
 -- ARGV[5] '1' exclusive (forget every other session), '0' shared
 -- ARGV[6] attempt "<instance>.<n>", '' for none
--- ARGV[7] with ARGV[5] '1': the control channels' prefix "<prefix>:ctl:", '' for no kick
--- ARGV[8] client_id  ARGV[9] kick code  ARGV[10] kick reason
--- A session this claim displaces on another node is kicked in the same call: PUBLISH of
--- {"action": "kick", "client_id", "session", "code", "reason"} to that node's control
--- channel (what RedisSessionRegistry.send_control sends). Not on a Redis Cluster: there
--- the channel is a shard channel of another slot, and the engine sends the kick itself.
 -- Returns the record as it was (HGETALL), empty if there was none.
 local old = redis.call('HGETALL', KEYS[1])
 if ARGV[5] == '1' then
   -- A stale handshake never displaces a later one of the same client: a later attempt of
   -- the same instance ("<instance>.<n>"), or one that began later on the same node.
-  local holder = redis.call('HMGET', KEYS[1], 'node', 'connected_at', 'attempt', 'session')
+  local holder = redis.call('HMGET', KEYS[1], 'node', 'connected_at', 'attempt')
   if holder[3] and ARGV[6] ~= '' then
     local hi, hn = string.match(holder[3], '^(.+)%.(%d+)$')
     local oi, on = string.match(ARGV[6], '^(.+)%.(%d+)$')
@@ -29,12 +23,6 @@ if ARGV[5] == '1' then
     return old
   end
   redis.call('DEL', KEYS[1])
-  if ARGV[7] ~= '' and holder[1] and holder[1] ~= ARGV[1] and holder[4]
-      and holder[4] ~= ARGV[2] then
-    redis.call('PUBLISH', ARGV[7] .. holder[1], cjson.encode({
-      action = 'kick', client_id = ARGV[8], session = holder[4],
-      code = tonumber(ARGV[9]), reason = ARGV[10], token = ''}))
-  end
 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since', ARGV[3],
            'connected_at', ARGV[4], 's:' .. ARGV[2], ARGV[1])

@@ -201,36 +201,6 @@ async def test_client_status_offline_when_node_dead(start_engine: StartEngine) -
 
 
 @ALL
-async def test_claim_kicks_the_session_it_displaces_on_another_node(
-    start_engine: StartEngine,
-) -> None:
-    """A claim with a kick tells the node holding the displaced session, with that
-    session's id; one displacing nothing, a session of its own node, or nothing at all
-    (a stale claim, a shared claim) sends no kick."""
-    a = await start_engine()
-    b = await start_engine()
-    kick = Control("kick", "k1", "", 4000, "replaced by a newer session")
-    assert await a.engine.claim_session(SessionRecord("k1", a.node_id, "a1", None, 10.0)) is None
-    held = await b.engine.claim_session(SessionRecord("k1", b.node_id, "b1", None, 20.0), kick=kick)
-    assert held is not None and held.session == "a1"
-    # Nothing for the rest: b displacing its own b1, a stale attempt, a shared claim.
-    b2 = SessionRecord("k1", b.node_id, "b2", None, 30.0, "i.5")
-    await b.engine.claim_session(b2, kick=kick)
-    await a.engine.claim_session(SessionRecord("k1", a.node_id, "a2", None, 40.0, "i.4"), kick=kick)
-    await a.engine.claim_session(SessionRecord("k1", a.node_id, "a3", None, 50.0), exclusive=False)
-    marker = Control("kick", "marker")  # each node's control channel delivers in order
-    for h in (a, b):
-        await h.engine.send_control(h.node_id, marker)
-    await a.handler.wait_until(lambda: marker in a.handler.controls)
-    await b.handler.wait_until(lambda: marker in b.handler.controls)
-    assert a.handler.controls == [
-        Control("kick", "k1", "a1", 4000, "replaced by a newer session"),
-        marker,
-    ]
-    assert b.handler.controls == [marker]
-
-
-@ALL
 async def test_nodes_drops_closed_and_stale_nodes(start_engine: StartEngine) -> None:
     """A closed node deregisters; a node-set member without a live hash is not listed."""
     a = await start_engine()

@@ -78,11 +78,6 @@ class TurnQueue:
     async def _call(self, args: tuple[Any, ...], replicated: bool) -> Any:
         return await self._enqueue(args, replicated)
 
-    def send(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command and return its reply's future at once: no task waits for it.
-        Whoever does not wait must still read an error off it (a done callback)."""
-        return self._enqueue(args, False)
-
     def _enqueue(self, args: tuple[Any, ...], replicated: bool) -> asyncio.Future[Any]:
         """Queue one call for this turn's send; the future is its answer."""
         loop = self._loop

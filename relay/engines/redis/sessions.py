@@ -2,20 +2,14 @@
 
 Claims, releases and acks are scripts (relay/lua/claim.lua, forget.lua, ack.lua), so the
 fencing by session holds across nodes; a kick is a PUBLISH to the holder node's control
-channel. The kick of a session a claim displaces on another node goes with the claim: the
-script publishes it (one command and no task less per takeover, 10,000 in a reconnect
-storm of 10,000 clients), or, on a Redis Cluster, where that node's control channel is a
-shard channel of another slot than the record, the engine queues its SPUBLISH right
-after the claim's reply, also without a task.
+channel.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 from typing import Any
 
-from relay.engine import ClientStatus, Control, SessionRecord, is_stale_claim
+from relay.engine import ClientStatus, Control, SessionRecord
 from relay.engines.redis._base import RedisBase, as_float
 from relay.engines.redis._subscriber import as_text, encode_control
 from relay.wire import validate_client_id
@@ -41,11 +35,9 @@ class RedisSessionRegistry(RedisBase):
     """Who holds each client_id, fenced by session; kicks through the control channel."""
 
     async def claim_session(
-        self, record: SessionRecord, *, exclusive: bool = True, kick: Control | None = None
+        self, record: SessionRecord, *, exclusive: bool = True
     ) -> SessionRecord | None:
         validate_client_id(record.client_id)
-        client_id = record.client_id
-        in_script = kick is not None and exclusive and not self._cluster
         args = [
             record.node,
             record.session,
@@ -54,38 +46,11 @@ class RedisSessionRegistry(RedisBase):
             "1" if exclusive else "0",
             record.attempt or "",
         ]
-        if in_script:
-            assert kick is not None
-            args += [self._keys.control(""), client_id, str(kick.code), kick.reason]
-        else:
-            args.append("")
         async with self._guard("claim_session", batched=True):
-            flat = await self._evalsha(self._claim_script, [self._keys.session(client_id)], args)
-        old = _session_record(client_id, flat)
-        if (
-            kick is not None
-            and exclusive
-            and not in_script
-            and old is not None
-            and old.node != record.node
-            and old.session != record.session
-            and not is_stale_claim(old, record)
-        ):
-            self._kick_after_claim(old.node, dataclasses.replace(kick, session=old.session))
-        return old
-
-    def _kick_after_claim(self, node_id: str, control: Control) -> None:
-        """Queue the kick (a Redis Cluster's SPUBLISH) for the batcher's next round trip;
-        nobody waits for it, and a failure is logged, as a kick to a dead node's channel
-        reaches no one either."""
-        future = self._batch.send(
-            self._publish_command, self._keys.control(node_id), encode_control(control)
-        )
-        future.add_done_callback(lambda done: self._kick_sent(done, node_id))
-
-    def _kick_sent(self, done: asyncio.Future[Any], node_id: str) -> None:
-        if not done.cancelled() and (exc := done.exception()) is not None:
-            self._log.warning("session.kick_failed", old_node=node_id, error=str(exc))
+            flat = await self._evalsha(
+                self._claim_script, [self._keys.session(record.client_id)], args
+            )
+        return _session_record(record.client_id, flat)
 
     async def release_session(self, client_id: str, session: str) -> bool:
         validate_client_id(client_id)
