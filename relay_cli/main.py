@@ -39,8 +39,12 @@ _early_signals: list[int] = []
 
 
 def _catch_early_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in stop_signals:
         signal.signal(sig, lambda signum, _: _early_signals.append(signum))
+    # A worker of --workers starts with them blocked (relay_cli/workers.py): one sent
+    # during its start waited, and arrives now, to be caught.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
 
 def _serve(args: argparse.Namespace) -> int:

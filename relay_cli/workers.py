@@ -5,7 +5,8 @@ own node id, ``<node-id>-w<i>``), forwards SIGTERM/SIGINT to them, and restarts 
 that exits on its own. After a crash the delay doubles with each crash in a row (a worker
 that ran ``worker_restart_delay_max`` seconds starts afresh), so a worker that cannot
 start does not spin; a worker that exits 0 drained on request and starts again at once
-(:func:`_restart_delay`).
+(:func:`_restart_delay`), also when the signal came while it was still starting
+(:func:`_stop_signals_blocked`).
 
 Orphans: each worker asks the kernel for SIGTERM when its parent dies
 (``prctl(PR_SET_PDEATHSIG)``, Linux only), so a SIGKILLed supervisor takes its workers
@@ -23,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ import structlog
 
 from relay.backoff import Backoff, Jitter, Retry
 
-__all__ = ["SUPERVISOR_PID_ENV", "die_with_supervisor", "supervise"]
+__all__ = ["STOP_SIGNALS", "SUPERVISOR_PID_ENV", "die_with_supervisor", "supervise"]
 
 SUPERVISOR_PID_ENV = "RELAY_SUPERVISOR_PID"
 """Set in each worker's environment: the pid whose death the worker follows."""
@@ -53,6 +54,25 @@ def die_with_supervisor() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     if os.getppid() != int(supervisor):  # it died before the call above: reparented
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT while a worker is started. The child inherits the mask, so a
+    stop signal that reaches it before it has a handler (the interpreter's start and
+    imports: 0.2-0.4 s) waits, where it used to kill the worker: a crash to this
+    supervisor (restarted with backoff, logged as an error; exit 143 of the supervisor
+    when it was stopping). The worker lets them in once it catches them
+    (relay_cli.main), then drains and exits 0 as told. The supervisor's own signals wait
+    until the worker is recorded, so they are forwarded to it too."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @dataclass
@@ -109,7 +129,8 @@ def supervise(
 
     def start(worker: _Worker) -> None:
         argv = [sys.executable, "-m", "relay", *argv_for(worker.index)]
-        worker.proc = subprocess.Popen(argv, env=env)
+        with _stop_signals_blocked():
+            worker.proc = subprocess.Popen(argv, env=env)
         worker.started = time.monotonic()
         worker.restart_at = None
 

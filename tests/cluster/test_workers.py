@@ -62,20 +62,24 @@ class Supervised:
         return self.log_path.read_text()[-3000:]
 
     def log_events(self, event: str) -> list[dict[str, Any]]:
-        """The JSON log records of ``event``, read one object at a time: the processes
-        share the file, and two workers' records can run into one line."""
-        text, decoder, found = self.log_path.read_text(), json.JSONDecoder(), []
-        start = text.find("{")
-        while start != -1:
-            try:
-                record, end = decoder.raw_decode(text, start)
-            except json.JSONDecodeError:
-                end = start + 1
-            else:
-                if record.get("event") == event:
-                    found.append(record)
-            start = text.find("{", end)
-        return found
+        return _log_events(self.log_path, event)
+
+
+def _log_events(log_path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log records of ``event``, read one object at a time: the processes
+    share the file, and two workers' records can run into one line."""
+    text, decoder, found = log_path.read_text(), json.JSONDecoder(), []
+    start = text.find("{")
+    while start != -1:
+        try:
+            record, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            end = start + 1
+        else:
+            if record.get("event") == event:
+                found.append(record)
+        start = text.find("{", end)
+    return found
 
 
 @contextlib.asynccontextmanager
@@ -218,6 +222,75 @@ async def test_a_worker_recycled_with_sigterm_is_back_at_once_and_not_a_crash(
         restarts = [(e["level"], e["crashes_in_a_row"]) for e in restarted]
         assert restarts == [("info", 0)], restarts
         assert alive(new[0]) and run.parent.poll() is None
+
+
+def _start_supervisor(redis: RedisServer, log_path: Path) -> subprocess.Popen[bytes]:
+    """``relay serve --workers 2``, its JSON log in ``log_path``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(RELAY_DRAIN_GRACE="1", RELAY_LOG_FORMAT="json")
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [str(RELAY), "serve", "--host", "127.0.0.1", "--port", str(free_port()),
+             "--workers", "2", "--node-id", "ws", "--redis-url", redis.url,
+             "--allow-anonymous"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+        )  # fmt: skip
+
+
+async def _first_workers(parent: subprocess.Popen[bytes], count: int) -> list[int]:
+    """The supervisor's first ``count`` workers, as soon as they exist (forked, perhaps
+    not yet running Python)."""
+    deadline = time.monotonic() + 10_000 * MS
+    while len(children := _children(parent.pid)) < count:
+        assert parent.poll() is None and time.monotonic() < deadline, "no workers"
+        await asyncio.sleep(1 * MS)
+    return children
+
+
+async def test_a_worker_stopped_while_starting_exits_0_and_is_no_crash(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGTERM to a worker the moment it exists, before its interpreter has started:
+    it was told to stop, so it exits 0 and is started again at once, logged at info, not
+    a crash (it was killed by the signal, a crash restarted with backoff, before)."""
+    log_path = tmp_path / "workers.log"
+    parent = _start_supervisor(own_redis, log_path)
+    try:
+        target = (await _first_workers(parent, 1))[0]
+        os.kill(target, signal.SIGTERM)
+        deadline = time.monotonic() + 20_000 * MS
+        while not (restarted := _log_events(log_path, "worker.restarted")):
+            assert parent.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            await asyncio.sleep(50 * MS)
+        exited = _log_events(log_path, "worker.exited")
+        exits = [(e["level"], e["code"], e["restart_in_s"]) for e in exited]
+        assert exits == [("info", 0, 0.0)], exits
+        restarts = [(e["level"], e["crashes_in_a_row"]) for e in restarted]
+        assert restarts == [("info", 0)], restarts
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(20_000 * MS)
+
+
+async def test_a_supervisor_stopped_while_its_workers_start_exits_0(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """SIGTERM to the supervisor as soon as its workers exist: each is told to stop and
+    does so cleanly, so the supervisor exits 0 (143 before: a worker that got the signal
+    before its handler was killed by it)."""
+    log_path = tmp_path / "workers.log"
+    parent = _start_supervisor(own_redis, log_path)
+    try:
+        workers = await _first_workers(parent, 2)
+        parent.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(parent.wait, 20_000 * MS)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert code == 0, log_path.read_text()[-3000:]
+    assert not [pid for pid in workers if alive(pid)]
 
 
 async def test_a_sigkilled_supervisor_leaves_no_worker_behind(
