@@ -516,9 +516,15 @@ class RoundTrip:
         if len(group) == 1 and self._held is None:
             group[0].outcome = self._result(reply)
             return
-        for call, one in zip(group, [reply] if len(group) == 1 else reply, strict=True):
-            if isinstance(one, rex.ResponseError):  # publish_batch.lua: this event's own
-                self.error([call], one)
+        if len(group) == 1:
+            replies = [reply]
+        elif group[0].biz_id == group[-1].biz_id:  # publish_run.lua: a table an event
+            replies = reply
+        else:  # publish_batch.lua: one flat array, four elements an event
+            replies = [reply[i : i + 4] for i in range(0, len(reply), 4)]
+        for call, one in zip(group, replies, strict=True):
+            if isinstance(one[0], rex.ResponseError):  # publish_batch.lua: this event's own
+                self.error([call], one[0])
                 continue
             outcome = self._result(one)
             if self._held is None:

@@ -155,11 +155,15 @@ def _batched(template: str, script: str) -> str:
 
     The event's keys are KEYS[k + 1..k + 4] and the shared settings move to ARGV[1..3].
     Renamed in the text rather than passed as a KEYS and an ARGV table per event: those
-    two tables cost Redis ~0.6 µs an event (docs/benchmarks.md).
+    two tables cost Redis ~0.6 µs an event (docs/benchmarks.md). Its replies ``{a, b, c,
+    d}`` become four return values, which the template lays into one flat reply.
     """
     argv = {"1": "payload", "2": "ARGV[1]", "3": "ARGV[2]", "4": "mid", "5": "ARGV[3]"}
     body = re.sub(r"KEYS\[(\d)\]", r"KEYS[k + \1]", script)
     body = re.sub(r"ARGV\[(\d)\]", lambda m: argv[m.group(1)], body)
+    body, replies = re.subn(r"^(\s*)return \{(.*)\}$", r"\1return \2", body, flags=re.MULTILINE)
+    if replies != body.count("return"):
+        raise AssertionError("every return of publish.lua must be one table {id, ...}")
     slot = "-- <publish.lua>\n"
     if template.count(slot) != 1:
         raise AssertionError("publish_batch.lua must have one line '-- <publish.lua>'")
