@@ -8,7 +8,7 @@ wrapped here, each with a fallback or a test in tests/engines/test_redis_engine.
   parses with hiredis, and its ``parse_error``, so the pub/sub reader's own hiredis Reader
   makes the same exceptions of error replies (MovedError, AskError, ...);
 - the transport under a connected connection (``conn._writer.transport``), which the
-  pub/sub reader reads itself;
+  pub/sub reader reads itself and writes its (UN)SUBSCRIBEs to;
 - hiredis' ``pack_command``, which packs in C what redis-py's async packer does in Python;
 - the asyncio StreamReader of a connection (``conn._reader``), to tell without a read
   whether the server hung up on a connection the batcher kept;

@@ -494,9 +494,18 @@ class Subscriber:
         commands = [
             command for kind, channels in runs for command in self._commands(kind, channels)
         ]
-        task = self.loop.create_task(self._write(session, commands))
-        session.writes.add(task)
-        task.add_done_callback(session.writes.discard)
+        transport = transport_of(session.conn)
+        if transport is None:  # not connected, or redis-py moved its writer: see _write
+            task = self.loop.create_task(self._write(session, commands))
+            session.writes.add(task)
+            task.add_done_callback(session.writes.discard)
+            return
+        # Written here, not by a task awaiting redis-py's send_packed_command: a task and
+        # four coroutines per write were ~4 µs of a fresh connect's ~150 (one SUBSCRIBE
+        # each, docs/benchmarks.md). Nothing to drain: these are a few bytes a channel,
+        # and a lost connection ends the feed, whose successor resubscribes everything.
+        if not transport.is_closing():
+            transport.writelines(pack_commands(session.conn, [tuple(c) for c in commands]))
 
     async def _write(self, session: _Session, commands: list[list[bytes]]) -> None:
         try:

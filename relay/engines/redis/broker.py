@@ -8,7 +8,6 @@ Subscriptions are forwarded to the node's one pub/sub connection (``_subscriber`
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,14 +33,14 @@ from relay.wire import (
 __all__ = ["RedisBroker"]
 
 
-def _parse_history(reply: list[Any], skipped: list[str]) -> History:
+def _parse_history(reply: list[Any], epoch_ms: int, skipped: list[str]) -> History:
     """Like :func:`relay.wire.parse_history_reply`, but junk entries are left out.
 
     The reason for each skipped entry is appended to ``skipped``. A first entry whose
     ``prev`` is unreadable is kept as a bound but can no longer prove a recovery.
     """
     try:
-        return parse_history_reply(reply)
+        return parse_history_reply(reply, epoch_ms)
     except InvalidInput:
         pass
     head = list(reply[:5])
@@ -60,7 +59,7 @@ def _parse_history(reply: list[Any], skipped: list[str]) -> History:
             skipped.append(str(exc))
             continue
         kept.extend(triple)
-    return parse_history_reply(head + kept)
+    return parse_history_reply(head + kept, epoch_ms)
 
 
 class RedisBroker(RedisBase):
@@ -114,10 +113,10 @@ class RedisBroker(RedisBase):
         async with self._guard("history", batched=True):
             epoch, reply = await self._history_and_epoch(self._keys.log(biz_id), args)
         skipped: list[str] = []
-        result = _parse_history(reply, skipped)
+        result = _parse_history(reply, int(epoch), skipped)
         for reason in skipped:
             self._log.warning("engine.bad_message", source="history", biz_id=biz_id, reason=reason)
-        return dataclasses.replace(result, epoch_ms=int(epoch))
+        return result
 
     async def _history_and_epoch(self, log_key: str, args: list[str | int]) -> list[Any]:
         """The epoch and the history script, sent together: one round trip."""
