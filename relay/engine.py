@@ -232,10 +232,18 @@ class SessionRegistry(Protocol):
         later on the same node. Then the record is left alone and the holder returned.
         """
 
-    async def release_session(self, client_id: str, session: str) -> bool:
+    async def release_session(
+        self, client_id: str, session: str, *, restore: SessionRecord | None = None
+    ) -> bool:
         """Forget ``session``; the record goes only if it named it and no other session
         remains (fencing: a replaced session's late release changes nothing). True if the
-        record named it."""
+        record named it.
+
+        ``restore``: the holder that ``session``'s exclusive claim displaced, put back
+        as the only session if the record still names ``session`` (a claim made for a
+        handshake abandoned while it was in flight is undone so; a newer claim since is
+        left alone). Its last acknowledged id is not kept.
+        """
 
     async def record_ack(self, client_id: str, session: str, message_id: str) -> None:
         """Store the last id the session acknowledged (only if it still holds the record)."""

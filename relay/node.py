@@ -515,7 +515,12 @@ class Node:
         replace = self.settings.duplicates == "replace"
         old = await self.engine.claim_session(record, exclusive=replace)
         if session.id in self._abandoned:
-            return False  # its client was told 1013 already: kick no one
+            # Its client was told 1013 already: kick no one, and undo the claim now. The
+            # client may be live elsewhere by now, on a later attempt whose claim landed
+            # first; this claim took its record, and this session's release would then
+            # delete it (offline, never replaced by the client's next connection).
+            await self._unclaim(session, old if replace else None)
+            return False
         if not replace or old is None or old.session == session.id:
             return True
         if is_stale_claim(old, record):
@@ -539,6 +544,17 @@ class Node:
             # every client of it would wait for a kick that reaches no one.
             self.spawn(self._kick_remote(old.node, control))
         return True
+
+    async def _unclaim(self, session: Session, displaced: SessionRecord | None) -> None:
+        """Release an abandoned session's claim at once, putting back the holder it
+        displaced (fenced: a claim that landed after it is left alone)."""
+        if displaced is not None and displaced.session == session.id:
+            displaced = None
+        try:
+            await self.engine.release_session(session.client_id, session.id, restore=displaced)
+        except EngineError as exc:
+            # Its release is tried again as the session is forgotten, without the restore.
+            self.log.warning("session.unclaim_failed", session=session.id, error=str(exc))
 
     async def _observe(self) -> bool:
         """An observer's stand-in for the claim: it holds no record, so it always goes live."""

@@ -100,3 +100,25 @@ async def test_abandoned_claim_landing_late_does_not_close_the_live_session(
     with pytest.raises(TimeoutError):
         await live.wait_closed(timeout=300 * MS)
     assert live.close_code is None
+
+
+async def test_abandoned_claim_landing_late_leaves_the_live_session_recorded(
+    started_nodes: list[NodeUnderTest], listeners: list[Listener], redis_url: str
+) -> None:
+    """After the late claim the registry still names the live session: publishes and the
+    API say the client is online, and the client's next connection replaces it (4000)
+    instead of running beside it."""
+    node_a, node_b, live = await _abandoned_late_claim(
+        started_nodes, listeners, redis_url, "recorded"
+    )
+    status = await node_b.node.engine.client_status("recorded")
+    assert status.online
+    assert (status.node, status.session) == (node_b.node.id, live.welcome["session"])
+    result = await node_b.publish("recorded", "e", {"seq": 1})
+    assert result.online
+    await live.wait_messages(1)
+    newest = await listen(listeners, node_a.ws_url("recorded"))
+    assert await live.wait_closed() == CloseCode.REPLACED
+    await node_a.publish("recorded", "e", {"seq": 2})
+    assert [m["data"]["seq"] for m in await newest.wait_messages(1)] == [2]
+    assert [m["data"]["seq"] for m in live.messages] == [1]

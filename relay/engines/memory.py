@@ -197,12 +197,18 @@ class MemoryEngine:
         self._sessions[client_id] = record
         return old
 
-    async def release_session(self, client_id: str, session: str) -> bool:
+    async def release_session(
+        self, client_id: str, session: str, *, restore: SessionRecord | None = None
+    ) -> bool:
         live = self._live_sessions.get(client_id, {})
         live.pop(session, None)
         record = self._sessions.get(client_id)
         if record is None or record.session != session:
             return False
+        if restore is not None:
+            self._sessions[client_id] = restore
+            self._live_sessions[client_id] = {restore.session: restore}
+            return True
         if live:
             self._sessions[client_id] = next(reversed(live.values()))
             return True

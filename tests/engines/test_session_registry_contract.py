@@ -80,6 +80,35 @@ async def test_release_session_is_fenced(harness: Harness) -> None:
     assert not await engine.release_session("fence", "new")
 
 
+async def test_release_session_restores_the_holder_its_claim_displaced(
+    harness: Harness,
+) -> None:
+    """An abandoned handshake's claim is undone: the holder it displaced is the record
+    again (and its own release ends it); a claim that landed since is left alone."""
+    engine = harness.engine
+    live = SessionRecord("undo", "node-b", "live", "4-0", 1000.0, "inst.2")
+    late = SessionRecord("undo", harness.node_id, "late", None, 900.0)
+    await engine.claim_session(live)
+    assert await engine.claim_session(late) == live
+    assert await engine.release_session("undo", "late", restore=live)
+    status = await engine.client_status("undo")
+    assert (status.node, status.session, status.since) == ("node-b", "live", "4-0")
+    stale = SessionRecord("undo", "node-a", "stale", None, 2000.0, "inst.1")
+    assert await engine.claim_session(stale) == live  # its attempt is back too
+    again = SessionRecord("undo", harness.node_id, "again", None, 1100.0, "inst.3")
+    assert await engine.claim_session(again) == live  # it is kicked, as a holder is
+    assert not await engine.release_session("undo", "live")
+    assert await engine.release_session("undo", "again")
+    assert not (await engine.client_status("undo")).online
+
+    await engine.claim_session(live)
+    await engine.claim_session(late)
+    newer = SessionRecord("undo", "node-c", "newer", None, 1200.0)
+    await engine.claim_session(newer)
+    assert not await engine.release_session("undo", "late", restore=live)
+    assert (await engine.client_status("undo")).session == "newer"
+
+
 async def test_record_ack_is_fenced(harness: Harness) -> None:
     """Only the session holding the record stores acks; a new claim starts without one."""
     engine = harness.engine

@@ -52,11 +52,22 @@ class RedisSessionRegistry(RedisBase):
             )
         return _session_record(record.client_id, flat)
 
-    async def release_session(self, client_id: str, session: str) -> bool:
+    async def release_session(
+        self, client_id: str, session: str, *, restore: SessionRecord | None = None
+    ) -> bool:
         validate_client_id(client_id)
+        args = ["session", session]
+        if restore is not None:
+            args += [
+                restore.node,
+                restore.session,
+                restore.since or "",
+                repr(restore.connected_at),
+                restore.attempt or "",
+            ]
         async with self._guard("release_session", batched=True):
             removed = await self._evalsha(
-                self._forget_script, [self._keys.session(client_id)], ["session", session]
+                self._forget_script, [self._keys.session(client_id)], args
             )
         return bool(removed)
 
