@@ -233,6 +233,8 @@ class Node:
         still open at the deadline are left to the kernel (:meth:`stop_leaving_sessions`)
         instead of being closed one by one, which costs ~300 µs of CPU each and took a
         starved worker 8.6 s for 8,642 sessions: its exit came 6 s past a 10 s grace.
+        Deregistering is then bounded by the deadline also when no session is left (a
+        hung Redis held it for the socket timeout, 2 s, past a 1 s grace).
         """
         grace = self.settings.drain_grace if grace is None else grace
         began = time.monotonic()
@@ -267,7 +269,7 @@ class Node:
         if exiting and self.sessions:
             await self.stop_leaving_sessions(until=end)
         else:
-            await self.close()
+            await self.close(until=end if exiting else None)
 
     def _stop_reserve(self, grace: float, exiting: bool = False) -> float:
         """The end of a drain's grace kept for stopping: the loops, deregistering, dropping
@@ -299,15 +301,22 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
+        await self._close_engine(until)
+        self.log.info("node.stopped", left=len(self.sessions))
+
+    async def _close_engine(self, until: float | None) -> None:
+        """Deregister and close the engine, given up at ``until`` (monotonic) if set."""
         try:
-            async with asyncio.timeout(max(0.1, until - time.monotonic())):
+            async with asyncio.timeout(
+                None if until is None else max(0.1, until - time.monotonic())
+            ):
                 await self.engine.close()
         except TimeoutError:
             self.log.warning("node.deregister_abandoned", reason="drain deadline")
-        self.log.info("node.stopped", left=len(self.sessions))
 
-    async def close(self) -> None:
-        """Close what is left (1001), stop the loops, deregister. Idempotent."""
+    async def close(self, until: float | None = None) -> None:
+        """Close what is left (1001), stop the loops, deregister (given up at ``until``,
+        monotonic, if set: see :meth:`stop_leaving_sessions`). Idempotent."""
         self.accepting = False
         for task in self._loops:
             task.cancel()
@@ -328,7 +337,7 @@ class Node:
         # records become a gone node's (3,195 session.release_failed warnings on an
         # engine closing under them, when this was set after the close).
         self.stopped = True
-        await self.engine.close()
+        await self._close_engine(until)
         self.log.info("node.stopped")
 
     async def _heartbeat_loop(self, rates: RateMeter) -> None:
