@@ -3,8 +3,10 @@
 -- backend_adapter's pipelines use it; publish.lua stays the contract for other backends.
 -- relay.wire puts publish.lua's text in place of the line "-- <publish.lua>" below, as the
 -- body of publish(), with KEYS[n] read as KEYS[k + n], ARGV[1..5] as payload, ARGV[1],
--- ARGV[2], mid, ARGV[3], and each `return {a, b, c, d}` as `return a, b, c, d` (the SHA
--- is of the result): the two cannot drift apart.
+-- ARGV[2], mid, ARGV[3], each `return {a, b, c, d}` as `return a, b, c, d` and
+-- redis.call as call; its two lines of TTL arithmetic move to the line
+-- "-- <publish.lua: settings>", run once per call (the SHA is of the result): the two
+-- cannot drift apart.
 -- Event i (from 1): KEYS[4i-3..4i] its stream, channel, session and dedupe keys (KEYS[1..4]
 -- of publish.lua); ARGV[2+2i] its payload and ARGV[3+2i] its mid ('' for none).
 -- ARGV[1] maxlen, ARGV[2] ttl, ARGV[3] window: as ARGV[2], ARGV[3], ARGV[5] of publish.lua.
@@ -14,6 +16,8 @@
 -- failure leaves the others as they are. Flat because a table per event cost Redis ~4,300
 -- instructions an event (7 % of the call; callgrind, docs/benchmarks.md): building it,
 -- then checking it for err, ok, double, map, set... to turn it into its reply.
+local call = redis.call
+-- <publish.lua: settings>
 local function publish(k, payload, mid)
 -- <publish.lua>
 end
