@@ -17,13 +17,16 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +165,22 @@ class LocalCluster:
         path = self.dir / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def log_lines_naming(self, client_id: str, sessions: Iterable[str] = ()) -> list[str]:
+        """The nodes' log lines about ``client_id`` (or its BizId) or one of ``sessions``,
+        each prefixed with its node; in either log format."""
+        words = [re.escape(client_id), *map(re.escape, sessions)]
+        pattern = re.compile(
+            r"""(?:client_id|biz_id|session)["']?[=:]\s*["']?(?:"""
+            + "|".join(words)
+            + r""")(?![\w-])"""
+        )
+        out = []
+        for path in sorted((self.dir / "logs").glob("node*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if pattern.search(line):
+                    out.append(f"{path.stem}: {line}")
+        return out
+
     # -- addresses --------------------------------------------------------------------------
 
     @property
@@ -265,6 +284,7 @@ class Welcome:
     node: str
     recovered: bool | None
     replayed: int
+    session: str = ""
 
 
 @dataclass
@@ -334,6 +354,7 @@ class TrackingClient:
                                     frame["node"],
                                     frame.get("recovered"),
                                     frame.get("replayed", 0),
+                                    frame.get("session", ""),
                                 )
                             )
                             if self.last_id is None:
@@ -531,6 +552,30 @@ class TickPublisher:
             self.duplicates += result.duplicate
             self.accepted[client_id].append(seq)
             return
+
+
+def explain_drops(
+    cluster: LocalCluster, clients: Iterable[TrackingClient], since: float, *, most: int = 5
+) -> str:
+    """Why ``clients`` connected again after ``since`` (monotonic): for each (up to ``most``),
+    its closes and welcomes (seconds after ``since``) and the node log lines about it."""
+    clients = list(clients)
+    wall = datetime.fromtimestamp(time.time() - (time.monotonic() - since), UTC)
+    codes = Counter(c.code for client in clients for c in client.closes if c.at >= since)
+    out = [
+        f"{len(clients)} clients dropped, closes by code {dict(codes)};"
+        f" t=0 is {wall:%H:%M:%S.%f} UTC in the node logs"
+    ]
+    for client in clients[:most]:
+        closes = [(round(c.at - since, 2), c.code) for c in client.closes]
+        welcomes = [(round(w.at - since, 2), w.node, w.recovered) for w in client.welcomes]
+        out.append(
+            f"{client.client_id}: closes (s, code) {closes}; welcomes (s, node, recovered)"
+            f" {welcomes}"
+        )
+        lines = cluster.log_lines_naming(client.client_id, (w.session for w in client.welcomes))
+        out.extend(f"    {line}" for line in lines[-20:])
+    return "\n".join(out)
 
 
 def missing_and_extra(fleet: Fleet, accepted: dict[str, list[int]]) -> tuple[int, int, list[str]]:

@@ -77,13 +77,26 @@ def resume_replication(procs: Iterable[subprocess.Popen[bytes]]) -> None:
 
 
 class RedisServer:
-    """One redis-server process. ``restart()`` keeps the port (and, with AOF, the data)."""
+    """One redis-server process. ``restart()`` keeps the port (and, with AOF, the data).
+
+    ``appendfsync`` is Redis's own setting (``everysec`` unless given). With ``everysec`` a
+    killed redis-server can lose writes it acknowledged: while its once-a-second
+    background fsync runs, Redis keeps the AOF writes of the next event-loop turns in
+    memory (up to 2 s) yet sends their replies. ``always`` (or ``no``) writes the AOF
+    before every reply, so a kill loses nothing acknowledged.
+    """
 
     def __init__(
-        self, *, appendonly: bool = False, port: int | None = None, password: str | None = None
+        self,
+        *,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        port: int | None = None,
+        password: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="relay-test-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -104,6 +117,8 @@ class RedisServer:
             "",
             "--appendonly",
             "yes" if self.appendonly else "no",
+            "--appendfsync",
+            self.appendfsync,
             "--dir",
             str(self.dir),
             "--logfile",
