@@ -620,6 +620,15 @@ class EdgeConnection(asyncio.Protocol):
             return
         if self._ping_sent:
             if now - self._ping_sent > heartbeat / 2:
+                # Said, since the session's close shows only "no code": a client gone
+                # silent and a node or client too busy to answer in time look alike there.
+                session = self.session
+                self._edge.node.log.info(
+                    "session.pong_missed",
+                    client_id=session.client_id if session is not None else None,
+                    session=session.id if session is not None else None,
+                    waited=round(now - self._ping_sent, 3),
+                )
                 self.abort()
         elif now - self.last_seen >= heartbeat:
             self._ping_sent = now

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from relay.edge import Edge, EdgeConnection
 from relay.engines.memory import MemoryEngine
@@ -168,15 +169,20 @@ async def test_client_close_is_answered_and_the_session_forgotten(
 async def test_heartbeat_pings_and_drops_a_silent_peer(
     started_nodes: list[NodeUnderTest], listeners: list[Listener]
 ) -> None:
-    """A client that never answers pings is dropped; one that does (aiohttp) stays."""
-    node = await start(started_nodes, heartbeat=400 * MS)
-    polite = await listen(listeners, node.ws_url("polite"))
-    mute = await RawClient.open(node)
-    mute.writer.write(upgrade_request("/ws/mute")[0])
-    await mute.response_head()
-    await mute.frame()  # welcome
-    assert await mute.frame(timeout=3000 * MS) == (OP_PING, b"")
-    assert await asyncio.wait_for(mute.reader.read(), 3000 * MS) == b""  # aborted, no pong came
+    """A client that never answers pings is dropped, and the node says so; one that does
+    (aiohttp) stays."""
+    with capture_logs() as logs:
+        node = await start(started_nodes, heartbeat=400 * MS)
+        polite = await listen(listeners, node.ws_url("polite"))
+        mute = await RawClient.open(node)
+        mute.writer.write(upgrade_request("/ws/mute")[0])
+        await mute.response_head()
+        await mute.frame()  # welcome
+        assert await mute.frame(timeout=3000 * MS) == (OP_PING, b"")
+        # aborted, no pong came
+        assert await asyncio.wait_for(mute.reader.read(), 3000 * MS) == b""
+    missed = [e for e in logs if e["event"] == "session.pong_missed"]
+    assert [e["client_id"] for e in missed] == ["mute"] and missed[0]["waited"] > 0.2
     await asyncio.sleep(1000 * MS)  # over two heartbeats: the polite client pongs through them
     assert polite.close_code is None and node.node.by_client.get("polite")
     await node.publish("polite", "e", 1)
