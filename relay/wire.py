@@ -165,7 +165,7 @@ def _batched(template: str, script: str) -> str:
     if replies != body.count("return"):
         raise AssertionError("every return of publish.lua must be one table {id, ...}")
     # Once per call instead of once per event: the TTL's arithmetic (tonumber, math.floor)
-    # and looking up redis.call cost Redis ~3,600 of ~57,500 instructions an event
+    # and looking up redis.call cost Redis ~3,400 of ~57,300 instructions an event
     # (callgrind, docs/benchmarks.md).
     for line in _BATCH_SETTINGS:
         if body.count(line) != 1:
