@@ -36,6 +36,7 @@ __all__ = [
     "SessionRecord",
     "SessionRegistry",
     "is_stale_claim",
+    "kicked_in_claim",
 ]
 
 
@@ -75,6 +76,14 @@ def is_stale_claim(holder: SessionRecord, claim: SessionRecord) -> bool:
     return superseded(holder.attempt, claim.attempt) or (
         holder.node == claim.node and holder.connected_at > claim.connected_at
     )
+
+
+def kicked_in_claim(holder: SessionRecord, claim: SessionRecord) -> bool:
+    """True when a claim given a ``kick`` sends it itself, on an engine that
+    ``kicks_in_claim``: ``holder`` is an earlier attempt of ``claim``'s client instance,
+    on another node. The client ended that attempt before it made this one, so the kick
+    is right even if ``claim``'s handshake was abandoned while the claim was in flight."""
+    return holder.node != claim.node and superseded(claim.attempt, holder.attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +226,12 @@ class Broker(Protocol):
 class SessionRegistry(Protocol):
     """Who holds each client_id, fenced by session, and a way to reach its node (kick)."""
 
+    @property
+    def kicks_in_claim(self) -> bool:
+        """Whether :meth:`claim_session` sends its ``kick`` (see :func:`kicked_in_claim`)."""
+
     async def claim_session(
-        self, record: SessionRecord, *, exclusive: bool = True
+        self, record: SessionRecord, *, exclusive: bool = True, kick: Control | None = None
     ) -> SessionRecord | None:
         """Record ``record`` as the holder of its client_id; return the previous holder.
 
@@ -230,6 +243,12 @@ class SessionRegistry(Protocol):
         of the same client (one it gave up on and reconnected after): the holder is a
         later attempt of the same instance (``attempt``), or, without attempts, began
         later on the same node. Then the record is left alone and the holder returned.
+
+        ``kick`` (with ``exclusive``, on an engine that ``kicks_in_claim``): a displaced
+        holder that is an earlier attempt of the same client instance on another node is
+        sent ``kick`` with its session's id as part of the claim (one command and no task
+        per resume in a reconnect storm). Any other displaced session is the caller's to
+        kick, once it knows its own session is still wanted.
         """
 
     async def release_session(

@@ -25,7 +25,14 @@ import structlog
 
 from relay.backoff import Backoff, Jitter, Retry
 from relay.config import Settings
-from relay.engine import Control, Engine, NodeFigures, SessionRecord, is_stale_claim
+from relay.engine import (
+    Control,
+    Engine,
+    NodeFigures,
+    SessionRecord,
+    is_stale_claim,
+    kicked_in_claim,
+)
 from relay.errors import EngineError, EngineUnavailable, InvalidEnvelope, RelayError
 from relay.hub import DELIVER, GAP, STALE, Hub, Subscription
 from relay.metrics import Metrics, RateMeter
@@ -48,6 +55,7 @@ log = structlog.get_logger("relay.node")
 START_BACKOFF_BASE = 0.2  # seconds before the second start attempt; doubles each time
 START_BACKOFF_CAP = 2.0  # seconds between start attempts at most (each then jittered)
 RECENT_EVENTS = 50  # notable events kept for the status page (a display, not a log)
+_REPLACED = "replaced by a newer session"
 DROP_COST_S = 0.0003  # seconds to stop per session a drain's deadline leaves open (_stop_reserve)
 
 
@@ -522,7 +530,8 @@ class Node:
             session.attempt,
         )
         replace = self.settings.duplicates == "replace"
-        old = await self.engine.claim_session(record, exclusive=replace)
+        kick = Control("kick", session.client_id, "", CloseCode.REPLACED, _REPLACED)
+        old = await self.engine.claim_session(record, exclusive=replace, kick=kick)
         if session.id in self._abandoned:
             # Its client was told 1013 already: kick no one, and undo the claim now. The
             # client may be live elsewhere by now, on a later attempt whose claim landed
@@ -539,16 +548,10 @@ class Node:
         self.log.info(
             "session.replaced", client_id=session.client_id, old=old.session, old_node=old.node
         )
-        control = Control(
-            "kick",
-            session.client_id,
-            old.session,
-            CloseCode.REPLACED,
-            "replaced by a newer session",
-        )
+        control = Control("kick", session.client_id, old.session, CloseCode.REPLACED, _REPLACED)
         if old.node == self.id:
             self.on_control(control)
-        else:
+        elif not (self.engine.kicks_in_claim and kicked_in_claim(old, record)):
             # Not awaited: the new session does not depend on it, and after a node died
             # every client of it would wait for a kick that reaches no one.
             self.spawn(self._kick_remote(old.node, control))

@@ -4,8 +4,9 @@ client's next attempt went live on another node: the live session keeps its clie
 The interleaving, exactly: node A's claim of the client is held back; Redis is said to
 be gone on node A (what its canary says of a hung Redis), so A closes the handshake with
 1013; the client connects to node B and goes live; then A's claim reaches Redis, late.
-The client sends no ``attempt=`` (the chaos test's clients do not), and the two
-handshakes are on different nodes: nothing in the claim itself can tell it is stale.
+Without ``attempt=`` (the chaos test's clients send none) and with the two handshakes on
+different nodes, nothing in the claim itself can tell it is stale; with it, the claim
+script refuses the late claim.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class HeldClaims:
         self._go.set()
 
 
+@pytest.fixture(params=[False, True], ids=["no-attempt", "attempt"])
+def attempts(request: pytest.FixtureRequest) -> bool:
+    """Whether the client sends ``attempt=<instance>.<n>`` (as the SDK does)."""
+    return bool(request.param)
+
+
+def _query(attempts: bool, n: int) -> dict[str, str]:
+    return {"attempt": f"inst.{n}"} if attempts else {}
+
+
 @pytest.fixture(params=ENGINES)
 def redis_url(request: pytest.FixtureRequest) -> str:
     fixture = "redis_server" if request.param == "redis" else "redis_cluster"
@@ -63,13 +74,17 @@ def redis_url(request: pytest.FixtureRequest) -> str:
 
 
 async def _abandoned_late_claim(
-    started: list[NodeUnderTest], listeners: list[Listener], redis_url: str, client_id: str
+    started: list[NodeUnderTest],
+    listeners: list[Listener],
+    redis_url: str,
+    client_id: str,
+    attempts: bool,
 ) -> tuple[NodeUnderTest, NodeUnderTest, Listener]:
     """Play the interleaving; return node A, node B and the client live on B."""
     node_a = await start_node(started, redis_url=redis_url)
     node_b = await start_node(started, redis_url=redis_url)
     held = HeldClaims(node_a)
-    first = Listener(node_a.ws_url(client_id))
+    first = Listener(node_a.ws_url(client_id, **_query(attempts, 1)))
     listeners.append(first)
     # The node answers the upgrade with what follows it (here: the close), so not awaited.
     connecting = asyncio.ensure_future(first.connect(wait_welcome=False))
@@ -77,7 +92,7 @@ async def _abandoned_late_claim(
     node_a.node.on_health(False)
     await asyncio.wait_for(connecting, 5000 * MS)
     assert await first.wait_closed() == CloseCode.TRY_AGAIN_LATER
-    live = await listen(listeners, node_b.ws_url(client_id))
+    live = await listen(listeners, node_b.ws_url(client_id, **_query(attempts, 2)))
     assert live.welcome["type"] == "welcome"
     held.let_go()
     # The late claim lands, then node A forgets the abandoned session and releases it.
@@ -90,10 +105,15 @@ async def _abandoned_late_claim(
 
 
 async def test_abandoned_claim_landing_late_does_not_close_the_live_session(
-    started_nodes: list[NodeUnderTest], listeners: list[Listener], redis_url: str
+    started_nodes: list[NodeUnderTest],
+    listeners: list[Listener],
+    redis_url: str,
+    attempts: bool,
 ) -> None:
     """The late claim closes nothing: the session on B keeps receiving (no 4000)."""
-    _, node_b, live = await _abandoned_late_claim(started_nodes, listeners, redis_url, "latecomer")
+    _, node_b, live = await _abandoned_late_claim(
+        started_nodes, listeners, redis_url, "latecomer", attempts
+    )
     await node_b.publish("latecomer", "e", {"seq": 1})
     messages = await live.wait_messages(1)
     assert [m["data"]["seq"] for m in messages] == [1]
@@ -103,13 +123,16 @@ async def test_abandoned_claim_landing_late_does_not_close_the_live_session(
 
 
 async def test_abandoned_claim_landing_late_leaves_the_live_session_recorded(
-    started_nodes: list[NodeUnderTest], listeners: list[Listener], redis_url: str
+    started_nodes: list[NodeUnderTest],
+    listeners: list[Listener],
+    redis_url: str,
+    attempts: bool,
 ) -> None:
     """After the late claim the registry still names the live session: publishes and the
     API say the client is online, and the client's next connection replaces it (4000)
     instead of running beside it."""
     node_a, node_b, live = await _abandoned_late_claim(
-        started_nodes, listeners, redis_url, "recorded"
+        started_nodes, listeners, redis_url, "recorded", attempts
     )
     status = await node_b.node.engine.client_status("recorded")
     assert status.online
@@ -117,7 +140,7 @@ async def test_abandoned_claim_landing_late_leaves_the_live_session_recorded(
     result = await node_b.publish("recorded", "e", {"seq": 1})
     assert result.online
     await live.wait_messages(1)
-    newest = await listen(listeners, node_a.ws_url("recorded"))
+    newest = await listen(listeners, node_a.ws_url("recorded", **_query(attempts, 3)))
     assert await live.wait_closed() == CloseCode.REPLACED
     await node_a.publish("recorded", "e", {"seq": 2})
     assert [m["data"]["seq"] for m in await newest.wait_messages(1)] == [2]

@@ -77,6 +77,7 @@ def test_exports_engine_interfaces() -> None:
         "SessionRecord",
         "SessionRegistry",
         "is_stale_claim",
+        "kicked_in_claim",
     ]
 
 

@@ -53,6 +53,7 @@ class MemoryEngine:
     """Broker and registry in this process's memory."""
 
     name = "memory"
+    kicks_in_claim = False  # one node: a displaced session is always the caller's own
 
     def __init__(self, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
@@ -183,7 +184,7 @@ class MemoryEngine:
     # -- registry --------------------------------------------------------------------
 
     async def claim_session(
-        self, record: SessionRecord, *, exclusive: bool = True
+        self, record: SessionRecord, *, exclusive: bool = True, kick: Control | None = None
     ) -> SessionRecord | None:
         client_id = record.client_id
         old = self._sessions.get(client_id)

@@ -200,6 +200,38 @@ async def test_client_status_offline_when_node_dead(start_engine: StartEngine) -
     assert (status.node, status.session) == ("ghost", "s1")
 
 
+@BOTH
+async def test_claim_kicks_an_earlier_attempt_of_its_instance_on_another_node(
+    start_engine: StartEngine,
+) -> None:
+    """A claim with a kick tells the node holding an earlier attempt of the same client
+    instance, with that session's id; a displaced session without attempts, of another
+    instance, of the claiming node, or a stale claim sends no kick (the node decides)."""
+    a = await start_engine()
+    b = await start_engine()
+    assert a.engine.kicks_in_claim
+    kick = Control("kick", "k1", "", 4000, "replaced by a newer session")
+
+    async def claim(h: Any, session: str, attempt: str | None = None) -> None:
+        record = SessionRecord("k1", h.node_id, session, None, time.time(), attempt)
+        await h.engine.claim_session(record, kick=kick)
+
+    await claim(a, "a1", "i.1")
+    await claim(b, "b2", "i.2")  # kicks a1
+    await claim(a, "a-other", "j.1")  # another instance: no kick
+    await claim(b, "b-none")  # no attempt: no kick
+    await claim(a, "a3", "i.3")  # the holder has no attempt: no kick
+    await claim(a, "a4", "i.4")  # its own node: no kick
+    await claim(b, "b-stale", "i.2")  # stale: refused, no kick
+    marker = Control("kick", "marker")  # each node's control channel delivers in order
+    for h in (a, b):
+        await h.engine.send_control(h.node_id, marker)
+    await a.handler.wait_until(lambda: marker in a.handler.controls)
+    await b.handler.wait_until(lambda: marker in b.handler.controls)
+    assert a.handler.controls == [Control("kick", "k1", "a1", 4000, kick.reason), marker]
+    assert b.handler.controls == [marker]
+
+
 @ALL
 async def test_nodes_drops_closed_and_stale_nodes(start_engine: StartEngine) -> None:
     """A closed node deregisters; a node-set member without a live hash is not listed."""

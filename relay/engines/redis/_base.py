@@ -162,6 +162,7 @@ class RedisBase:
     _pool: ConnectionPool
     _redis: aioredis.Redis
     _batch: Batcher
+    _cluster: bool  # a Redis Cluster: sharded pub/sub, one slot per script
     _publish_command: str  # PUBLISH, or SPUBLISH on a cluster (control messages)
     _publish_script: AsyncScript
     _publish_run_script: AsyncScript

@@ -2,7 +2,9 @@
 
 Claims, releases and acks are scripts (relay/lua/claim.lua, forget.lua, ack.lua), so the
 fencing by session holds across nodes; a kick is a PUBLISH to the holder node's control
-channel.
+channel. The claim script publishes the kick of an earlier attempt of the same client
+instance on another node itself (not on a Redis Cluster, where that channel is a shard
+channel of another slot than the record).
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def _session_record(client_id: str, flat: list[Any]) -> SessionRecord | None:
 class RedisSessionRegistry(RedisBase):
     """Who holds each client_id, fenced by session; kicks through the control channel."""
 
+    @property
+    def kicks_in_claim(self) -> bool:
+        return not self._cluster
+
     async def claim_session(
-        self, record: SessionRecord, *, exclusive: bool = True
+        self, record: SessionRecord, *, exclusive: bool = True, kick: Control | None = None
     ) -> SessionRecord | None:
         validate_client_id(record.client_id)
         args = [
@@ -46,6 +52,10 @@ class RedisSessionRegistry(RedisBase):
             "1" if exclusive else "0",
             record.attempt or "",
         ]
+        if kick is not None and exclusive and record.attempt and not self._cluster:
+            args += [self._keys.control(""), record.client_id, str(kick.code), kick.reason]
+        else:
+            args.append("")
         async with self._guard("claim_session", batched=True):
             flat = await self._evalsha(
                 self._claim_script, [self._keys.session(record.client_id)], args
