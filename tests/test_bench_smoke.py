@@ -86,8 +86,9 @@ def test_bench_storm_resumes_every_client_of_the_killed_node(tmp_path: Path) -> 
 
 
 def test_bench_scale_drains_a_worker_and_loses_nothing(tmp_path: Path) -> None:
-    """The 100,000-client scenario's small form: 300 clients from two loopback source
-    addresses on two workers; one worker drained mid-trickle; nothing lost, all back."""
+    """The 100,000-client scenario's small form: 300 clients from two load generators
+    (eight loopback source addresses) on two workers; one worker drained mid-trickle;
+    nothing lost, all back."""
     proc, doc = _bench(
         tmp_path,
         "--scenarios", "scale",
@@ -100,7 +101,10 @@ def test_bench_scale_drains_a_worker_and_loses_nothing(tmp_path: Path) -> None:
     )  # fmt: skip
     (result,) = doc["results"]
     assert result["scenario"] == "scale"
-    assert result["sources"] == ["127.0.0.2", "127.0.0.3"]
+    assert result["sources"] == [  # four addresses per load generator, a client keeps one
+        "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5",
+        "127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9",
+    ]
     assert result["connected"] == 300
     assert result["server_processes"] == 3  # the supervisor and both workers measured
     assert (result["sent"], result["lost"], result["dup"]) == (1000, 0, 0)

@@ -6,8 +6,9 @@ each with one JSON line on stdout (logs go to stderr). The orchestrator drives i
     connect    {"urls", "prefix", "start", "count", "concurrency", "reconnect",
                 "reconnect_concurrency", "jitter", "source"}
                starts clients ``prefix+start`` … in the background; answers at once.
-               ``source``: the local address to connect from (127.0.0.2, …): each
-               source address has its own ephemeral ports, ~28,000 on Linux
+               ``source``: the local address(es) to connect from, comma-separated
+               (127.0.0.2,127.0.0.3, …), one per client in turn: each source address
+               has its own ephemeral ports, ~28,000 on Linux
     expect     {"count"}   resets delivery accounting for events seq 0..count-1
     stats      {}          counters (connected, delivered, lost so far, …)
     latencies  {"path"}    writes every latency (ms, float64) to ``path``
@@ -102,11 +103,13 @@ class Client:
         "ready",
         "recovered",
         "resumed_at",
+        "source",
         "url_index",
     )
 
-    def __init__(self, client_id: str) -> None:
+    def __init__(self, client_id: str, source: str | None = None) -> None:
         self.id = client_id
+        self.source = source  # the local address it connects from, as a host has one
         self.last: StreamId | None = None
         self.ready = False
         self.url_index = 0
@@ -316,7 +319,7 @@ class LoadGen:
         self.tally = Tally(0)
         self.rng = random.Random(7)
         self.urls: list[tuple[str, int, str]] = []  # host, port, request head after line 1
-        self.source: str | None = None
+        self.sources: list[str] = []
         self.reconnect = False
         self.jitter = 0.25
         self.gate = asyncio.Semaphore(200)  # handshakes in flight on the first connect
@@ -357,7 +360,7 @@ class LoadGen:
         return {"error": f"unknown command {name!r}"}
 
     async def connect(self, cmd: dict[str, Any]) -> None:
-        self.source = cmd.get("source") or None
+        self.sources = [s for s in str(cmd.get("source") or "").split(",") if s]
         self.urls = []
         for url in cmd["urls"]:
             parts = urlsplit(url)
@@ -369,7 +372,10 @@ class LoadGen:
         self.gate = asyncio.Semaphore(int(cmd.get("concurrency", 200)))
         self.regate = asyncio.Semaphore(int(cmd.get("reconnect_concurrency", 200)))
         prefix, start, count = str(cmd["prefix"]), int(cmd["start"]), int(cmd["count"])
-        fresh = [Client(f"{prefix}{i}") for i in range(start, start + count)]
+        sources: list[str | None] = [*self.sources] or [None]
+        fresh = [
+            Client(f"{prefix}{i}", sources[i % len(sources)]) for i in range(start, start + count)
+        ]
         self.clients.extend(fresh)
         for client in fresh:
             task = asyncio.create_task(self.run_client(client))
@@ -516,7 +522,7 @@ class LoadGen:
         return conn
 
     async def _dial(self, host: str, port: int, conn: _Connection) -> None:
-        sock = _client_socket(self.source)
+        sock = _client_socket(conn.client.source)
         try:
             await self.loop.sock_connect(sock, (host, port))
             await self.loop.create_connection(lambda: conn, sock=sock)

@@ -309,10 +309,26 @@ async def storm(bench: Bench) -> ScenarioResult:
     return figures, phase.latencies
 
 
-def scale_sources(count: int) -> list[str]:
-    """127.0.0.2, 127.0.0.3, …: one loopback source address per load generator, so each
-    has its own ~28,000 ephemeral ports toward the node's one address and port."""
-    return [f"127.0.0.{2 + i}" for i in range(count)]
+SOURCES_PER_LOADGEN = 4
+
+
+def scale_sources(count: int, per_loadgen: int = SOURCES_PER_LOADGEN) -> list[str]:
+    """Each load generator's loopback source addresses, comma-separated ("127.0.0.2,…"):
+    each address has its own ~28,000 ephemeral ports toward the node's one address and port.
+
+    Several per generator, so no address uses more than a fraction of its ports. With one
+    address per generator (~16,700 clients, 60 % of its ports), the reconnects after a
+    drain got the ports the closed connections had just freed: the same 4-tuples, whose
+    SO_REUSEPORT hash (reciprocal_scale: a contiguous eighth of the hash space per
+    listener) maps the drained worker's eighth onto 1-2 of the 7 others. Those took the
+    whole share at once and refused most of it (31,478 handshakes refused, 179 trickle
+    events undelivered within the 60 s window, quiet machine 2026-12-06 06:19), while
+    five workers sat idle. Clients on distinct hosts do not repeat 4-tuples.
+    """
+    return [
+        ",".join(f"127.0.0.{2 + g * per_loadgen + k}" for k in range(per_loadgen))
+        for g in range(count)
+    ]
 
 
 async def _idle_cpu_pct(bench: Bench, node: Child, label: str) -> float:
@@ -369,7 +385,7 @@ async def scale(bench: Bench) -> ScenarioResult:
     sources = scale_sources(o.scale_loadgens)
     load = bench.phase(
         f"scale: {n:,} clients, {workers} workers, {o.scale_loadgens} load generators from"
-        f" {sources[0]}…{sources[-1]}, {o.scale_rate:,.0f} events/s trickle"
+        f" 127.0.0.2…{sources[-1].rsplit(',', 1)[-1]}, {o.scale_rate:,.0f} events/s trickle"
     )
     assert bench.redis is not None
     node, url = await bench.node(
